@@ -1,0 +1,58 @@
+# One entry point for a fresh clone: `make train` and `make test` set everything up first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+MPIRUN  := $(BIN)/mpiexec
+NP      ?= 4
+CONFIG  ?= baby
+DATA    := data/embedded.h5
+
+# One BLAS thread per process unless the caller says otherwise: under mpirun several
+# ranks share 2 cores, and oversubscribed BLAS threads crawl.
+export OMP_NUM_THREADS      ?= 1
+export OPENBLAS_NUM_THREADS ?= $(OMP_NUM_THREADS)
+export MKL_NUM_THREADS      ?= $(OMP_NUM_THREADS)
+# MPICH: waiting ranks yield the core instead of spinning (oversubscribed laptops).
+export MPIR_CVAR_CH4_SHM_POSIX_POLL_YIELD ?= 1
+export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 100
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup train test test-single test-mpi bench data clean help
+
+help:
+	@echo "make train   - set up .venv, prepare the embedded corpus, train '$(CONFIG)'"
+	@echo "make test    - single-process tests, then mpirun -n $(NP) tests"
+	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(DATA): setup
+	$(PYTHON) -m app prepare --input embedded --out $(DATA)
+
+data: $(DATA)
+
+train: setup $(DATA)
+	$(PYTHON) -m app train --config $(CONFIG) --data $(DATA) --out runs/$(CONFIG)
+
+test: setup
+	$(MAKE) --no-print-directory test-single
+	$(MAKE) --no-print-directory test-mpi
+
+test-single: setup
+	$(PYTHON) -m pytest -q tests
+
+test-mpi: setup
+	$(MPIRUN) -n $(NP) $(PYTHON) -m pytest -q --with-mpi -m mpi tests
+
+bench: setup
+	$(PYTHON) -m app bench model
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,39 @@
+"""Parameters on disk: one HDF5 file of logical tensors under their GPT-2 names.
+
+Written under a temporary name and renamed, so a file that exists is complete.
+"""
+import os
+
+import h5py
+import numpy as np
+
+from app.errors import UserError
+
+FORMAT = "gpt-params"
+
+
+def save_params(path, params: dict, attrs: dict | None = None):
+    """params: name -> array (NumPy or CuPy); attrs: extra file attributes (step, config...)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = 1
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        for name, value in params.items():
+            f.create_dataset(name, data=value.get() if hasattr(value, "get") else np.asarray(value))
+    os.replace(tmp, path)
+
+
+def load_params(path) -> tuple[dict, dict]:
+    """(name -> NumPy array, file attributes), checking the file is one of ours."""
+    try:
+        f = h5py.File(path, "r")
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(f"parameter file {path}: cannot open as HDF5 ({err})") from None
+    with f:
+        if f.attrs.get("format") != FORMAT:
+            raise UserError(f"parameter file {path}: not written by `app train` "
+                            f"(attribute format={f.attrs.get('format')!r}, expected {FORMAT!r})")
+        params = {name: obj[()] for name, obj in f.items() if isinstance(obj, h5py.Dataset)}
+        return params, dict(f.attrs)

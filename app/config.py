@@ -1,0 +1,170 @@
+"""Training configuration: defaults, TOML files under configs/, CLI overrides, validation.
+
+A config file is flat `key = value` TOML. Every key is also a CLI flag (`--lr 3e-4`), and the
+CLI wins. Validation names the bad key, its value and what was expected.
+"""
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from app.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    vocab_size: int = 256
+    # optimisation
+    batch_size: int = 12
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # run
+    seed: int = 1337
+    dtype: str = "float32"
+    device: str = "cpu"
+    data: str = "data/embedded.h5"
+    log_interval: int = 10
+    eval_interval: int = 250
+    eval_windows: int = 96
+    sample_tokens: int = 200
+
+    def model_config(self):
+        from models.gpt import GPTConfig
+        return GPTConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size)
+
+    def to_toml(self) -> str:
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+HELP = {
+    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
+    "block_size": "context length in tokens", "vocab_size": "must match the data file",
+    "batch_size": "global batch, in sequences", "steps": "optimizer steps",
+    "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
+    "warmup_steps": "linear warm-up steps", "weight_decay": "AdamW decoupled decay (matrices only)",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "global-norm clip (0 = off)",
+    "seed": "seed for init and batches", "dtype": "float32 or float64",
+    "device": "cpu (NumPy) or gpu (CuPy)", "data": "token file made by `app prepare`",
+    "log_interval": "steps between log lines", "eval_interval": "steps between validation",
+    "eval_windows": "fixed validation windows", "sample_tokens": "tokens sampled at the end",
+}
+
+POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
+                 "steps", "log_interval", "eval_interval", "eval_windows")
+CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu")}
+
+
+def _toml_value(value):
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def field_names():
+    return [f.name for f in fields(TrainConfig)]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser):
+    """--config NAME|PATH plus one override flag per config key (default: not given)."""
+    parser.add_argument("--config", default="baby",
+                        help="a name in configs/ (tiny, baby, small) or a path to a .toml file")
+    group = parser.add_argument_group("config overrides (win over the file)")
+    for f in fields(TrainConfig):
+        kind = f.type
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                           metavar=kind.__name__.upper(),
+                           help=f"{HELP.get(f.name, '')} (default {f.default!r})")
+
+
+def config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        candidate = path
+    else:
+        candidate = CONFIG_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise UserError(f"config {name_or_path!r} not found: expected one of {known} "
+                        "or a path to a .toml file")
+    return candidate
+
+
+def load_config(name_or_path: str = "baby", overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- TOML file <- overrides (None values ignored), then validated."""
+    path = config_path(name_or_path)
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config {path}: not valid TOML ({err})") from None
+    known = field_names()
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r} in {path}; "
+                        f"valid keys: {', '.join(known)}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_config(values)
+
+
+def make_config(values: dict) -> TrainConfig:
+    """A validated TrainConfig from a mapping (types checked, ints accepted as floats)."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(known)}")
+        expected = known[key].type
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(value, expected) or isinstance(value, bool):
+            raise UserError(f"config {key} = {value!r}: expected a {expected.__name__}")
+    cfg = dataclasses.replace(TrainConfig(), **values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    def bad(key, expected):
+        raise UserError(f"config {key} = {getattr(cfg, key)!r}: expected {expected}")
+
+    for key in POSITIVE_INTS:
+        if getattr(cfg, key) <= 0:
+            bad(key, "an integer > 0")
+    for key in ("warmup_steps", "sample_tokens"):
+        if getattr(cfg, key) < 0:
+            bad(key, "an integer >= 0")
+    if not cfg.lr > 0:
+        bad("lr", "a number > 0")
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        bad("min_lr", f"a number in [0, lr = {cfg.lr}]")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            bad(key, "a number in [0, 1)")
+    for key in ("weight_decay", "grad_clip"):
+        if not getattr(cfg, key) >= 0:
+            bad(key, "a number >= 0")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            bad(key, "one of " + ", ".join(choices))
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "
+                        "expected n_embd % n_head == 0")

@@ -1,0 +1,173 @@
+"""Reading token files written by `python -m app prepare`, and drawing batches from them.
+
+The token arrays stay on disk: every batch reads just its own windows through h5py, so
+a file may be larger than memory.  The global batch of a step depends on `(seed, step)`
+only; a data-parallel rank reads its contiguous share of it, so every layout trains on
+the same tokens (ARCHITECTURE.md, invariant 1).
+"""
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from app.errors import UserError
+
+FORMAT = "gpt-tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+# h5py's default chunk cache is 1 MiB per dataset, i.e. ~16 compressed chunks of 64K
+# tokens: random windows over a bigger file would decompress the same chunk again and
+# again.  64 MiB holds the whole of a small corpus and a useful share of a large one.
+_CACHE_BYTES = 64 << 20
+_CACHE_SLOTS = 10007  # a prime well above the number of chunks the cache can hold
+
+
+def _attr(attrs, name):
+    """An attribute as a plain Python value (so messages read `2`, not `np.int64(2)`)."""
+    value = attrs.get(name)
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class TokenData:
+    """An open token file: `train` and `val` are h5py datasets, read lazily."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"data file {str(self.path)!r} not found: "
+                            "expected an HDF5 token file from `python -m app prepare`")
+        try:
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES,
+                                   rdcc_nslots=_CACHE_SLOTS)
+        except OSError:
+            raise UserError(f"{str(self.path)!r} is not an HDF5 file: expected a token "
+                            "file from `python -m app prepare`") from None
+        try:
+            self._validate()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _validate(self):
+        attrs, where = self._file.attrs, repr(str(self.path))
+        fmt = _attr(attrs, "format")
+        if fmt != FORMAT:
+            raise UserError(f"{where} has format attribute {fmt!r}: expected {FORMAT!r} "
+                            "(a token file from `python -m app prepare`)")
+        version = _attr(attrs, "format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"{where} has format_version {version!r}: this program reads "
+                            f"version {FORMAT_VERSION}; run `python -m app prepare` again")
+        for name in SPLITS:
+            ds = self._file.get(name)
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 \
+                    or not np.issubdtype(ds.dtype, np.integer):
+                raise UserError(f"{where} has no 1-D integer dataset {name!r}: "
+                                f"expected datasets {', '.join(SPLITS)}")
+        for name in ("tokenizer", "vocab_size"):
+            if name not in attrs:
+                raise UserError(f"{where} has no {name!r} attribute: expected one written by "
+                                "`python -m app prepare`")
+        self.vocab_size = int(_attr(attrs, "vocab_size"))
+        self.tokenizer = str(_attr(attrs, "tokenizer"))
+        self.train = self._file["train"]
+        self.val = self._file["val"]
+
+    def split(self, name: str) -> h5py.Dataset:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return getattr(self, name)
+
+    def require_tokens(self, split: str, block_size: int):
+        """UserError unless `split` holds at least one window of `block_size + 1` tokens."""
+        n = len(self.split(split))
+        if n < block_size + 1:
+            raise UserError(f"the {split} split of {str(self.path)!r} has {n} tokens: "
+                            f"block_size {block_size} needs at least {block_size + 1}; "
+                            "use a longer corpus or a smaller block_size")
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _positive(name: str, value: int):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _read_windows(dataset, starts, length: int):
+    """Rows `dataset[s : s + length]` for each start: x and y (x shifted by one), int64."""
+    windows = np.empty((len(starts), length), dtype=np.int64)
+    for row, start in enumerate(starts):
+        windows[row] = dataset[start:start + length]
+    return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+
+
+class BatchLoader:
+    """Random windows of `block_size + 1` tokens from one split.
+
+    `batch(step)` is the global batch of `step`; `batch(step, r, n)` is rows
+    `r*b:(r+1)*b` of it with `b = batch_size // n`, and reads only those rows.
+    """
+
+    def __init__(self, data: TokenData, split: str, block_size: int, batch_size: int,
+                 seed: int):
+        _positive("block_size", block_size)
+        _positive("batch_size", batch_size)
+        data.require_tokens(split, block_size)
+        self.split, self.block_size, self.batch_size, self.seed = \
+            split, block_size, batch_size, seed
+        self._dataset = data.split(split)
+        self._n_starts = len(self._dataset) - block_size
+
+    def starts(self, step: int) -> np.ndarray:
+        """The global batch's start offsets: a function of (seed, step) alone."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, self._n_starts, size=self.batch_size)
+
+    def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1):
+        if dp_size < 1 or self.batch_size % dp_size:
+            raise UserError(f"batch_size {self.batch_size} must be divisible by the "
+                            f"data-parallel size {dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
+        b = self.batch_size // dp_size
+        mine = self.starts(step)[dp_rank * b:(dp_rank + 1) * b]
+        return _read_windows(self._dataset, mine, self.block_size + 1)
+
+
+def validation_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
+    """Evenly spaced, non-overlapping window starts covering a split of `n_tokens`.
+
+    At most `n_tokens // (block_size + 1)` windows: beyond that they would overlap and
+    count the same tokens twice.  No RNG, so the set is the same for every step and run.
+    """
+    window = block_size + 1
+    k = max(1, min(n_windows, n_tokens // window))
+    return (np.arange(k) * (n_tokens - window)) // max(k - 1, 1)
+
+
+def validation_batches(data: TokenData, block_size: int, batch_size: int, n_windows: int):
+    """The fixed validation windows of the `val` split, as (x, y) batches of up to
+    `batch_size` rows (the last one may be smaller)."""
+    _positive("block_size", block_size)
+    _positive("batch_size", batch_size)
+    _positive("n_windows", n_windows)
+    data.require_tokens("val", block_size)
+    starts = validation_starts(len(data.val), block_size, n_windows)
+
+    def batches():
+        for i in range(0, len(starts), batch_size):
+            yield _read_windows(data.val, starts[i:i + batch_size], block_size + 1)
+
+    # Errors above are raised at the call, not at the first next().
+    return batches()

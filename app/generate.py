@@ -1,0 +1,77 @@
+"""`python -m app generate`: sample text from a trained run directory."""
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from app.checkpoint import load_params
+from app.config import make_config
+from app.errors import UserError
+from app.tokenizer import get_tokenizer
+from comm.backend import array_module
+from models import gpt
+
+
+def sample(params, cfg: gpt.GPTConfig, prompt_ids, max_new_tokens, temperature=1.0, top_k=0,
+           seed=0):
+    """Autoregressive sampling: the last block_size tokens in, one token out, repeated.
+    temperature 0 means greedy; top_k 0 means the whole vocabulary."""
+    xp = array_module(params["wte"])
+    rng = np.random.default_rng(seed)
+    ids = list(int(t) for t in prompt_ids)
+    for _ in range(max_new_tokens):
+        context = xp.asarray(np.array(ids[-cfg.block_size:], dtype=np.int64)[None])
+        logits = gpt.logits(params, cfg, context)[0]
+        logits = np.asarray(logits.get() if hasattr(logits, "get") else logits, np.float64)
+        if temperature == 0:
+            ids.append(int(logits.argmax()))
+            continue
+        logits = logits / temperature
+        if 0 < top_k < logits.size:
+            cutoff = np.partition(logits, -top_k)[-top_k]
+            logits[logits < cutoff] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        ids.append(int(rng.choice(probs.size, p=probs)))
+    return ids[len(prompt_ids):]
+
+
+def load_run(run_dir):
+    """(TrainConfig, params dict, file attributes) of a finished run."""
+    run = Path(run_dir)
+    config_file, params_file = run / "config.toml", run / "params.h5"
+    for path in (config_file, params_file):
+        if not path.is_file():
+            raise UserError(f"run directory {run_dir}: missing {path.name} "
+                            "(expected a directory written by `app train`)")
+    with open(config_file, "rb") as f:
+        cfg = make_config(tomllib.load(f))
+    params, attrs = load_params(params_file)
+    return cfg, params, attrs
+
+
+def add_arguments(parser):
+    parser.add_argument("--run", required=True, help="run directory written by `app train`")
+    parser.add_argument("--prompt", default="\n", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args):
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 0")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: expected a number >= 0")
+    if args.top_k < 0:
+        raise UserError(f"--top-k {args.top_k}: expected an integer >= 0")
+    cfg, params, attrs = load_run(args.run)
+    tokenizer = get_tokenizer(str(attrs.get("tokenizer", "bytes")))
+    prompt = tokenizer.encode(args.prompt)
+    if len(prompt) == 0:
+        raise UserError("--prompt is empty: expected at least one character")
+    out = sample(params, cfg.model_config(), prompt, args.max_new_tokens, args.temperature,
+                 args.top_k, args.seed)
+    print(args.prompt + tokenizer.decode(out))
+    return 0
