@@ -18,7 +18,7 @@ from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
 from app.generate import sample
 from app.tokenizer import get_tokenizer
-from comm.backend import BackendUnavailable, get_xp, to_host
+from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
 from models import gpt
 from models.optim import AdamW, clip_by_global_norm, decay_mask, lr_at
 
@@ -57,6 +57,7 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         xp = get_xp(cfg.device)
     except BackendUnavailable as err:
         raise UserError(str(err)) from None
+    keep_freed_host_memory()
     dtype = np.dtype(cfg.dtype)
     model_cfg = cfg.model_config()
 

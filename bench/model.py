@@ -25,11 +25,12 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     """Runs in the worker process: returns a dict of measurements for one table row."""
     from app import metrics
     from app.config import load_config
-    from comm.backend import get_xp, to_host
+    from comm.backend import get_xp, keep_freed_host_memory, to_host
     from models import gpt
     from models.layers import causal_mask
     from models.optim import AdamW, clip_by_global_norm, decay_mask
 
+    keep_freed_host_memory()
     cfg = load_config(config_name, {"batch_size": SHAPES.get(config_name)})
     xp = get_xp(device)
     mcfg = cfg.model_config()
@@ -58,6 +59,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
         import torch
 
         from bench.torch_gpt import TorchGPT, make_optimizer, train_step
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         torch.manual_seed(0)
         model = TorchGPT(mcfg, host_init)
         topt = make_optimizer(model, gpt.is_decayed, cfg.lr, (cfg.beta1, cfg.beta2),

@@ -152,17 +152,17 @@ def head_forward(params, x, targets):
     h2 = h.reshape(B * T, C)
     logits = h2 @ params["wte"].T  # (B*T, V)
     loss, c_loss = layers.softmax_cross_entropy_forward(logits, targets.reshape(-1))
-    return loss, (c_lnf, h2, c_loss, params["wte"])
+    return loss, (c_lnf, h2, c_loss, params["wte"], x.shape)
 
 
 def head_backward(grads, cache, dloss=1.0):
     """-> dx (B,T,C); overwrites grads['wte'] with the head's share (the embedding adds its own)."""
-    c_lnf, h2, c_loss, wte = cache
+    c_lnf, h2, c_loss, wte, x_shape = cache
     xp = array_module(h2)
     dlogits, _ = layers.softmax_cross_entropy_backward(c_loss, dloss)
     xp.matmul(dlogits.T, h2, out=grads["wte"])
     dh = dlogits @ wte  # (B*T, C)
-    dx, _ = layers.layernorm_backward(c_lnf, dh.reshape(c_lnf[0].shape),
+    dx, _ = layers.layernorm_backward(c_lnf, dh.reshape(x_shape),
                                       {"weight": grads["ln_f.weight"], "bias": grads["ln_f.bias"]})
     return dx
 

@@ -56,40 +56,57 @@ def _scatter_add(xp, target, rows, values):
 def layernorm_forward(weight, bias, x, eps=1e-5):
     """(C,), (C,), (...,C) -> (...,C), normalised over the last axis."""
     xp = array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    xhat = x - mean
-    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None]
-    var *= 1.0 / x.shape[-1]
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    inv_c = _filled(xp, C, 1.0 / C, x.dtype)
+    # Row means as GEMVs: several times faster than reducing along the last axis.
+    xhat = x2 - (x2 @ inv_c)[:, None]
+    var = (xhat * xhat) @ inv_c
     var += eps
     rstd = xp.sqrt(var, out=var)
     xp.reciprocal(rstd, out=rstd)
+    rstd = rstd[:, None]
     xhat *= rstd
     out = xhat * weight
     out += bias
-    return out, (xhat, rstd, weight)
+    return out.reshape(x.shape), (xhat, rstd, weight)
 
 
 def layernorm_backward(cache, dout, grads=None):
     """dout (...,C) -> dx (...,C), {weight, bias}: (C,)."""
     xhat, rstd, weight = cache
     xp = array_module(dout)
-    C = dout.shape[-1]
-    d2 = dout.reshape(-1, C)
-    x2 = xhat.reshape(-1, C)
+    N, C = xhat.shape
+    d2 = dout.reshape(N, C)
     if grads is None:
         grads = {"weight": xp.empty(C, dout.dtype), "bias": xp.empty(C, dout.dtype)}
-    xp.einsum("nc,nc->c", d2, x2, out=grads["weight"])
-    d2.sum(axis=0, out=grads["bias"])
+    ones = _filled(xp, N, 1.0, dout.dtype)
+    g = d2 * xhat
+    xp.matmul(ones, g, out=grads["weight"])
+    xp.matmul(ones, d2, out=grads["bias"])
     # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), with g = dout * weight
-    g = dout * weight
-    g_mean = g.mean(axis=-1, keepdims=True)
-    gx_mean = xp.einsum("...c,...c->...", g, xhat)[..., None]
+    xp.multiply(d2, weight, out=g)
+    inv_c = _filled(xp, C, 1.0 / C, dout.dtype)
+    g_mean = g @ inv_c
+    gx_mean = xp.einsum("nc,nc->n", g, xhat)
     gx_mean *= 1.0 / C
-    g -= g_mean
-    xhat_term = xhat * gx_mean
+    g -= g_mean[:, None]
+    xhat_term = xhat * gx_mean[:, None]
     g -= xhat_term
     g *= rstd
-    return g, grads
+    return g.reshape(dout.shape), grads
+
+
+_FILLED = {}
+
+
+def _filled(xp, n, value, dtype):
+    """A cached constant vector (for row/column sums as matrix-vector products)."""
+    key = (xp.__name__, n, value, dtype)
+    vec = _FILLED.get(key)
+    if vec is None:
+        vec = _FILLED[key] = xp.full(n, value, dtype)
+    return vec
 
 
 # --------------------------------------------------------------------------- linear
@@ -114,7 +131,7 @@ def linear_backward(cache, dout, grads=None):
     if grads is None:
         grads = {"weight": xp.empty_like(weight), "bias": xp.empty(cout, dout.dtype)}
     xp.matmul(x2.T, d2, out=grads["weight"])
-    d2.sum(axis=0, out=grads["bias"])
+    xp.matmul(_filled(xp, d2.shape[0], 1.0, d2.dtype), d2, out=grads["bias"])
     dx = (d2 @ weight.T).reshape(*dout.shape[:-1], cin)
     return dx, grads
 
@@ -128,83 +145,105 @@ _GELU_A = 0.044715
 def gelu_forward(x):
     """(...) -> (...): 0.5 x (1 + tanh(k (x + a x^3)))."""
     xp = array_module(x)
-    # x*x*x, never x**3: NumPy's generic power loop is ~250x slower.
-    t = x * x
-    t *= _GELU_A
-    t += 1.0
-    t *= x
-    t *= _GELU_K
-    xp.tanh(t, out=t)  # t = tanh(u)
-    out = t + 1.0
-    out *= x
-    out *= 0.5
+    out = xp.empty_like(x)
+    t = xp.empty_like(x)  # tanh(u), kept for backward
+    for xs, ts, os in _chunks(xp, x, t, out):
+        # x*x*x, never x**3: NumPy's generic power loop is ~250x slower.
+        xp.multiply(xs, xs, out=ts)
+        ts *= _GELU_K * _GELU_A
+        ts += _GELU_K
+        ts *= xs
+        xp.tanh(ts, out=ts)
+        xp.multiply(xs, ts, out=os)
+        os += xs
+        os *= 0.5
     return out, (x, t)
 
 
 def gelu_backward(cache, dout):
     """dout (...) -> dx (...). d/dx = 0.5(1+t) + 0.5 x (1-t^2) k (1 + 3a x^2)."""
     x, t = cache
-    # inner = 0.5 x k (1 + 3a x^2), built in one buffer
-    inner = x * x
-    inner *= 3.0 * _GELU_A
-    inner += 1.0
-    inner *= x
-    inner *= 0.5 * _GELU_K
-    sech2 = t * t  # 1 - t^2, negated in place below
-    sech2 -= 1.0
-    sech2 *= inner  # = -(1 - t^2) * inner
-    dx = t + 1.0
-    dx *= 0.5
-    dx -= sech2
-    dx *= dout
+    xp = array_module(dout)
+    dx = xp.empty_like(dout)
+    for xs, ts, ds, dxs in _chunks(xp, x, t, dout, dx):
+        # dxs = 0.5 x k (1 + 3a x^2), then scaled by -(1 - t^2) = t^2 - 1
+        xp.multiply(xs, xs, out=dxs)
+        dxs *= 1.5 * _GELU_K * _GELU_A
+        dxs += 0.5 * _GELU_K
+        dxs *= xs
+        scratch = ts * ts
+        scratch -= 1.0
+        dxs *= scratch
+        # dx = dout * (0.5 (1 + t) - that)
+        xp.multiply(ts, 0.5, out=scratch)
+        scratch += 0.5
+        scratch -= dxs
+        xp.multiply(scratch, ds, out=dxs)
     return dx, {}
+
+
+_CHUNK = 32768  # elements: a chunk of each operand stays in L2 across a fused sequence of ops
+
+
+def _chunks(xp, *arrays):
+    """Yields matching flat slices of same-shaped contiguous arrays, sized to stay in cache
+    on the CPU (on a GPU, one slice: launches cost more than cache misses)."""
+    flats = [a.reshape(-1) for a in arrays]
+    n = flats[0].size
+    step = _CHUNK if xp is np else n
+    for start in range(0, n, step):
+        yield tuple(f[start:start + step] for f in flats)
 
 
 # --------------------------------------------------------------------------- attention
 
 
 def causal_mask(xp, T, dtype):
-    """(T,T) additive mask: 0 on and below the diagonal, -inf above."""
+    """(T,T) additive mask in the transposed (key, query) layout: -inf where key > query."""
     mask = xp.zeros((T, T), dtype)
-    mask[xp.triu_indices(T, 1)] = -xp.inf
+    mask[xp.tril_indices(T, -1)] = -xp.inf
     return mask
 
 
 def attention_forward(qkv, n_head, mask=None):
-    """(B,T,3C) packed q|k|v -> (B,T,C): causal multi-head softmax(q k^T / sqrt(D)) v."""
+    """(B,T,3C) packed q|k|v -> (B,T,C): causal multi-head softmax(q k^T / sqrt(D)) v.
+
+    Scores are kept transposed, (B,H,key,query), so the softmax reduces over axis -2: NumPy
+    reduces across rows several times faster than along them. BLAS takes the transposes free.
+    """
     xp = array_module(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
     q, k, v = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # each (B,H,T,D)
-    att = q @ k.transpose(0, 1, 3, 2)  # (B,H,T,T)
+    att = k @ q.transpose(0, 1, 3, 2)  # (B,H,Tk,Tq)
     att *= 1.0 / math.sqrt(D)
     att += causal_mask(xp, T, att.dtype) if mask is None else mask[:T, :T]
-    att -= att.max(axis=-1, keepdims=True)
+    att -= att.max(axis=-2, keepdims=True)
     xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att /= att.sum(axis=-2, keepdims=True)
     y = xp.empty((B, T, n_head, D), qkv.dtype)
-    xp.matmul(att, v, out=y.transpose(0, 2, 1, 3))
+    xp.matmul(att.transpose(0, 1, 3, 2), v, out=y.transpose(0, 2, 1, 3))
     return y.reshape(B, T, C), (q, k, v, att)
 
 
 def attention_backward(cache, dout):
     """dout (B,T,C) -> d_qkv (B,T,3C)."""
-    q, k, v, att = cache
+    q, k, v, att = cache  # att is (B,H,Tk,Tq)
     xp = array_module(dout)
     B, H, T, D = q.shape
     dy = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,H,T,D)
     dqkv = xp.empty((B, T, 3, H, D), dout.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
-    xp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B,H,T,T)
-    # softmax backward: ds = att * (datt - sum(datt * att)); masked entries stay 0 as att is 0
-    row = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
-    datt -= row
+    xp.matmul(att, dy, out=dv)
+    datt = v @ dy.transpose(0, 1, 3, 2)  # (B,H,Tk,Tq)
+    # softmax backward: ds = att * (datt - sum_k(datt * att)); masked entries stay 0 (att = 0)
+    row = datt * att
+    datt -= row.sum(axis=-2, keepdims=True)
     datt *= att
     datt *= 1.0 / math.sqrt(D)
-    xp.matmul(datt, k, out=dq)
-    xp.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)
+    xp.matmul(datt.transpose(0, 1, 3, 2), k, out=dq)
+    xp.matmul(datt, q, out=dk)
     return dqkv.reshape(B, T, 3 * H * D), {}
 
 

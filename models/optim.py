@@ -21,48 +21,65 @@ def decay_mask(flat_params, is_decayed, xp=np):
 
 
 class AdamW:
-    """Adam with decoupled weight decay (Loshchilov & Hutter), on one flat parameter buffer.
+    """Adam with decoupled weight decay (Loshchilov & Hutter; torch.optim.AdamW's order:
+    decay, then the Adam step), on one flat parameter buffer.
 
-    `params` and `grads` are 1-D arrays of the same length; `mask` says which elements decay.
-    Moments are kept in the parameter dtype.
+    `params` and `grads` are 1-D arrays of the same length; `mask` (0/1) says which elements
+    decay. Moments are kept in the parameter dtype.
     """
+
+    # Elements per pass: the five arrays of a chunk (p, g, m, v, scratch) stay in L2 cache,
+    # so the dozen passes of an Adam step cost about one trip to memory.
+    CHUNK = 32768
 
     def __init__(self, params, mask, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
         xp = array_module(params)
         self.params = params
-        self.mask = mask
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.m = xp.zeros_like(params)
         self.v = xp.zeros_like(params)
         self.t = 0
-        self._tmp = xp.empty_like(params)
+        # On a GPU one pass over everything beats many small kernel launches.
+        self.chunk = self.CHUNK if xp is np else params.size
+        self._tmp = xp.empty(min(self.chunk, params.size), params.dtype)
+        self.decay_runs = _runs_of_ones(mask)
 
     def step(self, grads, lr):
-        xp = array_module(self.params)
         self.t += 1
+        if self.weight_decay:
+            factor = 1.0 - lr * self.weight_decay
+            for start, stop in self.decay_runs:
+                self.params[start:stop] *= factor
+        for start in range(0, self.params.size, self.chunk):
+            chunk = slice(start, start + self.chunk)
+            self._adam(self.params[chunk], grads[chunk], self.m[chunk], self.v[chunk], lr)
+
+    def _adam(self, p, g, m, v, lr):
+        xp = array_module(p)
         b1, b2 = self.beta1, self.beta2
-        m, v, tmp, p = self.m, self.v, self._tmp, self.params
+        tmp = self._tmp[:p.size]
         # m = b1 m + (1-b1) g ; v = b2 v + (1-b2) g^2
         m *= b1
-        xp.multiply(grads, 1.0 - b1, out=tmp)
+        xp.multiply(g, 1.0 - b1, out=tmp)
         m += tmp
         v *= b2
-        xp.multiply(grads, grads, out=tmp)
+        xp.multiply(g, g, out=tmp)
         tmp *= 1.0 - b2
         v += tmp
-        # p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * mask * p)
-        bias1 = 1.0 - b1 ** self.t
-        bias2 = 1.0 - b2 ** self.t
+        # p -= lr/bias1 * m / (sqrt(v)/sqrt(bias2) + eps): bias corrections folded in scalars
         xp.sqrt(v, out=tmp)
-        tmp *= 1.0 / math.sqrt(bias2)
+        tmp *= 1.0 / math.sqrt(1.0 - b2 ** self.t)
         tmp += self.eps
         xp.divide(m, tmp, out=tmp)
-        tmp *= lr / bias1
+        tmp *= lr / (1.0 - b1 ** self.t)
         p -= tmp
-        if self.weight_decay:
-            xp.multiply(p, self.mask, out=tmp)
-            tmp *= lr * self.weight_decay
-            p -= tmp
+
+
+def _runs_of_ones(mask):
+    """[(start, stop), ...] of the maximal runs of 1 in a 0/1 vector (computed on the host)."""
+    host = np.asarray(mask.get() if hasattr(mask, "get") else mask) != 0
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], host, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def lr_at(step, max_lr, min_lr, warmup_steps, total_steps):

@@ -1,0 +1,87 @@
+"""The whole model: gradients against finite differences, GPT-2 names, shapes and init."""
+import numpy as np
+import pytest
+
+from models import gpt
+from tests.gradcheck import max_relative_error, numerical_grad, sample_indices
+
+CFG = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+
+
+def test_whole_model_gradients_match_finite_differences():
+    """Every parameter tensor, up to 12 sampled elements each, in float64. The parameters are
+    nudged off the symmetric init so that every gradient is well above round-off."""
+    rng = np.random.default_rng(1)
+    params = gpt.init_params(CFG, seed=0, dtype=np.float64)
+    params.flat += rng.normal(0.0, 0.2, params.size)
+    idx = rng.integers(0, CFG.vocab_size, (3, CFG.block_size))
+    targets = rng.integers(0, CFG.vocab_size, (3, CFG.block_size))
+    loss, cache = gpt.forward(params, CFG, idx, targets)
+    grads = gpt.backward(cache, params.like())
+    errors = {}
+    for name in params:
+        sample = sample_indices(params[name].shape, 12, rng)
+        numeric = numerical_grad(lambda: gpt.forward(params, CFG, idx, targets)[0],
+                                 params[name], sample, eps=1e-3)
+        errors[name] = max_relative_error(grads[name].reshape(-1)[sample], numeric)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-6, f"{worst}: {errors[worst]:.2e}"
+    assert len(errors) == len(gpt.param_shapes(CFG))
+
+
+def test_gpt2_names_and_shapes():
+    shapes = gpt.param_shapes(gpt.GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                                            vocab_size=50257))
+    assert shapes["wte"] == (50257, 768) and shapes["wpe"] == (1024, 768)
+    assert shapes["h.11.attn.c_attn.weight"] == (768, 2304)
+    assert shapes["h.0.mlp.c_proj.weight"] == (3072, 768)
+    assert shapes["ln_f.bias"] == (768,)
+    # GPT-2 small without the tied head: 124,439,808 parameters
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 124_439_808
+    assert len(shapes) == 2 + 12 * 12 + 2
+
+
+def test_init_statistics():
+    cfg = gpt.GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=256)
+    p = gpt.init_params(cfg, seed=0)
+    assert p.flat.dtype == np.float32
+    assert p["wte"].std() == pytest.approx(0.02, rel=0.05)
+    assert p["h.0.attn.c_attn.weight"].std() == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / np.sqrt(2 * cfg.n_layer)
+    assert p["h.3.attn.c_proj.weight"].std() == pytest.approx(residual, rel=0.05)
+    assert p["h.3.mlp.c_proj.weight"].std() == pytest.approx(residual, rel=0.05)
+    assert np.all(p["h.1.ln_2.weight"] == 1) and np.all(p["h.1.mlp.c_fc.bias"] == 0)
+    again = gpt.init_params(cfg, seed=0, dtype=np.float64)
+    np.testing.assert_allclose(again.flat, p.flat, rtol=1e-6)  # same numbers in any dtype
+
+
+def test_flat_views_share_one_buffer():
+    p = gpt.init_params(CFG, seed=0)
+    p["h.1.ln_1.bias"][...] = 7.0
+    start = p.offsets["h.1.ln_1.bias"]
+    assert np.all(p.flat[start:start + CFG.n_embd] == 7.0)
+    assert p.size == gpt.num_params(CFG) == p.flat.size
+
+
+def test_head_is_tied_to_embedding():
+    """wte's gradient is the head's plus the embedding's share: zeroing either path changes it."""
+    rng = np.random.default_rng(3)
+    p = gpt.init_params(CFG, seed=0, dtype=np.float64)
+    idx = rng.integers(0, CFG.vocab_size, (2, CFG.block_size))
+    tgt = rng.integers(0, CFG.vocab_size, (2, CFG.block_size))
+    _, cache = gpt.forward(p, CFG, idx, tgt)
+    grads = gpt.backward(cache, p.like())
+    _, cache = gpt.forward(p, CFG, idx, tgt)
+    head_only = p.like()
+    gpt.head_backward(head_only, cache[2])
+    embedding_rows = np.unique(idx)
+    assert not np.allclose(grads["wte"][embedding_rows], head_only["wte"][embedding_rows])
+    unused = np.setdiff1d(np.arange(CFG.vocab_size), embedding_rows)
+    np.testing.assert_allclose(grads["wte"][unused], head_only["wte"][unused])
+
+
+def test_sequence_longer_than_block_size_is_rejected():
+    p = gpt.init_params(CFG, seed=0)
+    idx = np.zeros((1, CFG.block_size + 1), dtype=np.int64)
+    with pytest.raises(ValueError, match="block_size"):
+        gpt.forward(p, CFG, idx, idx)

@@ -1,0 +1,128 @@
+"""Every layer's backward against float64 central differences, plus a few exact identities."""
+import math
+
+import numpy as np
+import pytest
+
+from models import layers
+from tests.gradcheck import max_relative_error, numerical_grad, sample_indices
+
+TOL = 1e-6
+B, T, C, H, V = 2, 5, 8, 2, 11
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def check(forward, backward, inputs, rng, max_samples=40):
+    """Compares backward's gradients of sum(forward(...) * R) for every array in `inputs`
+    (a name -> array dict, perturbed in place) against finite differences."""
+    out, cache = forward()
+    weights = rng.normal(size=np.shape(out))
+    analytic = backward(cache, weights.astype(out.dtype) if np.ndim(out) else float(weights))
+
+    def loss():
+        return float(np.sum(forward()[0] * weights))
+
+    for name, array in inputs.items():
+        idx = sample_indices(array.shape, max_samples, rng)
+        numeric = numerical_grad(loss, array, idx)
+        error = max_relative_error(analytic[name].reshape(-1)[idx], numeric)
+        assert error < TOL, f"{name}: max relative error {error:.2e}"
+
+
+def test_linear(rng):
+    x, w, b = rng.normal(size=(B, T, C)), rng.normal(size=(C, 3 * C)), rng.normal(size=3 * C)
+
+    def backward(cache, d):
+        dx, g = layers.linear_backward(cache, d)
+        return {"x": dx, "w": g["weight"], "b": g["bias"]}
+
+    check(lambda: layers.linear_forward(w, b, x), backward, {"x": x, "w": w, "b": b}, rng)
+
+
+def test_layernorm(rng):
+    x = rng.normal(1.0, 2.0, size=(B, T, C))
+    w, b = rng.normal(size=C), rng.normal(size=C)
+
+    def backward(cache, d):
+        dx, g = layers.layernorm_backward(cache, d)
+        return {"x": dx, "w": g["weight"], "b": g["bias"]}
+
+    check(lambda: layers.layernorm_forward(w, b, x), backward, {"x": x, "w": w, "b": b}, rng)
+    y, _ = layers.layernorm_forward(np.ones(C), np.zeros(C), x)
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(-1), 1, rtol=1e-4)  # eps = 1e-5 shifts it slightly
+
+
+def test_gelu(rng):
+    x = rng.normal(size=(B, T, 4 * C)) * 2
+    check(lambda: layers.gelu_forward(x), lambda c, d: {"x": layers.gelu_backward(c, d)[0]},
+          {"x": x}, rng)
+    y, _ = layers.gelu_forward(np.array([0.0, 1.0, -1.0]))
+    exact = [0.0, 0.8411919906082768, -0.15880800939172324]  # tanh form, from the formula
+    np.testing.assert_allclose(y, exact, rtol=1e-12)
+
+
+def test_attention(rng):
+    qkv = rng.normal(size=(B, T, 3 * C))
+    check(lambda: layers.attention_forward(qkv, H),
+          lambda c, d: {"qkv": layers.attention_backward(c, d)[0]}, {"qkv": qkv}, rng, 120)
+
+
+def test_attention_is_causal_and_matches_naive(rng):
+    qkv = rng.normal(size=(B, T, 3 * C))
+    y, _ = layers.attention_forward(qkv, H)
+    D = C // H
+    q, k, v = np.split(qkv, 3, axis=-1)
+    for b in range(B):
+        for h in range(H):
+            s = slice(h * D, (h + 1) * D)
+            for t in range(T):
+                scores = q[b, t, s] @ k[b, :t + 1, s].T / math.sqrt(D)
+                p = np.exp(scores - scores.max())
+                p /= p.sum()
+                np.testing.assert_allclose(y[b, t, s], p @ v[b, :t + 1, s], rtol=1e-10)
+    # the future cannot change the past
+    later = qkv.copy()
+    later[:, -1] += 10.0
+    y2, _ = layers.attention_forward(later, H)
+    np.testing.assert_array_equal(y2[:, :-1], y[:, :-1])
+
+
+def test_embedding(rng):
+    wte, wpe = rng.normal(size=(V, C)), rng.normal(size=(T + 3, C))
+    idx = rng.integers(0, V, size=(B, T))
+    idx[0, :3] = 4  # repeated ids must accumulate
+
+    def backward(cache, d):
+        _, g = layers.embedding_backward(cache, d)
+        return {"wte": g["wte"], "wpe": g["wpe"]}
+
+    check(lambda: layers.embedding_forward(wte, wpe, idx), backward, {"wte": wte, "wpe": wpe}, rng)
+
+
+def test_softmax_cross_entropy(rng):
+    logits = rng.normal(size=(B * T, V)) * 3
+    targets = rng.integers(0, V, size=B * T)
+
+    def forward():
+        loss, cache = layers.softmax_cross_entropy_forward(logits.copy(), targets)
+        return loss, cache
+
+    check(forward, lambda c, d: {"logits": layers.softmax_cross_entropy_backward(c, d)[0]},
+          {"logits": logits}, rng, 80)
+    loss, _ = forward()
+    shifted = logits - logits.max(-1, keepdims=True)
+    expected = -np.mean(shifted[np.arange(B * T), targets] - np.log(np.exp(shifted).sum(-1)))
+    assert loss == pytest.approx(expected, rel=1e-12)
+
+
+def test_float32_forward_matches_float64(rng):
+    x = rng.normal(size=(B, T, 3 * C))
+    y64, _ = layers.attention_forward(x, H)
+    y32, _ = layers.attention_forward(x.astype(np.float32), H)
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,73 @@
+"""AdamW, the schedule and clipping against straightforward per-tensor reference code."""
+import math
+
+import numpy as np
+import pytest
+
+from models import gpt
+from models.optim import AdamW, clip_by_global_norm, decay_mask, global_norm, lr_at
+
+
+def reference_adamw(p, g, m, v, t, lr, b1, b2, eps, wd, decay):
+    """The textbook update (Loshchilov & Hutter, as in torch.optim.AdamW), one tensor."""
+    if decay:
+        p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
+
+
+def test_adamw_matches_reference_with_decay_only_on_matrices():
+    cfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10)
+    params = gpt.init_params(cfg, seed=0, dtype=np.float64)
+    params.flat += 0.1  # biases non-zero, so decaying them would show
+    ref = {n: (params[n].copy(), np.zeros_like(params[n]), np.zeros_like(params[n]))
+           for n in params}
+    opt = AdamW(params.flat, decay_mask(params, gpt.is_decayed), 0.9, 0.95, 1e-8, 0.1)
+    rng = np.random.default_rng(0)
+    for t in range(1, 6):
+        grads = params.like()
+        grads.flat[:] = rng.normal(size=params.size)
+        lr = 0.01 * t
+        opt.step(grads.flat, lr)
+        for n in params:
+            p, m, v = ref[n]
+            ref[n] = reference_adamw(p, grads[n], m, v, t, lr, 0.9, 0.95, 1e-8, 0.1,
+                                     gpt.is_decayed(n))
+    for n in params:
+        np.testing.assert_allclose(params[n], ref[n][0], rtol=1e-12, atol=1e-14, err_msg=n)
+
+
+def test_decayed_names():
+    assert gpt.is_decayed("wte") and gpt.is_decayed("h.0.attn.c_attn.weight")
+    for name in ("h.0.attn.c_attn.bias", "h.3.ln_1.weight", "ln_f.weight", "ln_f.bias"):
+        assert not gpt.is_decayed(name)
+
+
+def test_schedule_warmup_then_cosine():
+    kw = dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # half-way down the cosine
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(0, 1.0, 0.1, 0, 100) == pytest.approx(1.0)  # no warm-up
+
+
+def test_clip_by_global_norm():
+    g = np.array([3.0, 4.0, 0.0, 12.0])  # norm 13
+    assert global_norm(g) == pytest.approx(13.0)
+    before = clip_by_global_norm(g, 1.0)
+    assert before == pytest.approx(13.0)
+    assert global_norm(g) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(g / g[1], [0.75, 1.0, 0.0, 3.0])
+    small = np.array([0.3, 0.4])
+    clip_by_global_norm(small, 1.0)
+    np.testing.assert_array_equal(small, [0.3, 0.4])
+    big = np.array([30.0, 40.0])
+    clip_by_global_norm(big, 0.0)  # 0 = off
+    np.testing.assert_array_equal(big, [30.0, 40.0])
+    assert math.isclose(global_norm(np.zeros(3)), 0.0)
