@@ -15,14 +15,22 @@ FORMAT = "gpt-params"
 def save_params(path, params: dict, attrs: dict | None = None):
     """params: name -> array (NumPy or CuPy); attrs: extra file attributes (step, config...)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = 1
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
-        for name, value in params.items():
-            f.create_dataset(name, data=value.get() if hasattr(value, "get") else np.asarray(value))
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = 1
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+            for name, value in params.items():
+                f.create_dataset(name,
+                                 data=value.get() if hasattr(value, "get") else np.asarray(value))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_params(path) -> tuple[dict, dict]:

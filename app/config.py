@@ -115,7 +115,7 @@ def load_config(name_or_path: str = "baby", overrides: dict | None = None) -> Tr
     try:
         with open(path, "rb") as f:
             values = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"config {path}: not valid TOML ({err})") from None
     known = field_names()
     unknown = [k for k in values if k not in known]
@@ -149,7 +149,7 @@ def validate(cfg: TrainConfig):
     for key in POSITIVE_INTS:
         if getattr(cfg, key) <= 0:
             bad(key, "an integer > 0")
-    for key in ("warmup_steps", "sample_tokens"):
+    for key in ("warmup_steps", "sample_tokens", "seed"):
         if getattr(cfg, key) < 0:
             bad(key, "an integer >= 0")
     if not cfg.lr > 0:

@@ -44,9 +44,22 @@ def load_run(run_dir):
         if not path.is_file():
             raise UserError(f"run directory {run_dir}: missing {path.name} "
                             "(expected a directory written by `app train`)")
-    with open(config_file, "rb") as f:
-        cfg = make_config(tomllib.load(f))
+    try:
+        with open(config_file, "rb") as f:
+            values = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"run directory {run_dir}: {config_file.name} is not valid TOML "
+                        f"({err})") from None
+    cfg = make_config(values)
     params, attrs = load_params(params_file)
+    expected = gpt.param_shapes(cfg.model_config())
+    found = {name: tuple(value.shape) for name, value in params.items()}
+    if found != {name: tuple(shape) for name, shape in expected.items()}:
+        wrong = sorted(set(expected) ^ set(found)) or \
+            [n for n in expected if found[n] != tuple(expected[n])]
+        raise UserError(f"run directory {run_dir}: {params_file.name} does not match "
+                        f"{config_file.name} (first mismatch: {wrong[0]!r}); expected the "
+                        "parameters written by the same `app train` run")
     return cfg, params, attrs
 
 

@@ -40,11 +40,18 @@ def _synchronizer(xp):
 
 
 class MetricsLog:
-    """Appends one JSON object per line; each line is flushed so a killed run keeps its log."""
+    """One JSON object per line, in a file started afresh by each run; each line is flushed so
+    that a killed run keeps its log."""
 
     def __init__(self, path):
         self.path = path
-        self.file = open(path, "a", encoding="utf-8") if path else None
+        self.file = open(path, "w", encoding="utf-8") if path else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def write(self, record: dict):
         if self.file:

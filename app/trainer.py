@@ -19,7 +19,7 @@ from app.errors import UserError
 from app.generate import sample
 from app.tokenizer import get_tokenizer
 from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
-from models import gpt
+from models import gpt, layers
 from models.optim import AdamW, clip_by_global_norm, decay_mask, lr_at
 
 
@@ -57,37 +57,51 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         xp = get_xp(cfg.device)
     except BackendUnavailable as err:
         raise UserError(str(err)) from None
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"--out {run_dir}: is a file, expected a run directory")
     keep_freed_host_memory()
+    log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+    with TokenData(cfg.data) as data:
+        if data.vocab_size != cfg.vocab_size:
+            raise UserError(f"data file {cfg.data} has vocab_size {data.vocab_size} but the "
+                            f"config says vocab_size = {cfg.vocab_size}: expected them to match")
+        loader = BatchLoader(data, "train", cfg.block_size, cfg.batch_size, cfg.seed)
+        val_batches = list(validation_batches(data, cfg.block_size, cfg.batch_size,
+                                              cfg.eval_windows))
+        os.makedirs(run_dir, exist_ok=True)
+        metrics.write_text_atomic(os.path.join(run_dir, "config.toml"), cfg.to_toml())
+        with metrics.MetricsLog(os.path.join(run_dir, "metrics.jsonl")) as metrics_log:
+            history = _train_loop(cfg, xp, data, loader, val_batches, metrics_log, peak_gflops,
+                                  log)
+        params = history["params"]
+        host_params = {name: to_host(value) for name, value in params.items()}
+        save_params(os.path.join(run_dir, "params.h5"), host_params,
+                    {"step": cfg.steps, "tokenizer": data.tokenizer, "config": cfg.to_toml()})
+        if cfg.sample_tokens:
+            tokenizer = get_tokenizer(data.tokenizer)
+            out = sample(params, cfg.model_config(), tokenizer.encode(sample_prompt),
+                         cfg.sample_tokens, temperature=0.8, top_k=0, seed=cfg.seed)
+            log("sample:\n" + sample_prompt + tokenizer.decode(out))
+    return history
+
+
+def _train_loop(cfg, xp, data, loader, val_batches, metrics_log, peak_gflops, log):
     dtype = np.dtype(cfg.dtype)
     model_cfg = cfg.model_config()
-
-    data = TokenData(cfg.data)
-    if data.vocab_size != cfg.vocab_size:
-        raise UserError(f"data file {cfg.data} has vocab_size {data.vocab_size} but the config "
-                        f"says vocab_size = {cfg.vocab_size}: expected them to match")
-    loader = BatchLoader(data, "train", cfg.block_size, cfg.batch_size, cfg.seed)
-    val_batches = list(validation_batches(data, cfg.block_size, cfg.batch_size, cfg.eval_windows))
-
     params = gpt.init_params(model_cfg, cfg.seed, xp, dtype)
     grads = params.like()
     optimizer = AdamW(params.flat, decay_mask(params, gpt.is_decayed, xp), cfg.beta1, cfg.beta2,
                       weight_decay=cfg.weight_decay)
-    n_params = params.size
+    mask = layers.causal_mask(xp, cfg.block_size, dtype)
     tokens_per_step = cfg.batch_size * cfg.block_size
-    flops_per_step = metrics.flops_per_token(n_params, cfg.n_layer, cfg.block_size,
+    flops_per_step = metrics.flops_per_token(params.size, cfg.n_layer, cfg.block_size,
                                              cfg.n_embd) * tokens_per_step
     peak = peak_gflops or metrics.measure_gemm_gflops(xp)
+    log(f"model: {params.size:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
+        f"MFLOP/token; data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
+        f" peak {peak:.1f} GFLOP/s ({'given' if peak_gflops else 'measured'})")
 
-    os.makedirs(run_dir, exist_ok=True)
-    metrics.write_text_atomic(os.path.join(run_dir, "config.toml"), cfg.to_toml())
-    metrics_log = metrics.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
-    log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-    log(f"model: {n_params:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} MFLOP/token;"
-        f" data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
-        f" peak {peak:.1f} GFLOP/s ({'given' if peak_gflops else 'measured'}); run dir {run_dir}")
-
-    history = {"loss": [], "val": {}}
-    mask = None
+    history = {"loss": [], "val": {}, "params": params}
     step_times = []
     for step in range(cfg.steps + 1):
         if step % cfg.eval_interval == 0 or step == cfg.steps:
@@ -99,42 +113,25 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             break
         start = time.perf_counter()
         x, y = loader.batch(step)
-        x, y = xp.asarray(x), xp.asarray(y)
-        if mask is None:
-            mask = gpt.layers.causal_mask(xp, cfg.block_size, dtype)
-        loss, cache = gpt.forward(params, model_cfg, x, y, mask)
+        loss, cache = gpt.forward(params, model_cfg, xp.asarray(x), xp.asarray(y), mask)
         gpt.backward(cache, grads)
         del cache
         norm = clip_by_global_norm(grads.flat, cfg.grad_clip)
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
         optimizer.step(grads.flat, lr)
         loss = float(loss)  # also waits for the GPU, so the timing below is honest
-        elapsed = time.perf_counter() - start
-        step_times.append(elapsed)
+        step_times.append(time.perf_counter() - start)
         history["loss"].append(loss)
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}: try a lower lr")
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
-            # median over the window since the last log line: robust to one slow step
+            # median over the steps since the last log line: robust to one slow step
             dt = float(np.median(step_times))
             step_times.clear()
             tok_s = tokens_per_step / dt
             mfu = flops_per_step / dt / (peak * 1e9)
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-                      "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu}
-            metrics_log.write(record)
+            metrics_log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                               "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu})
             log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
                 f"{dt * 1e3:7.1f} ms | {tok_s:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
-    metrics_log.close()
-
-    host_params = {name: to_host(value) for name, value in params.items()}
-    save_params(os.path.join(run_dir, "params.h5"), host_params,
-                {"step": cfg.steps, "tokenizer": data.tokenizer, "config": cfg.to_toml()})
-    if cfg.sample_tokens:
-        tokenizer = get_tokenizer(data.tokenizer)
-        out = sample(params, model_cfg, tokenizer.encode(sample_prompt), cfg.sample_tokens,
-                     temperature=0.8, top_k=0, seed=cfg.seed)
-        log("sample:\n" + sample_prompt + tokenizer.decode(out))
-    data.close()
-    history["params"] = params
     return history

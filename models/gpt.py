@@ -150,8 +150,8 @@ def head_forward(params, x, targets):
     B, T, C = x.shape
     h, c_lnf = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x)
     h2 = h.reshape(B * T, C)
-    logits = h2 @ params["wte"].T  # (B*T, V)
-    loss, c_loss = layers.softmax_cross_entropy_forward(logits, targets.reshape(-1))
+    logits_t = params["wte"] @ h2.T  # (V, B*T), class-major
+    loss, c_loss = layers.softmax_cross_entropy_forward(logits_t, targets.reshape(-1))
     return loss, (c_lnf, h2, c_loss, params["wte"], x.shape)
 
 
@@ -159,9 +159,9 @@ def head_backward(grads, cache, dloss=1.0):
     """-> dx (B,T,C); overwrites grads['wte'] with the head's share (the embedding adds its own)."""
     c_lnf, h2, c_loss, wte, x_shape = cache
     xp = array_module(h2)
-    dlogits, _ = layers.softmax_cross_entropy_backward(c_loss, dloss)
-    xp.matmul(dlogits.T, h2, out=grads["wte"])
-    dh = dlogits @ wte  # (B*T, C)
+    dlogits_t, _ = layers.softmax_cross_entropy_backward(c_loss, dloss)  # (V, B*T)
+    xp.matmul(dlogits_t, h2, out=grads["wte"])
+    dh = dlogits_t.T @ wte  # (B*T, C)
     dx, _ = layers.layernorm_backward(c_lnf, dh.reshape(x_shape),
                                       {"weight": grads["ln_f.weight"], "bias": grads["ln_f.bias"]})
     return dx

@@ -36,7 +36,6 @@ def embedding_backward(cache, dout, grads=None):
     if grads is None:
         grads = {"wte": xp.zeros(wte_shape, dout.dtype), "wpe": xp.zeros(wpe_shape, dout.dtype)}
     dwte, dwpe = grads["wte"], grads["wpe"]
-    # Summing rows with equal ids: add.at is unbuffered, so repeated ids accumulate.
     _scatter_add(xp, dwte, idx.reshape(-1), dout.reshape(B * T, C))
     dwpe[T:] = 0
     dout.sum(axis=0, out=dwpe[:T])
@@ -44,10 +43,16 @@ def embedding_backward(cache, dout, grads=None):
 
 
 def _scatter_add(xp, target, rows, values):
-    if xp is np:
-        np.add.at(target, rows, values)
-    else:  # CuPy spells the unbuffered scatter-add differently
-        xp.add.at(target, rows, values)
+    """target[rows[i]] += values[i], repeated rows accumulating."""
+    if xp is not np:
+        import cupyx
+        cupyx.scatter_add(target, rows, values)
+        return
+    # Sort, then sum each run of equal ids: 2-3x faster than the unbuffered np.add.at.
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_rows[1:] != sorted_rows[:-1])))
+    target[sorted_rows[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
 
 # --------------------------------------------------------------------------- layer norm
@@ -143,43 +148,41 @@ _GELU_A = 0.044715
 
 
 def gelu_forward(x):
-    """(...) -> (...): 0.5 x (1 + tanh(k (x + a x^3)))."""
+    """(...) -> (...): 0.5 x (1 + tanh(u)), u = k (x + a x^3).
+
+    The derivative, 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3a x^2) with t = tanh(u), is built
+    here while each chunk of x and t is still in cache, and cached instead of t: backward
+    is then a single multiply instead of a dozen passes over data long gone from cache.
+    """
     xp = array_module(x)
     out = xp.empty_like(x)
-    t = xp.empty_like(x)  # tanh(u), kept for backward
-    for xs, ts, os in _chunks(xp, x, t, out):
+    slope = xp.empty_like(x)
+    for xs, os, ss in _chunks(xp, x, out, slope):
         # x*x*x, never x**3: NumPy's generic power loop is ~250x slower.
-        xp.multiply(xs, xs, out=ts)
-        ts *= _GELU_K * _GELU_A
-        ts += _GELU_K
-        ts *= xs
-        xp.tanh(ts, out=ts)
-        xp.multiply(xs, ts, out=os)
+        xp.multiply(xs, xs, out=ss)  # ss = x^2
+        xp.multiply(ss, _GELU_K * _GELU_A, out=os)
+        os += _GELU_K
+        os *= xs
+        xp.tanh(os, out=os)  # os = t
+        ss *= 1.5 * _GELU_K * _GELU_A
+        ss += 0.5 * _GELU_K
+        ss *= xs  # ss = 0.5 x k (1 + 3a x^2)
+        ts = os * os
+        ts -= 1.0
+        ss *= ts  # ss = -(1 - t^2) 0.5 x k (1 + 3a x^2)
+        xp.multiply(os, 0.5, out=ts)
+        ts += 0.5  # ts = 0.5 (1 + t)
+        ss -= ts
+        ss *= -1.0  # ss = gelu'(x)
+        os *= xs
         os += xs
-        os *= 0.5
-    return out, (x, t)
+        os *= 0.5  # os = 0.5 x (1 + t)
+    return out, slope
 
 
 def gelu_backward(cache, dout):
-    """dout (...) -> dx (...). d/dx = 0.5(1+t) + 0.5 x (1-t^2) k (1 + 3a x^2)."""
-    x, t = cache
-    xp = array_module(dout)
-    dx = xp.empty_like(dout)
-    for xs, ts, ds, dxs in _chunks(xp, x, t, dout, dx):
-        # dxs = 0.5 x k (1 + 3a x^2), then scaled by -(1 - t^2) = t^2 - 1
-        xp.multiply(xs, xs, out=dxs)
-        dxs *= 1.5 * _GELU_K * _GELU_A
-        dxs += 0.5 * _GELU_K
-        dxs *= xs
-        scratch = ts * ts
-        scratch -= 1.0
-        dxs *= scratch
-        # dx = dout * (0.5 (1 + t) - that)
-        xp.multiply(ts, 0.5, out=scratch)
-        scratch += 0.5
-        scratch -= dxs
-        xp.multiply(scratch, ds, out=dxs)
-    return dx, {}
+    """dout (...) -> dx (...) = dout * gelu'(x), the slope cached by forward."""
+    return dout * cache, {}
 
 
 _CHUNK = 32768  # elements: a chunk of each operand stays in L2 across a fused sequence of ops
@@ -216,8 +219,8 @@ def attention_forward(qkv, n_head, mask=None):
     C = C3 // 3
     D = C // n_head
     q, k, v = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # each (B,H,T,D)
+    q = q * (1.0 / math.sqrt(D))  # scaling q costs D/T of scaling the scores
     att = k @ q.transpose(0, 1, 3, 2)  # (B,H,Tk,Tq)
-    att *= 1.0 / math.sqrt(D)
     att += causal_mask(xp, T, att.dtype) if mask is None else mask[:T, :T]
     att -= att.max(axis=-2, keepdims=True)
     xp.exp(att, out=att)
@@ -229,7 +232,7 @@ def attention_forward(qkv, n_head, mask=None):
 
 def attention_backward(cache, dout):
     """dout (B,T,C) -> d_qkv (B,T,3C)."""
-    q, k, v, att = cache  # att is (B,H,Tk,Tq)
+    q, k, v, att = cache  # q is pre-scaled by 1/sqrt(D); att is (B,H,Tk,Tq)
     xp = array_module(dout)
     B, H, T, D = q.shape
     dy = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,H,T,D)
@@ -241,8 +244,8 @@ def attention_backward(cache, dout):
     row = datt * att
     datt -= row.sum(axis=-2, keepdims=True)
     datt *= att
-    datt *= 1.0 / math.sqrt(D)
     xp.matmul(datt.transpose(0, 1, 3, 2), k, out=dq)
+    dq *= 1.0 / math.sqrt(D)
     xp.matmul(datt, q, out=dk)
     return dqkv.reshape(B, T, 3 * H * D), {}
 
@@ -250,25 +253,25 @@ def attention_backward(cache, dout):
 # --------------------------------------------------------------------------- loss
 
 
-def softmax_cross_entropy_forward(logits, targets):
-    """(N,V), (N,) int -> scalar mean over the N tokens of -log softmax(logits)[target]."""
-    xp = array_module(logits)
-    N = logits.shape[0]
-    probs = logits - logits.max(axis=-1, keepdims=True)
+def softmax_cross_entropy_forward(logits_t, targets):
+    """(V,N) class-major logits, (N,) int -> scalar mean over the N tokens of
+    -log softmax(logits)[target]. Class-major so that the reductions run across rows."""
+    xp = array_module(logits_t)
+    V, N = logits_t.shape
+    probs = logits_t - logits_t.max(axis=0)
     xp.exp(probs, out=probs)
-    sums = probs.sum(axis=-1, keepdims=True)
-    probs /= sums
-    picked = probs[xp.arange(N), targets]
+    probs /= _filled(xp, V, 1.0, probs.dtype) @ probs
+    picked = probs[targets, xp.arange(N)]
     loss = -xp.log(picked).mean()
     return loss, (probs, targets)
 
 
 def softmax_cross_entropy_backward(cache, dloss=1.0):
-    """scalar dloss -> dlogits (N,V) = dloss * (softmax - onehot) / N. Reuses the probs buffer."""
+    """scalar dloss -> dlogits (V,N) = dloss * (softmax - onehot) / N. Reuses the probs buffer."""
     probs, targets = cache
     xp = array_module(probs)
-    N = probs.shape[0]
+    N = probs.shape[1]
     dlogits = probs  # the cache is consumed: backward runs once per forward
-    dlogits[xp.arange(N), targets] -= 1.0
+    dlogits[targets, xp.arange(N)] -= 1.0
     dlogits *= dloss / N
     return dlogits, {}

@@ -1,0 +1,178 @@
+"""app/checkpoint.py: round trip, atomic writes, refusing files that are not ours."""
+import h5py
+import numpy as np
+import pytest
+
+from app import checkpoint
+from app.checkpoint import load_params, save_params
+from app.errors import UserError
+from models import gpt
+
+
+def sample_params():
+    rng = np.random.default_rng(0)
+    return {
+        "wte": rng.normal(size=(7, 4)).astype(np.float32),
+        "h.0.attn.c_attn.weight": rng.normal(size=(4, 12)),  # float64
+        "h.0.ln_1.bias": np.zeros(4, np.float32),
+        "ln_f.weight": np.ones(4, np.float64),
+    }
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if ".tmp" in p.name)
+
+
+def test_round_trip_names_shapes_dtypes_values_attrs(tmp_path):
+    params = sample_params()
+    attrs = {"step": 123, "tokenizer": "bytes", "config": "n_layer = 1\nlr = 0.001\n",
+             "lr": 2.5e-4}
+    path = tmp_path / "params.h5"
+    save_params(path, params, attrs)
+    loaded, loaded_attrs = load_params(path)
+    assert set(loaded) == set(params)
+    for name, value in params.items():
+        assert loaded[name].shape == value.shape, name
+        assert loaded[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(loaded[name], value)
+    assert loaded_attrs["format"] == checkpoint.FORMAT == "gpt-params"
+    assert loaded_attrs["format_version"] == 1
+    for key, value in attrs.items():
+        assert loaded_attrs[key] == value, key
+    assert leftovers(tmp_path) == []
+
+
+def test_round_trip_of_model_params(tmp_path):
+    cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=4, vocab_size=11)
+    params = gpt.init_params(cfg, seed=5, dtype=np.float32)
+    save_params(tmp_path / "p.h5", dict(params.items()))
+    loaded, attrs = load_params(tmp_path / "p.h5")
+    assert set(loaded) == set(gpt.param_shapes(cfg))
+    for name, shape in gpt.param_shapes(cfg).items():
+        assert loaded[name].shape == shape
+        np.testing.assert_array_equal(loaded[name], params[name])
+    assert set(attrs) == {"format", "format_version"}
+
+
+class FakeDeviceArray:
+    """Stands in for a CuPy array: `.get()` copies it to the host."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def get(self):
+        return self.host.copy()
+
+
+def test_device_arrays_are_copied_to_host(tmp_path):
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_params(tmp_path / "p.h5", {"wte": FakeDeviceArray(value)})
+    loaded, _ = load_params(tmp_path / "p.h5")
+    np.testing.assert_array_equal(loaded["wte"], value)
+
+
+def test_overwrite_replaces_the_file(tmp_path):
+    path = tmp_path / "params.h5"
+    save_params(path, {"a": np.zeros(3)}, {"step": 1})
+    save_params(path, {"b": np.ones(2)}, {"step": 2})
+    loaded, attrs = load_params(path)
+    assert list(loaded) == ["b"] and attrs["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.h5"]
+
+
+@pytest.fixture
+def fail_midway(monkeypatch):
+    """Call it to make h5py's create_dataset raise on its second call from then on (a write
+    that fails midway); it returns the list of dataset names asked for."""
+    original = h5py.Group.create_dataset
+    calls = []
+
+    def create_dataset(self, *args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("name"))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    def arm():
+        monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+        return calls
+
+    return arm
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, fail_midway):
+    path = tmp_path / "params.h5"
+    old = {"a": np.arange(4.0), "b": np.ones(2)}
+    save_params(path, old, {"step": 1})
+    before = path.read_bytes()
+
+    calls = fail_midway()
+    with pytest.raises(OSError, match="No space left"):
+        save_params(path, {"a": np.zeros(4), "b": np.zeros(2), "c": np.zeros(1)}, {"step": 2})
+    assert calls == ["a", "b"]  # it did fail midway
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    loaded, attrs = load_params(path)
+    assert set(loaded) == {"a", "b"} and attrs["step"] == 1
+    np.testing.assert_array_equal(loaded["a"], old["a"])
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_write_creates_no_target(tmp_path, fail_midway):
+    path = tmp_path / "params.h5"
+    calls = fail_midway()
+    with pytest.raises(OSError):
+        save_params(path, {"a": np.zeros(4), "b": np.zeros(2)})
+    assert calls == ["a", "b"]
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rename_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "params.h5"
+
+    def no_replace(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.os, "replace", no_replace)
+    with pytest.raises(PermissionError):
+        save_params(path, {"a": np.zeros(4)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_missing_file(tmp_path):
+    path = tmp_path / "nope.h5"
+    with pytest.raises(UserError) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and "cannot open as HDF5" in str(err.value)
+
+
+def test_load_non_hdf5_file(tmp_path):
+    path = tmp_path / "params.h5"
+    path.write_text("these are not parameters\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and "cannot open as HDF5" in str(err.value)
+
+
+def test_load_directory(tmp_path):
+    with pytest.raises(UserError, match="cannot open as HDF5"):
+        load_params(tmp_path)
+
+
+def test_load_foreign_hdf5(tmp_path):
+    path = tmp_path / "foreign.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.random.default_rng(0).random((3, 3))
+    with pytest.raises(UserError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "format=None" in msg and "'gpt-params'" in msg
+
+
+def test_load_token_file_is_refused(tiny_h5):
+    with pytest.raises(UserError) as err:
+        load_params(tiny_h5)
+    assert "format='gpt-tokens'" in str(err.value) and "'gpt-params'" in str(err.value)
