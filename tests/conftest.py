@@ -1,4 +1,7 @@
-"""Shared fixtures: `tiny_h5`, a small prepared token file."""
+"""Shared fixtures: `tiny_h5`, a small prepared token file; a time limit on MPI tests."""
+import faulthandler
+import os
+
 import numpy as np
 import pytest
 
@@ -22,3 +25,20 @@ def tiny_h5(tmp_path):
     out = tmp_path / "tiny.h5"
     prepare([source], out, tokenizer="bytes", val_fraction=0.1)
     return out
+
+
+MPI_TEST_TIMEOUT_S = float(os.environ.get("MPI_TEST_TIMEOUT_S", 180))
+
+
+@pytest.fixture(autouse=True)
+def mpi_time_limit(request):
+    """An MPI test that overruns dumps every thread's stack and exits its rank; mpiexec then
+    ends the other ranks, so a rank stuck in a collective fails the run instead of hanging it."""
+    if request.node.get_closest_marker("mpi") is None:
+        yield
+        return
+    faulthandler.dump_traceback_later(MPI_TEST_TIMEOUT_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()

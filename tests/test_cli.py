@@ -228,3 +228,19 @@ def test_prepare_train_generate_end_to_end(tmp_path):
     again = app("generate", "--run", run, "--prompt", "ab", "--max-new-tokens", 5,
                 "--temperature", 0, "--seed", 9)
     assert again.stdout == result.stdout  # greedy: same text, whatever the seed
+
+
+def test_bad_input_under_mpiexec_exits_on_every_rank(tiny_h5):
+    """Each rank validates the same config, so each prints the error and exits: no rank is
+    left waiting for a peer that already quit."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    result = subprocess.run(
+        [str(mpiexec), "-n", "2", sys.executable, "-m", "app", "train", *FAST,
+         "--data", str(tiny_h5), "--lr", "-1"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: config lr = -1.0: expected a number > 0"] * 2, result.stderr
