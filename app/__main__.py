@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     try:
         return modules[args.command].run(args) or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # One write per line: under mpiexec, every rank's line must arrive whole.
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
         return 2
 
 

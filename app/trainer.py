@@ -18,7 +18,8 @@ from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
 from app.generate import sample
 from app.tokenizer import get_tokenizer
-from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
+from comm.backend import (BackendUnavailable, get_xp, keep_freed_host_memory, to_host,
+                          world_size)
 from models import gpt, layers
 from models.optim import AdamW, clip_by_global_norm, decay_mask, lr_at
 
@@ -57,6 +58,10 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         xp = get_xp(cfg.device)
     except BackendUnavailable as err:
         raise UserError(str(err)) from None
+    ranks = world_size()
+    if ranks != 1:
+        raise UserError(f"launched on {ranks} MPI ranks: expected 1 (this trainer has no "
+                        "data, pipeline or tensor parallelism yet)")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"--out {run_dir}: is a file, expected a run directory")
     keep_freed_host_memory()

@@ -242,5 +242,16 @@ def test_bad_input_under_mpiexec_exits_on_every_rank(tiny_h5):
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: config lr = -1.0: expected a number > 0"] * 2, result.stderr
+    assert result.stderr.count("error: config lr = -1.0: expected a number > 0\n") == 2, \
+        result.stderr
+
+
+def test_more_than_one_rank_is_refused_on_every_rank(tiny_h5):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    result = subprocess.run(
+        [str(mpiexec), "-n", "2", sys.executable, "-m", "app", "train", *FAST,
+         "--data", str(tiny_h5)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("error: launched on 2 MPI ranks: expected 1") == 2, result.stderr
