@@ -168,14 +168,13 @@ def gelu_forward(x):
         ss += 0.5 * _GELU_K
         ss *= xs  # ss = 0.5 x k (1 + 3a x^2)
         ts = os * os
-        ts -= 1.0
-        ss *= ts  # ss = -(1 - t^2) 0.5 x k (1 + 3a x^2)
+        xp.subtract(1.0, ts, out=ts)
+        ss *= ts  # ss = 0.5 x (1 - t^2) k (1 + 3a x^2)
+        ss += 0.5
         xp.multiply(os, 0.5, out=ts)
-        ts += 0.5  # ts = 0.5 (1 + t)
-        ss -= ts
-        ss *= -1.0  # ss = gelu'(x)
+        ss += ts  # ss = gelu'(x)
+        os += 1.0
         os *= xs
-        os += xs
         os *= 0.5  # os = 0.5 x (1 + t)
     return out, slope
 
@@ -208,45 +207,61 @@ def causal_mask(xp, T, dtype):
     return mask
 
 
-def attention_forward(qkv, n_head, mask=None):
+QUERY_BLOCK = 64
+
+
+def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
     """(B,T,3C) packed q|k|v -> (B,T,C): causal multi-head softmax(q k^T / sqrt(D)) v.
 
+    Queries go in blocks of `query_block`; a block scores only the keys it may see, so a
+    causal model skips most of the masked half of the T x T work once T exceeds a block.
     Scores are kept transposed, (B,H,key,query), so the softmax reduces over axis -2: NumPy
-    reduces across rows several times faster than along them. BLAS takes the transposes free.
+    reduces across rows several times faster than along them. BLAS takes transposes free.
     """
     xp = array_module(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
+    mask = causal_mask(xp, T, qkv.dtype) if mask is None else mask
     q, k, v = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # each (B,H,T,D)
     q = q * (1.0 / math.sqrt(D))  # scaling q costs D/T of scaling the scores
-    att = k @ q.transpose(0, 1, 3, 2)  # (B,H,Tk,Tq)
-    att += causal_mask(xp, T, att.dtype) if mask is None else mask[:T, :T]
-    att -= att.max(axis=-2, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-2, keepdims=True)
     y = xp.empty((B, T, n_head, D), qkv.dtype)
-    xp.matmul(att.transpose(0, 1, 3, 2), v, out=y.transpose(0, 2, 1, 3))
-    return y.reshape(B, T, C), (q, k, v, att)
+    y_heads = y.transpose(0, 2, 1, 3)  # (B,H,T,D) view
+    blocks = []
+    for start in range(0, T, query_block):
+        stop = min(start + query_block, T)  # queries start:stop see keys 0:stop
+        att = k[:, :, :stop] @ q[:, :, start:stop].transpose(0, 1, 3, 2)  # (B,H,stop,nq)
+        att += mask[:stop, start:stop]
+        att -= att.max(axis=-2, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-2, keepdims=True)
+        xp.matmul(att.transpose(0, 1, 3, 2), v[:, :, :stop], out=y_heads[:, :, start:stop])
+        blocks.append((start, stop, att))
+    return y.reshape(B, T, C), (q, k, v, blocks)
 
 
 def attention_backward(cache, dout):
     """dout (B,T,C) -> d_qkv (B,T,3C)."""
-    q, k, v, att = cache  # q is pre-scaled by 1/sqrt(D); att is (B,H,Tk,Tq)
+    q, k, v, blocks = cache  # q is pre-scaled by 1/sqrt(D); each att is (B,H,keys,queries)
     xp = array_module(dout)
     B, H, T, D = q.shape
     dy = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,H,T,D)
     dqkv = xp.empty((B, T, 3, H, D), dout.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
-    xp.matmul(att, dy, out=dv)
-    datt = v @ dy.transpose(0, 1, 3, 2)  # (B,H,Tk,Tq)
-    # softmax backward: ds = att * (datt - sum_k(datt * att)); masked entries stay 0 (att = 0)
-    row = datt * att
-    datt -= row.sum(axis=-2, keepdims=True)
-    datt *= att
-    xp.matmul(datt.transpose(0, 1, 3, 2), k, out=dq)
-    dq *= 1.0 / math.sqrt(D)
-    xp.matmul(datt, q, out=dk)
+    dk[...] = 0  # keys and values collect gradient from every block that sees them
+    dv[...] = 0
+    for start, stop, att in blocks:
+        dy_block = dy[:, :, start:stop]
+        dv[:, :, :stop] += att @ dy_block
+        datt = v[:, :, :stop] @ dy_block.transpose(0, 1, 3, 2)  # (B,H,stop,nq)
+        # softmax backward: ds = att * (datt - sum_k(datt * att)); masked entries stay 0
+        row = datt * att
+        datt -= row.sum(axis=-2, keepdims=True)
+        datt *= att
+        dq_block = dq[:, :, start:stop]
+        xp.matmul(datt.transpose(0, 1, 3, 2), k[:, :, :stop], out=dq_block)
+        dq_block *= 1.0 / math.sqrt(D)
+        dk[:, :, :stop] += datt @ q[:, :, start:stop]
     return dqkv.reshape(B, T, 3 * H * D), {}
 
 

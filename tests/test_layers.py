@@ -86,6 +86,21 @@ def test_attention(rng):
           lambda c, d: {"qkv": layers.attention_backward(c, d)[0]}, {"qkv": qkv}, rng, 120)
 
 
+@pytest.mark.parametrize("query_block", [1, 2, 3])
+def test_attention_in_query_blocks(rng, query_block):
+    """Blocked attention equals one block, forward and backward, and its gradient is right."""
+    qkv = rng.normal(size=(B, T, 3 * C))
+    y, cache = layers.attention_forward(qkv, H, query_block=query_block)
+    y_one, cache_one = layers.attention_forward(qkv, H, query_block=T)
+    np.testing.assert_allclose(y, y_one, rtol=1e-12, atol=1e-14)
+    dy = rng.normal(size=y.shape)
+    np.testing.assert_allclose(layers.attention_backward(cache, dy)[0],
+                               layers.attention_backward(cache_one, dy)[0], rtol=1e-10,
+                               atol=1e-13)
+    check(lambda: layers.attention_forward(qkv, H, query_block=query_block),
+          lambda c, d: {"qkv": layers.attention_backward(c, d)[0]}, {"qkv": qkv}, rng, 60)
+
+
 def test_attention_is_causal_and_matches_naive(rng):
     qkv = rng.normal(size=(B, T, 3 * C))
     y, _ = layers.attention_forward(qkv, H)
