@@ -109,6 +109,10 @@ def _write_split(h5, name, pieces, start, stop, dtype, description):
     ds = h5.create_dataset(name, shape=(n,), dtype=dtype, chunks=(min(n, CHUNK_TOKENS),),
                            compression="gzip", compression_opts=4)
     ds.attrs["description"] = description
+    # h5ls -v lists the attributes of datasets, not of the root group: repeat the essentials.
+    for key in ("format", "tokenizer", "vocab_size"):
+        ds.attrs[key] = h5.attrs[key]
+    ds.attrs["tokens"] = n
     offset = 0  # position of the current piece in the stream
     for piece in pieces:
         lo, hi = max(start, offset), min(stop, offset + len(piece))

@@ -162,3 +162,15 @@ def test_unknown_tokenizer(tmp_path):
 def test_output_is_a_directory(tmp_path):
     with pytest.raises(UserError, match=re.escape(str(tmp_path))):
         prepare(["embedded"], tmp_path)
+
+
+def test_datasets_repeat_the_essentials_for_h5ls(tmp_path):
+    """`h5ls -v` shows dataset attributes only, so each split names its format and tokenizer."""
+    src = tmp_path / "a.txt"
+    src.write_text("hello world, hello tokens", encoding="utf-8")
+    prepare([src], tmp_path / "t.h5", val_fraction=0.2)
+    with h5py.File(tmp_path / "t.h5") as f:
+        for split in ("train", "val"):
+            attrs = f[split].attrs
+            assert attrs["format"] == "gpt-tokens" and attrs["tokenizer"] == "bytes"
+            assert attrs["vocab_size"] == 256 and attrs["tokens"] == f[split].shape[0]
