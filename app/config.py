@@ -41,6 +41,13 @@ class TrainConfig:
     eval_interval: int = 250
     eval_windows: int = 96
     sample_tokens: int = 200
+    # data parallelism
+    dp: int = 0
+    micro_batches: int = 1
+    bucket_mb: float = 1.0
+    zero: int = 0
+    overlap: bool = True
+    check_interval: int = 100
 
     def model_config(self):
         from models.gpt import GPTConfig
@@ -65,11 +72,28 @@ HELP = {
     "device": "cpu (NumPy) or gpu (CuPy)", "data": "token file made by `app prepare`",
     "log_interval": "steps between log lines", "eval_interval": "steps between validation",
     "eval_windows": "fixed validation windows", "sample_tokens": "tokens sampled at the end",
+    "dp": "data-parallel ranks (0 = all ranks)",
+    "micro_batches": "gradient accumulation steps per optimizer step (per rank)",
+    "bucket_mb": "gradient bucket size in MB for the all-reduce",
+    "zero": "1 = shard the optimizer state over data-parallel ranks (ZeRO-1)",
+    "overlap": "start each bucket's all-reduce during backward (true/false)",
+    "check_interval": "steps between cross-rank parameter checks (0 = off)",
 }
 
 POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                 "steps", "log_interval", "eval_interval", "eval_windows")
-CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu")}
+                 "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches")
+NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval")
+CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1)}
+
+
+def parse_bool(text: str) -> bool:
+    """CLI spelling of a boolean: true/false, yes/no, on/off, 1/0."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: expected true or false")
 
 
 def _toml_value(value):
@@ -90,9 +114,9 @@ def add_config_arguments(parser: argparse.ArgumentParser):
                         help="a name in configs/ (tiny, baby, small) or a path to a .toml file")
     group = parser.add_argument_group("config overrides (win over the file)")
     for f in fields(TrainConfig):
-        kind = f.type
+        kind = parse_bool if f.type is bool else f.type
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                           metavar=kind.__name__.upper(),
+                           metavar=f.type.__name__.upper(),
                            help=f"{HELP.get(f.name, '')} (default {f.default!r})")
 
 
@@ -135,7 +159,7 @@ def make_config(values: dict) -> TrainConfig:
         expected = known[key].type
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
-        elif not isinstance(value, expected) or isinstance(value, bool):
+        elif not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise UserError(f"config {key} = {value!r}: expected a {expected.__name__}")
     cfg = dataclasses.replace(TrainConfig(), **values)
     validate(cfg)
@@ -149,7 +173,7 @@ def validate(cfg: TrainConfig):
     for key in POSITIVE_INTS:
         if getattr(cfg, key) <= 0:
             bad(key, "an integer > 0")
-    for key in ("warmup_steps", "sample_tokens", "seed"):
+    for key in NON_NEGATIVE_INTS:
         if getattr(cfg, key) < 0:
             bad(key, "an integer >= 0")
     if not cfg.lr > 0:
@@ -159,12 +183,14 @@ def validate(cfg: TrainConfig):
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             bad(key, "a number in [0, 1)")
+    if not cfg.bucket_mb > 0:
+        bad("bucket_mb", "a bucket size in MB > 0")
     for key in ("weight_decay", "grad_clip"):
         if not getattr(cfg, key) >= 0:
             bad(key, "a number >= 0")
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
-            bad(key, "one of " + ", ".join(choices))
+            bad(key, "one of " + ", ".join(map(str, choices)))
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "
                         "expected n_embd % n_head == 0")

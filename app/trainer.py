@@ -1,12 +1,15 @@
-"""`python -m app train`: the training loop.
+"""`python -m app train`: the training loop, on one rank or many.
 
-One step: read the global batch of step s, forward, backward into the flat gradient buffer,
-clip by global norm, AdamW on the flat parameter buffer. Rank 0 logs; a run directory holds
-config.toml, metrics.jsonl and the final params.h5.
+Every rank runs this. The process grid (comm/grid.py) gives each rank its data-parallel
+coordinate; the rank reads its slice of the global batch of step s, and `TrainStep` does
+forward, backward, gradient reduction and the optimizer step. Every rank keeps identical
+parameters (checked every `check_interval` steps); rank 0 logs and writes the run
+directory: config.toml, metrics.jsonl and the final params.h5.
 """
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +20,13 @@ from app.config import add_config_arguments, field_names, load_config, TrainConf
 from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
 from app.generate import sample
+from app.step import StepOptions, TrainStep
 from app.tokenizer import get_tokenizer
-from comm.backend import (BackendUnavailable, get_xp, keep_freed_host_memory, to_host,
-                          world_size)
-from models import gpt, layers
-from models.optim import AdamW, clip_by_global_norm, decay_mask, lr_at
+from comm import ring
+from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
+from comm.grid import GridError, ProcessGrid
+from models import gpt
+from models.optim import lr_at
 
 
 def add_arguments(parser):
@@ -42,101 +47,168 @@ def run(args):
     return 0
 
 
-def evaluate(params, model_cfg, batches, xp):
-    """Mean loss over the fixed validation windows (each batch weighted by its size)."""
-    total, count = 0.0, 0
-    for x, y in batches:
+def evaluate(params, model_cfg, batches, xp, dp_comm):
+    """Mean loss over the fixed validation windows, which the data-parallel ranks share out
+    (each batch weighted by its size)."""
+    rank, size = dp_comm.Get_rank(), dp_comm.Get_size()
+    totals = np.zeros(2)
+    for x, y in batches[rank::size]:
         loss, _ = gpt.forward(params, model_cfg, xp.asarray(x), xp.asarray(y))
-        total += float(loss) * len(x)
-        count += len(x)
-    return total / count
+        totals += (float(loss) * len(x), len(x))
+    ring.all_reduce(dp_comm, totals)
+    return totals[0] / totals[1]
 
 
-def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt="\n"):
-    """Trains from scratch; returns {'loss': [...], 'val': {step: loss}, 'params': FlatParams}."""
+def make_grid(cfg: TrainConfig, comm) -> ProcessGrid:
+    """The dp x 1 x 1 grid (pipeline and tensor parallelism come later); errors name the
+    bad value and reach every rank, since every rank computes the same check."""
+    world = comm.Get_size()
+    dp = cfg.dp or world
+    try:
+        grid = ProcessGrid(dp, 1, 1, comm)
+    except GridError as err:
+        raise UserError(str(err)) from None
+    per_rank, rem = divmod(cfg.batch_size, dp * cfg.micro_batches)
+    if rem or per_rank == 0:
+        raise UserError(f"config batch_size = {cfg.batch_size} is not divisible by dp * "
+                        f"micro_batches = {dp} * {cfg.micro_batches}: expected a multiple of "
+                        f"{dp * cfg.micro_batches}")
+    return grid
+
+
+def params_digest(params) -> int:
+    """A cheap fingerprint of all parameters (CRC-32 of their bytes)."""
+    return zlib.crc32(np.ascontiguousarray(to_host(params.flat)).view(np.uint8))
+
+
+def check_replicas_agree(params, dp_comm, step):
+    """Fails loudly, on every rank at once, if data-parallel replicas have drifted apart."""
+    digests = dp_comm.allgather(params_digest(params))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"parameters differ across data-parallel ranks at step {step}: "
+                           f"CRC-32 per rank {[hex(d) for d in digests]}")
+
+
+def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt="\n",
+          comm=None):
+    """Trains from scratch on the ranks of `comm` (default MPI.COMM_WORLD); returns
+    {'loss': [...], 'val': {step: loss}, 'params': FlatParams} on every rank."""
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
     try:
         xp = get_xp(cfg.device)
     except BackendUnavailable as err:
         raise UserError(str(err)) from None
-    ranks = world_size()
-    if ranks != 1:
-        raise UserError(f"launched on {ranks} MPI ranks: expected 1 (this trainer has no "
-                        "data, pipeline or tensor parallelism yet)")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"--out {run_dir}: is a file, expected a run directory")
+    grid = make_grid(cfg, comm)
+    is_root = comm.Get_rank() == 0
+    if not is_root:
+        log = _silent
     keep_freed_host_memory()
     log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-    with TokenData(cfg.data) as data:
-        if data.vocab_size != cfg.vocab_size:
-            raise UserError(f"data file {cfg.data} has vocab_size {data.vocab_size} but the "
-                            f"config says vocab_size = {cfg.vocab_size}: expected them to match")
-        loader = BatchLoader(data, "train", cfg.block_size, cfg.batch_size, cfg.seed)
-        val_batches = list(validation_batches(data, cfg.block_size, cfg.batch_size,
-                                              cfg.eval_windows))
-        os.makedirs(run_dir, exist_ok=True)
-        metrics.write_text_atomic(os.path.join(run_dir, "config.toml"), cfg.to_toml())
-        with metrics.MetricsLog(os.path.join(run_dir, "metrics.jsonl")) as metrics_log:
-            history = _train_loop(cfg, xp, data, loader, val_batches, metrics_log, peak_gflops,
-                                  log)
-        params = history["params"]
-        host_params = {name: to_host(value) for name, value in params.items()}
-        save_params(os.path.join(run_dir, "params.h5"), host_params,
-                    {"step": cfg.steps, "tokenizer": data.tokenizer, "config": cfg.to_toml()})
-        if cfg.sample_tokens:
-            tokenizer = get_tokenizer(data.tokenizer)
-            out = sample(params, cfg.model_config(), tokenizer.encode(sample_prompt),
-                         cfg.sample_tokens, temperature=0.8, top_k=0, seed=cfg.seed)
-            log("sample:\n" + sample_prompt + tokenizer.decode(out))
+    try:
+        with TokenData(cfg.data) as data:
+            if data.vocab_size != cfg.vocab_size:
+                raise UserError(f"data file {cfg.data} has vocab_size {data.vocab_size} but "
+                                f"the config says vocab_size = {cfg.vocab_size}: expected "
+                                "them to match")
+            loader = BatchLoader(data, "train", cfg.block_size, cfg.batch_size, cfg.seed)
+            val_batches = list(validation_batches(data, cfg.block_size, cfg.batch_size,
+                                                  cfg.eval_windows))
+            if is_root:
+                os.makedirs(run_dir, exist_ok=True)
+                metrics.write_text_atomic(os.path.join(run_dir, "config.toml"), cfg.to_toml())
+            log_path = os.path.join(run_dir, "metrics.jsonl") if is_root else None
+            with metrics.MetricsLog(log_path) as metrics_log:
+                history = _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log,
+                                      peak_gflops, log)
+            if is_root:
+                _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt,
+                            log)
+    finally:
+        grid.free()
     return history
 
 
-def _train_loop(cfg, xp, data, loader, val_batches, metrics_log, peak_gflops, log):
-    dtype = np.dtype(cfg.dtype)
+def _silent(*args, **kwargs):
+    pass
+
+
+def _finish_run(cfg, run_dir, params, tokenizer_spec, sample_prompt, log):
+    host_params = {name: to_host(value) for name, value in params.items()}
+    save_params(os.path.join(run_dir, "params.h5"), host_params,
+                {"step": cfg.steps, "tokenizer": tokenizer_spec, "config": cfg.to_toml()})
+    if cfg.sample_tokens:
+        tokenizer = get_tokenizer(tokenizer_spec)
+        out = sample(params, cfg.model_config(), tokenizer.encode(sample_prompt),
+                     cfg.sample_tokens, temperature=0.8, top_k=0, seed=cfg.seed)
+        log("sample:\n" + sample_prompt + tokenizer.decode(out))
+
+
+def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflops, log):
     model_cfg = cfg.model_config()
-    params = gpt.init_params(model_cfg, cfg.seed, xp, dtype)
-    grads = params.like()
-    optimizer = AdamW(params.flat, decay_mask(params, gpt.is_decayed, xp), cfg.beta1, cfg.beta2,
-                      weight_decay=cfg.weight_decay)
-    mask = layers.causal_mask(xp, cfg.block_size, dtype)
+    params = gpt.init_params(model_cfg, cfg.seed, xp, np.dtype(cfg.dtype))
+    dp_comm, dp, dp_rank = grid.dp_comm, grid.dp, grid.coords.dp
+    step_fn = TrainStep(model_cfg, params, StepOptions.from_config(cfg), dp_comm)
     tokens_per_step = cfg.batch_size * cfg.block_size
     flops_per_step = metrics.flops_per_token(params.size, cfg.n_layer, cfg.block_size,
                                              cfg.n_embd) * tokens_per_step
-    peak = peak_gflops or metrics.measure_gemm_gflops(xp)
+    # One probe on rank 0 while the others wait: oversubscribed ranks would skew it.
+    peak = peak_gflops or grid.comm.bcast(
+        metrics.measure_gemm_gflops(xp) if grid.comm.Get_rank() == 0 else None, root=0)
     log(f"model: {params.size:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
         f"MFLOP/token; data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
-        f" peak {peak:.1f} GFLOP/s ({'given' if peak_gflops else 'measured'})")
+        f" peak {peak:.1f} GFLOP/s per rank ({'given' if peak_gflops else 'measured'})")
+    log(f"layout: dp={dp} micro_batches={cfg.micro_batches} zero={cfg.zero}; optimizer state "
+        f"{step_fn.optimizer_bytes() / 2**20:.2f} MiB per rank"
+        + (f"; {len(step_fn.reducer.buckets)} gradient buckets of <= {cfg.bucket_mb} MB, "
+           f"overlap {'on' if cfg.overlap else 'off'}" if step_fn.reducer else ""))
 
     history = {"loss": [], "val": {}, "params": params}
-    step_times = []
+    step_times, comm_waits = [], []
     for step in range(cfg.steps + 1):
         if step % cfg.eval_interval == 0 or step == cfg.steps:
-            val_loss = evaluate(params, model_cfg, val_batches, xp)
+            val_loss = evaluate(params, model_cfg, val_batches, xp, dp_comm)
             history["val"][step] = val_loss
             metrics_log.write({"step": step, "val_loss": val_loss})
             log(f"step {step:5d} | val loss {val_loss:.4f}")
+        if dp > 1 and ((cfg.check_interval and step % cfg.check_interval == 0)
+                       or step == cfg.steps):
+            check_replicas_agree(params, dp_comm, step)
         if step == cfg.steps:
             break
         start = time.perf_counter()
-        x, y = loader.batch(step)
-        loss, cache = gpt.forward(params, model_cfg, xp.asarray(x), xp.asarray(y), mask)
-        gpt.backward(cache, grads)
-        del cache
-        norm = clip_by_global_norm(grads.flat, cfg.grad_clip)
+        x, y = loader.batch(step, dp_rank, dp)
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
-        optimizer.step(grads.flat, lr)
-        loss = float(loss)  # also waits for the GPU, so the timing below is honest
+        loss, norm = step_fn(xp.asarray(x), xp.asarray(y), lr)
         step_times.append(time.perf_counter() - start)
+        if step_fn.reducer:
+            comm_waits.append(step_fn.reducer.wait_seconds)
         history["loss"].append(loss)
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}: try a lower lr")
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
-            # median over the steps since the last log line: robust to one slow step
-            dt = float(np.median(step_times))
-            step_times.clear()
-            tok_s = tokens_per_step / dt
-            mfu = flops_per_step / dt / (peak * 1e9)
-            metrics_log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-                               "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu})
-            log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
-                f"{dt * 1e3:7.1f} ms | {tok_s:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
+            _log_step(step, loss, lr, norm, step_times, comm_waits, tokens_per_step,
+                      flops_per_step, peak * dp, metrics_log, log)
     return history
+
+
+def _log_step(step, loss, lr, norm, step_times, comm_waits, tokens_per_step, flops_per_step,
+              peak_gflops, metrics_log, log):
+    # medians over the steps since the last log line: robust to one slow step
+    dt = float(np.median(step_times))
+    tok_s = tokens_per_step / dt
+    mfu = flops_per_step / dt / (peak_gflops * 1e9)
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+              "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu}
+    line = (f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
+            f"{dt * 1e3:7.1f} ms | {tok_s:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
+    if comm_waits:
+        record["comm_wait_ms"] = float(np.median(comm_waits)) * 1e3
+        line += f" | comm wait {record['comm_wait_ms']:.1f} ms"
+    step_times.clear()
+    comm_waits.clear()
+    metrics_log.write(record)
+    log(line)

@@ -36,12 +36,6 @@ def gpu_available() -> bool:
         return False
 
 
-def world_size() -> int:
-    """Ranks in MPI_COMM_WORLD (1 when started without mpiexec: MPICH's singleton init)."""
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
-
-
 def array_module(x):
     """numpy or cupy, whichever owns `x` (numpy for scalars and host arrays)."""
     if isinstance(x, np.ndarray) or np.isscalar(x):

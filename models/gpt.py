@@ -25,20 +25,35 @@ class GPTConfig:
     vocab_size: int = 256
 
 
+EMBEDDING_PARAMS = ("wte", "wpe")
+HEAD_PARAMS = ("ln_f.weight", "ln_f.bias")  # plus the tied wte
+
+
+def block_shapes(C: int) -> dict:
+    """Suffix -> shape of one block's parameters (`h.{i}.` + suffix)."""
+    return {
+        "ln_1.weight": (C,), "ln_1.bias": (C,),
+        "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,), "ln_2.bias": (C,),
+        "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+        "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,),
+    }
+
+
+BLOCK_SUFFIXES = tuple(block_shapes(1))
+
+
+def block_param_names(i: int) -> tuple:
+    return tuple(f"h.{i}.{suffix}" for suffix in BLOCK_SUFFIXES)
+
+
 def param_shapes(cfg: GPTConfig) -> dict:
     """Name -> shape for every parameter, in forward order (embedding, blocks, final norm)."""
     C = cfg.n_embd
     shapes = {"wte": (cfg.vocab_size, C), "wpe": (cfg.block_size, C)}
     for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (C, 4 * C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,),
-        })
+        shapes.update({f"h.{i}.{suffix}": shape for suffix, shape in block_shapes(C).items()})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return shapes
 
@@ -184,13 +199,21 @@ def forward(params, cfg: GPTConfig, idx, targets, mask=None):
     return loss, (c_emb, block_caches, c_head)
 
 
-def backward(cache, grads, dloss=1.0):
-    """Fills `grads` (a FlatParams or name -> array mapping) with d(dloss * loss)/d(param)."""
+def backward(cache, grads, dloss=1.0, on_ready=None):
+    """Fills `grads` (a FlatParams or name -> array mapping) with d(dloss * loss)/d(param).
+
+    `on_ready(names)`, if given, is called as soon as those gradients are final (head norm,
+    then each block from the last, then the embeddings with the tied wte): the data-parallel
+    reducer starts communicating them while backward goes on."""
+    notify = on_ready or (lambda names: None)
     c_emb, block_caches, c_head = cache
     dx = head_backward(grads, c_head, dloss)
+    notify(HEAD_PARAMS)
     for i in reversed(range(len(block_caches))):
         dx = block_backward(grads, f"h.{i}.", block_caches[i], dx)
+        notify(block_param_names(i))
     layers.embedding_backward(c_emb, dx, {"wte": grads["wte"], "wpe": grads["wpe"]})
+    notify(EMBEDDING_PARAMS)
     return grads
 
 

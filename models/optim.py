@@ -25,24 +25,35 @@ class AdamW:
     decay, then the Adam step), on one flat parameter buffer.
 
     `params` and `grads` are 1-D arrays of the same length; `mask` (0/1) says which elements
-    decay. Moments are kept in the parameter dtype.
+    decay. `ranges`, a list of (start, stop), limits the update to the elements this rank
+    owns (ZeRO-1); moments are kept, in the parameter dtype, for those elements only.
     """
 
     # Elements per pass: the five arrays of a chunk (p, g, m, v, scratch) stay in L2 cache,
     # so the dozen passes of an Adam step cost about one trip to memory.
     CHUNK = 32768
 
-    def __init__(self, params, mask, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+    def __init__(self, params, mask, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                 ranges=None):
         xp = array_module(params)
         self.params = params
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.m = xp.zeros_like(params)
-        self.v = xp.zeros_like(params)
+        ranges = [(0, params.size)] if ranges is None else [(a, b) for a, b in ranges if b > a]
+        self.owned = sum(b - a for a, b in ranges)
+        self.m = xp.zeros(self.owned, params.dtype)
+        self.v = xp.zeros(self.owned, params.dtype)
         self.t = 0
-        # On a GPU one pass over everything beats many small kernel launches.
-        self.chunk = self.CHUNK if xp is np else params.size
-        self._tmp = xp.empty(min(self.chunk, params.size), params.dtype)
-        self.decay_runs = _runs_of_ones(mask)
+        # On a GPU one pass per range beats many small kernel launches.
+        chunk = self.CHUNK if xp is np else max(1, params.size)
+        self.pieces = []  # (start, stop, offset of the piece in m and v)
+        offset = 0
+        for a, b in ranges:
+            for start in range(a, b, chunk):
+                stop = min(start + chunk, b)
+                self.pieces.append((start, stop, offset + start - a))
+            offset += b - a
+        self._tmp = xp.empty(max((b - a for a, b, _ in self.pieces), default=0), params.dtype)
+        self.decay_runs = _intersect(_runs_of_ones(mask), ranges)
 
     def step(self, grads, lr):
         self.t += 1
@@ -50,9 +61,10 @@ class AdamW:
             factor = 1.0 - lr * self.weight_decay
             for start, stop in self.decay_runs:
                 self.params[start:stop] *= factor
-        for start in range(0, self.params.size, self.chunk):
-            chunk = slice(start, start + self.chunk)
-            self._adam(self.params[chunk], grads[chunk], self.m[chunk], self.v[chunk], lr)
+        for start, stop, at in self.pieces:
+            n = stop - start
+            self._adam(self.params[start:stop], grads[start:stop], self.m[at:at + n],
+                       self.v[at:at + n], lr)
 
     def _adam(self, p, g, m, v, lr):
         xp = array_module(p)
@@ -73,6 +85,17 @@ class AdamW:
         xp.divide(m, tmp, out=tmp)
         tmp *= lr / (1.0 - b1 ** self.t)
         p -= tmp
+
+
+def _intersect(runs, ranges):
+    """The parts of `runs` inside `ranges` (both sorted lists of (start, stop))."""
+    out = []
+    for a, b in runs:
+        for c, d in ranges:
+            lo, hi = max(a, c), min(b, d)
+            if lo < hi:
+                out.append((lo, hi))
+    return out
 
 
 def _runs_of_ones(mask):

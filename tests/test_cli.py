@@ -230,28 +230,35 @@ def test_prepare_train_generate_end_to_end(tmp_path):
     assert again.stdout == result.stdout  # greedy: same text, whatever the seed
 
 
-def test_bad_input_under_mpiexec_exits_on_every_rank(tiny_h5):
-    """Each rank validates the same config, so each prints the error and exits: no rank is
-    left waiting for a peer that already quit."""
+def mpiexec_app(n, *args):
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         pytest.skip(f"no mpiexec beside {sys.executable}")
-    result = subprocess.run(
-        [str(mpiexec), "-n", "2", sys.executable, "-m", "app", "train", *FAST,
-         "--data", str(tiny_h5), "--lr", "-1"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(mpiexec), "-n", str(n), sys.executable, "-m", "app",
+                           *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bad_input_under_mpiexec_exits_on_every_rank(tiny_h5):
+    """Each rank validates the same config, so each prints the error and exits: no rank is
+    left waiting for a peer that already quit."""
+    result = mpiexec_app(2, "train", *FAST, "--data", tiny_h5, "--lr", "-1")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("error: config lr = -1.0: expected a number > 0\n") == 2, \
         result.stderr
 
 
-def test_more_than_one_rank_is_refused_on_every_rank(tiny_h5):
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        pytest.skip(f"no mpiexec beside {sys.executable}")
-    result = subprocess.run(
-        [str(mpiexec), "-n", "2", sys.executable, "-m", "app", "train", *FAST,
-         "--data", str(tiny_h5)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("flags, message", [
+    (["--dp", "3"], "error: world size 2 != dp*pp*tp = 3*1*1 = 3: expected the ranks to fill "
+                    "the grid exactly\n"),
+    (["--batch-size", "6", "--micro-batches", "2"],
+     "error: config batch_size = 6 is not divisible by dp * micro_batches = 2 * 2: expected a "
+     "multiple of 4\n"),
+    (["--bucket-mb", "0"], "error: config bucket_mb = 0.0: expected a bucket size in MB > 0\n"),
+])
+def test_bad_layout_exits_on_every_rank(tiny_h5, flags, message):
+    result = mpiexec_app(2, "train", *FAST, "--data", tiny_h5, *flags)
     assert result.returncode != 0
-    assert result.stderr.count("error: launched on 2 MPI ranks: expected 1") == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count(message) == 2, result.stderr

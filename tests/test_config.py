@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import math
+import re
 import tomllib
 
 import pytest
@@ -172,6 +173,8 @@ def test_to_toml_round_trips_every_field_changed():
         "weight_decay": 0.0, "beta1": 0.8, "beta2": 0.999, "grad_clip": 0.0, "seed": 0,
         "dtype": "float64", "device": "gpu", "data": 'dir with "quotes"\\and\\backslash.h5',
         "log_interval": 1, "eval_interval": 3, "eval_windows": 1, "sample_tokens": 0,
+        "dp": 2, "micro_batches": 3, "bucket_mb": 0.25, "zero": 1, "overlap": False,
+        "check_interval": 0,
     }
     assert set(values) == set(field_names())  # the test covers every key
     cfg = make_config(dict(values))
@@ -185,6 +188,28 @@ def test_to_toml_round_trips_every_field_changed():
 
 
 # --------------------------------------------------------------------------- validation
+
+def test_data_parallel_keys():
+    cfg = make_config({"dp": 4, "micro_batches": 2, "bucket_mb": 0.5, "zero": 1,
+                       "overlap": False})
+    assert (cfg.dp, cfg.micro_batches, cfg.bucket_mb, cfg.zero, cfg.overlap) == (4, 2, 0.5, 1,
+                                                                                 False)
+    for key, value, expected in (("bucket_mb", 0.0, "a bucket size in MB > 0"),
+                                 ("bucket_mb", -1.0, "a bucket size in MB > 0"),
+                                 ("zero", 2, "one of 0, 1"), ("dp", -1, "an integer >= 0"),
+                                 ("micro_batches", 0, "an integer > 0")):
+        with pytest.raises(UserError, match=re.escape(f"config {key} = {value!r}: expected "
+                                                      f"{expected}")):
+            make_config({key: value})
+    with pytest.raises(UserError, match="overlap = 1: expected a bool"):
+        make_config({"overlap": 1})
+
+
+def test_boolean_flags():
+    assert config.parse_bool("false") is False and config.parse_bool("On") is True
+    with pytest.raises(argparse.ArgumentTypeError, match="'maybe' is not a boolean"):
+        config.parse_bool("maybe")
+
 
 BAD_VALUES = (
     [(key, 0, "an integer > 0") for key in config.POSITIVE_INTS]

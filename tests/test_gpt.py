@@ -85,3 +85,25 @@ def test_sequence_longer_than_block_size_is_rejected():
     idx = np.zeros((1, CFG.block_size + 1), dtype=np.int64)
     with pytest.raises(ValueError, match="block_size"):
         gpt.forward(p, CFG, idx, idx)
+
+
+def test_backward_announces_every_gradient_once_when_final():
+    """on_ready(names) fires after the last write to each gradient: wte only at the end."""
+    rng = np.random.default_rng(4)
+    p = gpt.init_params(CFG, seed=0, dtype=np.float64)
+    idx = rng.integers(0, CFG.vocab_size, (2, CFG.block_size))
+    _, cache = gpt.forward(p, CFG, idx, idx)
+    grads = p.like()
+    snapshots = {}
+
+    def on_ready(names):
+        for name in names:
+            assert name not in snapshots
+            snapshots[name] = grads[name].copy()
+
+    gpt.backward(cache, grads, on_ready=on_ready)
+    assert list(snapshots)[-2:] == ["wte", "wpe"] and list(snapshots)[:2] == ["ln_f.weight",
+                                                                              "ln_f.bias"]
+    assert set(snapshots) == set(gpt.param_shapes(CFG))
+    for name, value in snapshots.items():
+        np.testing.assert_array_equal(value, grads[name], err_msg=name)

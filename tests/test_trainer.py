@@ -90,7 +90,7 @@ def test_log_lines(tiny_h5, tmp_path):
     assert f"data={tiny_h5}" in config_lines[0]
     n_params = gpt.num_params(cfg.model_config())
     assert any(line.startswith(f"model: {n_params:,} parameters") for line in lines)
-    assert any("peak 100.0 GFLOP/s (given)" in line for line in lines)
+    assert any("peak 100.0 GFLOP/s per rank (given)" in line for line in lines)
     assert sum(line.startswith("step ") and "| loss " in line for line in lines) == 3  # 0 5 9
     assert sum("| val loss " in line for line in lines) == 2  # 0 10
     assert lines[-1].startswith("sample:\n\n")  # the default prompt is a newline
