@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: setup train test test-single test-mpi bench data clean help
 
 help:
-	@echo "make train   - set up .venv, prepare the embedded corpus, train '$(CONFIG)'"
+	@echo "make train   - set up .venv, prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
 	@echo "make test    - single-process tests, then mpirun -n $(NP) tests"
 	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
 
@@ -39,8 +39,9 @@ $(DATA): setup
 
 data: $(DATA)
 
+# The main job: data parallel over NP ranks (each takes its slice of the same global batch).
 train: setup $(DATA)
-	$(PYTHON) -m app train --config $(CONFIG) --data $(DATA) --out runs/$(CONFIG)
+	$(MPIRUN) -n $(NP) $(PYTHON) -m app train --config $(CONFIG) --data $(DATA) --out runs/$(CONFIG)
 
 test: setup
 	$(MAKE) --no-print-directory test-single
@@ -58,3 +59,12 @@ bench: setup
 
 clean:
 	rm -rf runs data .pytest_cache
+
+# DP weak scaling of baby, 1 vs 2 ranks: ours (overlap on/off, variants) vs torch DDP-gloo.
+bench-dp: setup
+	$(PYTHON) -m bench.dp
+
+# Ring all-reduce (comm/ring.py) vs MPI.Allreduce, 4 KB-64 MB; p=4 oversubscribes 2 cores.
+bench-comm: setup
+	$(MPIRUN) -n 2 $(PYTHON) -m bench.comm
+	$(MPIRUN) -n 4 $(PYTHON) -m bench.comm

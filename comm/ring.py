@@ -20,14 +20,20 @@ p = 3, blocks A B C (sends go to the right-hand neighbour, "A->" = sends A, "+C"
     AG 1            C->  =B      A->  =C      B->  =A     every rank holds every sum
 
 Segments and overlap. Each block is cut into segments of `segment_bytes`; a (step, segment)
-pair is one message. A rank keeps at most `WINDOW` receives and `WINDOW` sends in flight,
-posted in one canonical order (step-major, then segment) that both ends of every link
-share, so all messages of one operation can use a single tag: MPI never lets messages with
-the same (source, tag, communicator) overtake each other. Reduce-scatter receives land in a
-few segment-sized scratch slots that stay in cache and are added as they arrive, while the
-next segments are in flight. The send of segment k at step t waits only for segment k of
-step t-1 (its data), not for the whole step, so the steps pipeline; an in-place receive
-waits until the earlier send reading the same segment has completed.
+pair is one message (`ring_plan`). A rank keeps at most `WINDOW` receives and `WINDOW` sends
+in flight, posted in one canonical order (step-major, then segment) that both ends of every
+link share, so all messages of one operation can use a single tag: MPI never lets messages
+with the same (source, tag, communicator) overtake each other. Reduce-scatter receives land
+in `WINDOW` segment-sized scratch slots that stay in cache and are added as they arrive
+while the next segments are in flight. The send of segment k at step t waits only for
+segment k of step t-1 (its data), not for the whole step, so the steps pipeline; an in-place
+receive waits until the earlier send that reads the same segment has completed.
+
+Small buffers (up to `OUT_OF_PLACE_MAX_BYTES`) are summed into the scratch slot and copied
+back instead of added in place: when the same buffer is reduced again while it is still in
+cache, its lines are shared with the neighbour that read them in the last all-gather, and a
+read-modify-write then pays a cross-core ownership transfer per line (1 MB at p=2: 110 us
+for `a += b` against 60 us for `b = a + b; a[:] = b`). Above ~1 MB in-place is faster.
 
 Several operations may be in flight on one communicator (the gradient reducer starts one
 per bucket, in the same order on every rank): each takes the next tag from a counter
@@ -37,15 +43,21 @@ because collectives are called in the same order everywhere.
 A non-blocking operation only moves while some MPI call runs (MPICH has no progress
 thread): call `test()` now and then between other work, or `wait()`.
 """
+import functools
+
+import numpy as np
 from mpi4py import MPI
 
 from comm.backend import array_module
 
-DEFAULT_SEGMENT_BYTES = 256 * 1024  # by `python -m bench.comm --segment-bytes ...` (p=2, 1-64 MB)
-WINDOW = 4                           # receives (and sends) in flight per operation
+# Measured with `mpiexec -n 2 python -m bench.comm --segment-bytes ...` (see the report in
+# bench/comm.py's docstring): 1 MiB is as fast as 2 MiB and faster than 256-512 KiB at 2-64 MB.
+DEFAULT_SEGMENT_BYTES = 1 << 20
+WINDOW = 2                        # receives (and sends) in flight per operation
+OUT_OF_PLACE_MAX_BYTES = 1 << 20  # up to this buffer size, sum into scratch and copy back
 
 _KINDS = ("all_reduce", "reduce_scatter", "all_gather")
-_TAG_KEYVAL = MPI.Comm.Create_keyval()  # communicator -> operations started so far
+_TAG_KEYVAL = MPI.Comm.Create_keyval()  # communicator -> [operations started so far]
 
 
 def shard_bounds(n: int, p: int, r: int) -> tuple[int, int]:
@@ -68,51 +80,84 @@ def _segments(lo, hi, seg):
     return [(a, min(a + seg, hi)) for a in range(lo, hi, seg)]
 
 
+@functools.lru_cache(maxsize=256)
+def ring_plan(kind: str, n: int, p: int, r: int, seg: int):
+    """`ring_schedule` cut into messages of at most `seg` elements, in canonical order.
+
+    Returns (sends, receives): sends as (lo, hi, index of the receive whose data it sends),
+    receives as (lo, hi, add?, index of the earlier send that reads the same elements);
+    -1 where there is nothing to wait for.
+    """
+    sends, recvs = [], []
+    last_send, last_recv = {}, {}  # (block, segment) -> latest index
+    for send_block, recv_block, add in ring_schedule(kind, p, r):
+        for k, (lo, hi) in enumerate(_segments(*shard_bounds(n, p, send_block), seg)):
+            sends.append((lo, hi, last_recv.get((send_block, k), -1)))
+            last_send[send_block, k] = len(sends) - 1
+        for k, (lo, hi) in enumerate(_segments(*shard_bounds(n, p, recv_block), seg)):
+            recvs.append((lo, hi, add, last_send.get((recv_block, k), -1)))
+            last_recv[recv_block, k] = len(recvs) - 1
+    return tuple(sends), tuple(recvs)
+
+
 def _next_tag(comm):
     """A tag of its own for this operation; the same on every rank of `comm`."""
-    count = comm.Get_attr(_TAG_KEYVAL) or 0
-    comm.Set_attr(_TAG_KEYVAL, count + 1)
+    counter = comm.Get_attr(_TAG_KEYVAL)
+    if counter is None:
+        counter = [0]
+        comm.Set_attr(_TAG_KEYVAL, counter)
+    counter[0] += 1
     ub = comm.Get_attr(MPI.TAG_UB)
     span = ub // 2  # ring tags live in the upper half of [0, TAG_UB]
-    return ub - span + 1 + count % span
+    return ub - span + 1 + counter[0] % span
+
+
+_scratch_pool = {}  # (array module, dtype) -> free 1-D scratch arrays, reused across calls
+
+
+def _take_scratch(xp, dtype, size):
+    """A reused array, so that each call does not fault in fresh pages."""
+    free = _scratch_pool.setdefault((xp, dtype), [])
+    for i, arr in enumerate(free):
+        if arr.size >= size:
+            return free.pop(i)
+    return xp.empty(size, dtype)
 
 
 class RingRequest:
-    """One ring collective in flight: executes `ring_schedule` segment by segment."""
+    """One ring collective in flight: executes `ring_plan` message by message."""
 
     def __init__(self, comm, buf, kind, segment_bytes=DEFAULT_SEGMENT_BYTES, window=WINDOW):
+        if kind not in _KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {', '.join(_KINDS)}")
         if not buf.flags.c_contiguous:
             raise ValueError("ring collectives need a contiguous buffer")
         flat = buf.reshape(-1)
         n, p, r = flat.size, comm.Get_size(), comm.Get_rank()
-        self.done = False
-        self._comm, self._flat, self._xp = comm, flat, array_module(flat)
+        xp = array_module(flat)
+        self._comm, self._flat, self._xp = comm, flat, xp
         self._result = flat[slice(*shard_bounds(n, p, r))] if kind == "reduce_scatter" else buf
         self._tag = _next_tag(comm)
         self._dest, self._src = (r + 1) % p, (r - 1) % p
         self._window = window
-        # The plan: sends (lo, hi, recv it waits for) and receives (lo, hi, add?, send it
-        # waits for), each list in the canonical order; -1 = waits for nothing.
-        seg = max(1, segment_bytes // flat.itemsize)
-        self._sends, self._recvs = [], []
-        last_send, last_recv = {}, {}  # (block, segment) -> latest index
-        for send_block, recv_block, add in ring_schedule(kind, p, r):
-            for k, (lo, hi) in enumerate(_segments(*shard_bounds(n, p, send_block), seg)):
-                self._sends.append((lo, hi, last_recv.get((send_block, k), -1)))
-                last_send[send_block, k] = len(self._sends) - 1
-            for k, (lo, hi) in enumerate(_segments(*shard_bounds(n, p, recv_block), seg)):
-                self._recvs.append((lo, hi, add, last_send.get((recv_block, k), -1)))
-                last_recv[recv_block, k] = len(self._recvs) - 1
+        seg = max(1, min(segment_bytes // flat.itemsize, -(-n // p)))  # <= the largest block
+        self._sends, self._recvs = ring_plan(kind, n, p, r, seg)
         self._send_done = bytearray(len(self._sends))
         self._recv_done = bytearray(len(self._recvs))
         self._next_send = self._next_recv = 0
-        self._in_flight, self._what = [], []  # MPI requests; ("send", i) or ("recv", j, slot)
         self._sending = self._receiving = 0
+        self._in_flight, self._what = [], []  # MPI requests; (is_send, index, scratch slot)
         self._left = len(self._sends) + len(self._recvs)
-        adds = any(add for _, _, add, _ in self._recvs)
-        self._scratch = self._xp.empty((window, seg), flat.dtype) if adds else None
+        self._scratch = self._slots = None
+        if kind != "all_gather" and self._recvs:
+            self._scratch = _take_scratch(xp, flat.dtype, window * seg)
+            self._slots = self._scratch[:window * seg].reshape(window, seg)
         self._free_slots = list(range(window))
-        self.done = self._left == 0
+        self._out_of_place = flat.nbytes <= OUT_OF_PLACE_MAX_BYTES
+        # CuPy adds run on a stream; a send must not read the segment before they finish.
+        self._sync = (lambda: None) if xp is np else xp.cuda.get_current_stream().synchronize
+        self.done = False
+        self._finish([])
 
     def _post(self):
         """Posts every receive and send whose turn has come and whose data is ready."""
@@ -123,9 +168,9 @@ class RingRequest:
             if after_send >= 0 and not self._send_done[after_send]:
                 break
             slot = self._free_slots.pop() if add else None
-            target = self._scratch[slot, :hi - lo] if add else flat[lo:hi]
+            target = self._slots[slot, :hi - lo] if add else flat[lo:hi]
             self._in_flight.append(comm.Irecv(target, self._src, self._tag))
-            self._what.append(("recv", j, slot))
+            self._what.append((False, j, slot))
             self._next_recv += 1
             self._receiving += 1
         while self._next_send < len(self._sends) and self._sending < self._window:
@@ -134,37 +179,50 @@ class RingRequest:
             if after_recv >= 0 and not self._recv_done[after_recv]:
                 break
             self._in_flight.append(comm.Isend(flat[lo:hi], self._dest, self._tag))
-            self._what.append(("send", i, None))
+            self._what.append((True, i, None))
             self._next_send += 1
             self._sending += 1
 
     def _finish(self, indices):
-        """Books completed requests (by position in `_in_flight`); adds received segments."""
+        """Books completed requests (positions in `_in_flight`); adds received segments."""
+        added = False
         for x in indices:
-            kind, i, slot = self._what[x]
-            if kind == "send":
+            is_send, i, slot = self._what[x]
+            if is_send:
                 self._send_done[i] = 1
                 self._sending -= 1
-            else:
-                lo, hi, add, _ = self._recvs[i]
-                if add:
-                    part = self._flat[lo:hi]
-                    self._xp.add(part, self._scratch[slot, :hi - lo], out=part)
-                    self._free_slots.append(slot)
-                self._recv_done[i] = 1
-                self._receiving -= 1
-        gone = set(indices)
-        self._in_flight = [q for x, q in enumerate(self._in_flight) if x not in gone]
-        self._what = [w for x, w in enumerate(self._what) if x not in gone]
-        self._left -= len(gone)
-        self.done = self._left == 0
+                continue
+            lo, hi, add, _ = self._recvs[i]
+            if add:
+                mine, theirs = self._flat[lo:hi], self._slots[slot, :hi - lo]
+                if self._out_of_place:
+                    self._xp.add(mine, theirs, out=theirs)
+                    mine[...] = theirs
+                else:
+                    self._xp.add(mine, theirs, out=mine)
+                self._free_slots.append(slot)
+                added = True
+            self._recv_done[i] = 1
+            self._receiving -= 1
+        if added:
+            self._sync()
+        if indices:
+            gone = set(indices)
+            self._in_flight = [q for x, q in enumerate(self._in_flight) if x not in gone]
+            self._what = [w for x, w in enumerate(self._what) if x not in gone]
+            self._left -= len(gone)
+        if self._left == 0:
+            self.done = True
+            if self._scratch is not None:
+                _scratch_pool[self._xp, self._flat.dtype].append(self._scratch)
+                self._scratch = self._slots = None
 
     def _step(self, block):
+        """Posts what it can, then waits for (or tests) the requests in flight."""
         self._post()
-        if not self._in_flight:  # cannot happen for a consistent plan; never wait on nothing
+        if not self._in_flight:  # impossible for a consistent plan; never wait on nothing
             raise RuntimeError("ring collective stalled with nothing in flight")
-        wait_or_test = MPI.Request.Waitsome if block else MPI.Request.Testsome
-        indices = wait_or_test(self._in_flight)
+        indices = (MPI.Request.Waitsome if block else MPI.Request.Testsome)(self._in_flight)
         if indices:
             self._finish(indices)
         return bool(indices)

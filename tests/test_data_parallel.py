@@ -106,3 +106,17 @@ def test_trainer_with_dp2_zero_and_accumulation_matches_one_process():
                     assert (run_dir / "params.h5").exists() and (run_dir / "metrics.jsonl").exists()
             group.Free()
         verdict.check(world)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_replica_check_fails_on_every_rank_when_one_rank_drifts():
+    from app.trainer import check_replicas_agree
+    world = MPI.COMM_WORLD
+    params = gpt.init_params(CFG, seed=SEED, dtype=np.float64)
+    check_replicas_agree(params, world, step=0)  # identical: passes everywhere
+    if world.Get_rank() == world.Get_size() - 1:
+        params["h.1.mlp.c_fc.bias"][3] += 1e-12
+    # every rank gathers all digests, so every rank raises: none waits on a peer
+    with pytest.raises(RuntimeError, match="parameters differ across data-parallel ranks at "
+                                           "step 7"):
+        check_replicas_agree(params, world, step=7)
