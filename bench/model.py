@@ -25,10 +25,9 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     """Runs in the worker process: returns a dict of measurements for one table row."""
     from app import metrics
     from app.config import load_config
+    from app.step import StepOptions, TrainStep
     from comm.backend import get_xp, keep_freed_host_memory, to_host
     from models import gpt
-    from models.layers import causal_mask
-    from models.optim import AdamW, clip_by_global_norm, decay_mask
 
     keep_freed_host_memory()
     cfg = load_config(config_name, {"batch_size": SHAPES.get(config_name)})
@@ -39,19 +38,12 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     batches = [rng.integers(0, cfg.vocab_size, (2, B, T)) for _ in range(4)]
     params = gpt.init_params(mcfg, cfg.seed, xp, np.float32)
     host_init = {name: np.array(to_host(v)) for name, v in params.items()}
-    grads = params.like()
-    opt = AdamW(params.flat, decay_mask(params, gpt.is_decayed, xp), cfg.beta1, cfg.beta2,
-                weight_decay=cfg.weight_decay)
-    mask = causal_mask(xp, T, np.float32)
-    sync = metrics._synchronizer(xp)
+    train_step = TrainStep(mcfg, params, StepOptions.from_config(cfg))  # the trainer's step
+    sync = metrics.synchronizer(xp)
 
     def ours(i):
-        x, y = xp.asarray(batches[i][0]), xp.asarray(batches[i][1])
-        loss, cache = gpt.forward(params, mcfg, x, y, mask)
-        gpt.backward(cache, grads)
-        clip_by_global_norm(grads.flat, cfg.grad_clip)
-        opt.step(grads.flat, cfg.lr)
-        return float(loss)
+        loss, _ = train_step(xp.asarray(batches[i][0]), xp.asarray(batches[i][1]), cfg.lr)
+        return loss
 
     runners = {"ours": ours}
     first_loss = {"ours": ours(0)}
