@@ -8,6 +8,7 @@ shows the median over iterations. busbw = 2(p-1)/p * bytes / time (the nccl-test
 definition: the bytes each rank must move, so it is comparable across p).
 """
 import argparse
+import os
 import sys
 import time
 
@@ -90,8 +91,8 @@ def main(argv=None):
                         help="segments in flight per direction (default %(default)s)")
     parser.add_argument("--sizes", type=parse_bytes, nargs="+", default=SIZES,
                         help="message sizes in bytes (default 4K ... 64M, x4)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating batches per method")
-    parser.add_argument("--seconds", type=float, default=1.5,
+    parser.add_argument("--rounds", type=int, default=7, help="alternating batches per method")
+    parser.add_argument("--seconds", type=float, default=4.0,
                         help="rough time budget per size, both methods together")
     args = parser.parse_args(argv)
 
@@ -99,10 +100,11 @@ def main(argv=None):
     p, rank = comm.Get_size(), comm.Get_rank()
     out = sys.stdout
     if rank == 0:
-        note = " (oversubscribed: more ranks than the 2 cores here)" if p > 2 else ""
+        cores = len(os.sched_getaffinity(0))
+        note = f" (oversubscribed: {p} ranks on {cores} cores)" if p > cores else ""
         print(f"ring all-reduce vs MPI.Allreduce, float32, p={p}{note}", file=out)
         print(f"segment {human(args.segment_bytes)}B, window {args.window}; "
-              f"{MPI.Get_library_version().splitlines()[0].strip()}", file=out)
+              f"{' '.join(MPI.Get_library_version().split()[:3])}", file=out)
         head = (f"{'bytes':>8} | {'ours us':>9} {'MPI us':>9} | {'ours GB/s':>9} "
                 f"{'MPI GB/s':>9} | {'ours/MPI':>8}")
         print(head, file=out)

@@ -32,32 +32,44 @@ receive waits until the earlier send that reads the same segment has completed.
 Small buffers (up to `OUT_OF_PLACE_MAX_BYTES`) are summed into the scratch slot and copied
 back instead of added in place: when the same buffer is reduced again while it is still in
 cache, its lines are shared with the neighbour that read them in the last all-gather, and a
-read-modify-write then pays a cross-core ownership transfer per line (1 MB at p=2: 110 us
-for `a += b` against 60 us for `b = a + b; a[:] = b`). Above ~1 MB in-place is faster.
+read-modify-write then pays a cross-core ownership transfer per line (a 512 KB block at
+p=2: 110 us for `a += b` against 60 us for `b = a + b; a[:] = b`). Above ~1 MB in place
+is faster again.
 
 Several operations may be in flight on one communicator (the gradient reducer starts one
 per bucket, in the same order on every rank): each takes the next tag from a counter
 cached on the communicator (an MPI attribute), which advances identically on every rank
 because collectives are called in the same order everywhere.
 
-A non-blocking operation only moves while some MPI call runs (MPICH has no progress
-thread): call `test()` now and then between other work, or `wait()`.
+Progress. A non-blocking operation only moves while this rank calls `test()` or `wait()`:
+MPICH has no progress thread, and each next message is posted by this code once the one it
+depends on has arrived. `wait()` polls `Testsome` and calls `sched_yield` between polls
+rather than using `Waitsome`, which in MPICH 5.0 spins without yielding: with more ranks
+than cores (p=4 on 2) each ring step then costs a scheduler tick, 48 ms for a 1 MB ring
+instead of 0.3 ms.
+
+With CuPy buffers the adds run on the current stream, which is synchronized before a
+segment they produced is sent; the caller's own writes to `buf` must be complete (synchronize)
+before the collective starts.
 """
 import functools
+import os
 
 import numpy as np
 from mpi4py import MPI
 
 from comm.backend import array_module
 
-# Measured with `mpiexec -n 2 python -m bench.comm --segment-bytes ...` (see the report in
-# bench/comm.py's docstring): 1 MiB is as fast as 2 MiB and faster than 256-512 KiB at 2-64 MB.
+# `mpiexec -n 2 python -m bench.comm --segment-bytes S`, ours/MPI busbw at 1M 4M 16M 64M:
+#   256K: 0.84 0.92 0.96 1.62   512K: 1.01 1.04 1.13 1.83   1M: 1.02 1.06 1.09 1.98
+#   2M:   0.94 0.97 1.00 1.83   4M: 1.01 1.02 1.05 1.93   (one run; +-5% run to run).
+# Each message costs ~10 us of Python, so small segments lose; large ones leave the cache.
 DEFAULT_SEGMENT_BYTES = 1 << 20
-WINDOW = 2                        # receives (and sends) in flight per operation
+WINDOW = 2                        # receives (and sends) in flight per operation; 4: no faster
 OUT_OF_PLACE_MAX_BYTES = 1 << 20  # up to this buffer size, sum into scratch and copy back
 
 _KINDS = ("all_reduce", "reduce_scatter", "all_gather")
-_TAG_KEYVAL = MPI.Comm.Create_keyval()  # communicator -> [operations started so far]
+_TAG_KEYVAL = MPI.Comm.Create_keyval()  # communicator -> its tag counter (`_next_tag`)
 
 
 def shard_bounds(n: int, p: int, r: int) -> tuple[int, int]:
@@ -102,26 +114,33 @@ def ring_plan(kind: str, n: int, p: int, r: int, seg: int):
 
 def _next_tag(comm):
     """A tag of its own for this operation; the same on every rank of `comm`."""
-    counter = comm.Get_attr(_TAG_KEYVAL)
-    if counter is None:
-        counter = [0]
-        comm.Set_attr(_TAG_KEYVAL, counter)
-    counter[0] += 1
-    ub = comm.Get_attr(MPI.TAG_UB)
-    span = ub // 2  # ring tags live in the upper half of [0, TAG_UB]
-    return ub - span + 1 + counter[0] % span
+    state = comm.Get_attr(_TAG_KEYVAL)  # [operations so far, first tag, number of tags]
+    if state is None:
+        ub = comm.Get_attr(MPI.TAG_UB)
+        state = [0, ub - ub // 2 + 1, ub // 2]  # ring tags: the upper half of [0, TAG_UB]
+        comm.Set_attr(_TAG_KEYVAL, state)
+    state[0] += 1
+    return state[1] + state[0] % state[2]
 
 
-_scratch_pool = {}  # (array module, dtype) -> free 1-D scratch arrays, reused across calls
+_scratch_pool = {}  # (array module, dtype) -> free 1-D scratch arrays, smallest first
 
 
 def _take_scratch(xp, dtype, size):
-    """A reused array, so that each call does not fault in fresh pages."""
+    """A reused array, so that each call does not fault in fresh pages. The pool holds at
+    most as many arrays as there were operations in flight at once."""
     free = _scratch_pool.setdefault((xp, dtype), [])
-    for i, arr in enumerate(free):
-        if arr.size >= size:
-            return free.pop(i)
+    if free and free[-1].size >= size:
+        return free.pop()
+    if free:
+        free.pop()  # too small: replaced by the larger one allocated now
     return xp.empty(size, dtype)
+
+
+def _give_back_scratch(xp, arr):
+    free = _scratch_pool[xp, arr.dtype]
+    free.append(arr)
+    free.sort(key=lambda a: a.size)
 
 
 class RingRequest:
@@ -157,7 +176,8 @@ class RingRequest:
         # CuPy adds run on a stream; a send must not read the segment before they finish.
         self._sync = (lambda: None) if xp is np else xp.cuda.get_current_stream().synchronize
         self.done = False
-        self._finish([])
+        self._finish([])  # nothing to send (n = 0 or p = 1): done at once
+        self._post()      # the first messages go out now, not at the first test()
 
     def _post(self):
         """Posts every receive and send whose turn has come and whose data is ready."""
@@ -214,7 +234,7 @@ class RingRequest:
         if self._left == 0:
             self.done = True
             if self._scratch is not None:
-                _scratch_pool[self._xp, self._flat.dtype].append(self._scratch)
+                _give_back_scratch(self._xp, self._scratch)
                 self._scratch = self._slots = None
 
     def _step(self, block):
@@ -222,7 +242,10 @@ class RingRequest:
         self._post()
         if not self._in_flight:  # impossible for a consistent plan; never wait on nothing
             raise RuntimeError("ring collective stalled with nothing in flight")
-        indices = (MPI.Request.Waitsome if block else MPI.Request.Testsome)(self._in_flight)
+        indices = MPI.Request.Testsome(self._in_flight)
+        while block and not indices:  # not Waitsome: MPICH's spins without yielding (below)
+            os.sched_yield()
+            indices = MPI.Request.Testsome(self._in_flight)
         if indices:
             self._finish(indices)
         return bool(indices)
