@@ -19,12 +19,13 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench data clean help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm data clean help
 
 help:
 	@echo "make train   - set up .venv, prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
 	@echo "make test    - single-process tests, then mpirun -n $(NP) tests"
 	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
+	@echo "make bench-dp, make bench-comm - data-parallel scaling, ring all-reduce vs MPI"
 
 setup: $(VENV)/.installed
 
