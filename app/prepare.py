@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from app.data import FORMAT, FORMAT_VERSION
 from app.errors import UserError

@@ -10,8 +10,6 @@ dloss = 1 / (micro_batches * dp), so the sum over ranks is the gradient of the m
 the global batch, exactly what one process computes.
 """
 import math
-from dataclasses import dataclass
-
 import numpy as np
 
 from comm import ring
@@ -21,25 +19,10 @@ from models import gpt, layers
 from models.optim import AdamW, decay_mask
 
 
-@dataclass(frozen=True)
-class StepOptions:
-    micro_batches: int = 1
-    grad_clip: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    bucket_mb: float = 1.0
-    zero: int = 0
-    overlap: bool = True
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
-
-
 class TrainStep:
-    def __init__(self, model_cfg: gpt.GPTConfig, params: gpt.FlatParams, options: StepOptions,
-                 dp_comm=None):
+    def __init__(self, model_cfg: gpt.GPTConfig, params: gpt.FlatParams, options, dp_comm=None):
+        """options: a TrainConfig (micro_batches, grad_clip, AdamW's betas and weight_decay,
+        bucket_mb, zero, overlap are read from it)."""
         xp = array_module(params.flat)
         self.model_cfg = model_cfg
         self.params = params

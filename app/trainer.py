@@ -20,7 +20,7 @@ from app.config import add_config_arguments, field_names, load_config, TrainConf
 from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
 from app.generate import sample
-from app.step import StepOptions, TrainStep
+from app.step import TrainStep
 from app.tokenizer import get_tokenizer
 from comm import ring
 from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
@@ -151,7 +151,7 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     model_cfg = cfg.model_config()
     params = gpt.init_params(model_cfg, cfg.seed, xp, np.dtype(cfg.dtype))
     dp_comm, dp, dp_rank = grid.dp_comm, grid.dp, grid.coords.dp
-    step_fn = TrainStep(model_cfg, params, StepOptions.from_config(cfg), dp_comm)
+    step_fn = TrainStep(model_cfg, params, cfg, dp_comm)
     tokens_per_step = cfg.batch_size * cfg.block_size
     flops_per_step = metrics.flops_per_token(params.size, cfg.n_layer, cfg.block_size,
                                              cfg.n_embd) * tokens_per_step

@@ -58,22 +58,19 @@ def worker_ours(args):
     from mpi4py import MPI
 
     from app.config import load_config
-    from app.step import StepOptions, TrainStep
+    from app.step import TrainStep
     from comm.backend import keep_freed_host_memory
     from models import gpt
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     keep_freed_host_memory()
-    cfg = load_config(CONFIG, {"batch_size": PER_RANK_BATCH})
+    cfg = load_config(CONFIG, {"batch_size": PER_RANK_BATCH, "bucket_mb": args.bucket_mb or None,
+                               "overlap": args.overlap == "on"})
     mcfg = cfg.model_config()
     params = gpt.init_params(mcfg, cfg.seed, np, np.float32)
-    options = StepOptions(grad_clip=cfg.grad_clip, beta1=cfg.beta1, beta2=cfg.beta2,
-                          weight_decay=cfg.weight_decay,
-                          bucket_mb=args.bucket_mb if args.bucket_mb else cfg.bucket_mb,
-                          overlap=args.overlap == "on")
     dp_comm = None if args.no_comm or size == 1 else comm
-    step = TrainStep(mcfg, params, options, dp_comm)
+    step = TrainStep(mcfg, params, cfg, dp_comm)
     if args.no_test and step.reducer is not None:
         step.reducer.progress = lambda: None  # no test() between layers: only finish() waits
     # no-comm: each process trains alone on its own 12 rows (no gradient exchange)
@@ -81,7 +78,7 @@ def worker_ours(args):
 
     if args.paired:
         return paired(args, comm, cfg, step, batches,
-                      TrainStep(mcfg, gpt.init_params(mcfg, cfg.seed, np, np.float32), options))
+                      TrainStep(mcfg, gpt.init_params(mcfg, cfg.seed, np, np.float32), cfg))
 
     comm.Barrier()
     first_loss = None
@@ -116,7 +113,7 @@ def worker_ours(args):
             "ranks": size, "tokens_per_rank_step": PER_RANK_BATCH * cfg.block_size,
             "first_loss": first_loss, "thread_level": MPI.Query_thread(),
             "buckets": len(step.reducer.buckets) if step.reducer else 0,
-            "bucket_mb": options.bucket_mb, "grad_bytes": int(step.grads.flat.nbytes),
+            "bucket_mb": cfg.bucket_mb, "grad_bytes": int(step.grads.flat.nbytes),
             "allreduce_ms": allreduce_ms,
             "per_rank": rows}))
 

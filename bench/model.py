@@ -25,7 +25,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     """Runs in the worker process: returns a dict of measurements for one table row."""
     from app import metrics
     from app.config import load_config
-    from app.step import StepOptions, TrainStep
+    from app.step import TrainStep
     from comm.backend import get_xp, keep_freed_host_memory, to_host
     from models import gpt
 
@@ -38,7 +38,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     batches = [rng.integers(0, cfg.vocab_size, (2, B, T)) for _ in range(4)]
     params = gpt.init_params(mcfg, cfg.seed, xp, np.float32)
     host_init = {name: np.array(to_host(v)) for name, v in params.items()}
-    train_step = TrainStep(mcfg, params, StepOptions.from_config(cfg))  # the trainer's step
+    train_step = TrainStep(mcfg, params, cfg)  # the trainer's own step
     sync = metrics.synchronizer(xp)
 
     def ours(i):

@@ -8,11 +8,11 @@ needs no communication until the final verdict.
 import numpy as np
 import pytest
 
+from app.config import TrainConfig, make_config
 from app.data import BatchLoader, TokenData
 from app.prepare import prepare
-from app.step import StepOptions, TrainStep
+from app.step import TrainStep
 from app.trainer import train
-from app.config import make_config
 from models import gpt
 from models.optim import lr_at
 from tests.mpi_util import Verdict, groups_of, shared_tmpdir
@@ -57,7 +57,7 @@ def test_every_dp_layout_matches_one_process():
         data_path = world.bcast(corpus(tmpdir) if world.Get_rank() == 0 else None, root=0)
         with verdict.guard("reference"):
             references = {micro: run_steps(data_path, MPI.COMM_SELF,
-                                           StepOptions(micro_batches=micro))
+                                           TrainConfig(micro_batches=micro))
                           for micro in (1, 2)}
         for dp, zero, micro in LAYOUTS:
             if dp > world.Get_size():
@@ -68,7 +68,7 @@ def test_every_dp_layout_matches_one_process():
             name = f"dp={dp} zero={zero} micro={micro}"
             with verdict.guard(name):
                 # small buckets: many of them, so overlap and ordering are exercised
-                options = StepOptions(micro_batches=micro, zero=zero, bucket_mb=0.02)
+                options = TrainConfig(micro_batches=micro, zero=zero, bucket_mb=0.02)
                 losses, flat = run_steps(data_path, group, options)
                 ref_losses, ref_flat = references[1]  # accumulation changes nothing
                 verdict.close(f"{name} losses", losses, ref_losses, RTOL)

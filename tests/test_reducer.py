@@ -45,20 +45,17 @@ def test_bucket_size_must_be_positive(size):
 def test_bucketed_reduction_equals_allreduce(shard, overlap):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     verdict = Verdict()
     with verdict.guard("reduce"):
         rng = np.random.default_rng(rank)
         tensors = {f"t{i}": (i * 1000 + 3 * i, (i + 1) * 1000 + 3 * (i + 1)) for i in range(7)}
         n = max(stop for _, stop in tensors.values())
-        grads = rng.normal(size=n)
-        expected = grads.copy()
-        comm.Allreduce(MPI.IN_PLACE, expected)
+        grads = np.empty(n)
         reducer = GradReducer(comm, grads, tensors, bucket_bytes=16_000, shard=shard,
                               overlap=overlap, segment_bytes=4096)
         for step in range(2):  # a reducer is reused step after step
-            grads[:] = rng.normal(size=n) if step == 0 else grads_in
-            grads_in = grads.copy()
+            grads[:] = rng.normal(size=n)
             expected = grads.copy()
             comm.Allreduce(MPI.IN_PLACE, expected)
             reducer.begin_step()

@@ -1,7 +1,8 @@
 """TrainStep on one process: gradient accumulation changes nothing, clipping uses the norm."""
 import numpy as np
 
-from app.step import StepOptions, TrainStep
+from app.config import TrainConfig
+from app.step import TrainStep
 from models import gpt
 
 CFG = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
@@ -21,18 +22,18 @@ def run(options, steps=3):
 
 def test_accumulating_micro_batches_equals_one_batch():
     for micro in (2, 4):
-        got, flat = run(StepOptions(micro_batches=micro))
-        ref, ref_flat = run(StepOptions(micro_batches=1))
+        got, flat = run(TrainConfig(micro_batches=micro))
+        ref, ref_flat = run(TrainConfig(micro_batches=1))
         np.testing.assert_allclose(got, ref, rtol=1e-12)
         # atol: the key biases have an exactly-zero true gradient and carry only round-off
         np.testing.assert_allclose(flat, ref_flat, rtol=1e-12, atol=1e-12)
 
 
 def test_step_returns_loss_and_norm_and_clips():
-    (loss, norm), = run(StepOptions(grad_clip=0.0), steps=1)[0]
+    (loss, norm), = run(TrainConfig(grad_clip=0.0), steps=1)[0]
     assert abs(loss - np.log(CFG.vocab_size)) < 0.1 and norm > 0
     params = gpt.init_params(CFG, seed=0, dtype=np.float64)
-    step = TrainStep(CFG, params, StepOptions(grad_clip=norm / 10))
+    step = TrainStep(CFG, params, TrainConfig(grad_clip=norm / 10))
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 32, (4, 8)), rng.integers(0, 32, (4, 8))
     _, seen = step(x, y, 1e-2)
