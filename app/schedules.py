@@ -12,6 +12,12 @@ that rule is safe with any buffering MPI may add. Naive 1F1B is not: in its stea
 stage s sends activation i+1 while stage s+1 sends gradient i, and both wait forever.
 So here stage s receives gradient i *before* sending activation i+1 (Megatron pairs the
 two as send-forward-recv-backward); the simulator checks it for every (p, m) in the tests.
+
+Instructions carry a model chunk, and the simulator routes messages between virtual
+stages (chunk c of the last stage feeds chunk c+1 of the first), ready for interleaved
+1F1B. That schedule is not here yet: with wrap-around links the stages form a ring, and
+rendezvous sends around a ring deadlock unless paired sends and receives become one
+instruction (or alternate by stage parity).
 """
 from dataclasses import dataclass, field
 
@@ -47,16 +53,28 @@ def _check(n_stages, n_micro):
             raise ValueError(f"{name} = {value!r}: expected an integer >= 1")
 
 
-def _forward(stage, p, mb):
-    """Receive (unless first), compute, and send on (unless last)."""
-    return ([RecvActivation(mb)] if stage > 0 else []) + [Forward(mb)] + \
-        ([SendActivation(mb)] if stage < p - 1 else [])
+def _forward(stage, p, mb, chunk=0, n_chunks=1):
+    """Receive (unless the first virtual stage), compute, send on (unless the last)."""
+    virtual, last = chunk * p + stage, n_chunks * p - 1
+    return ([RecvActivation(mb, chunk)] if virtual > 0 else []) + [Forward(mb, chunk)] + \
+        ([SendActivation(mb, chunk)] if virtual < last else [])
 
 
-def _backward(stage, p, mb, received=False):
-    """Receive the gradient (unless last, or already received), compute, send it back."""
-    return ([RecvGrad(mb)] if stage < p - 1 and not received else []) + [Backward(mb)] + \
-        ([SendGrad(mb)] if stage > 0 else [])
+def _backward(stage, p, mb, chunk=0, n_chunks=1):
+    """Receive the gradient (unless the last virtual stage), compute, send it back."""
+    virtual, last = chunk * p + stage, n_chunks * p - 1
+    return ([RecvGrad(mb, chunk)] if virtual < last else []) + \
+        [Backward(mb, chunk)] + ([SendGrad(mb, chunk)] if virtual > 0 else [])
+
+
+def _steady(stage, p, fwd_unit, bwd_unit, n_chunks=1):
+    """One forward then one backward, taking the backward's gradient before passing the
+    forward's activation on (the order that is safe with rendezvous sends)."""
+    fwd = _forward(stage, p, *fwd_unit, n_chunks)
+    bwd = _backward(stage, p, *bwd_unit, n_chunks)
+    if isinstance(fwd[-1], SendActivation) and isinstance(bwd[0], RecvGrad):
+        return fwd[:-1] + [bwd[0], fwd[-1]] + bwd[1:]
+    return fwd + bwd
 
 
 def gpipe(n_stages: int, n_micro: int) -> list[list[Instr]]:
@@ -79,14 +97,7 @@ def one_f_one_b(n_stages: int, n_micro: int) -> list[list[Instr]]:
         warmup = min(n_stages - s - 1, n_micro)
         ops = [op for mb in range(warmup) for op in _forward(s, n_stages, mb)]
         for k in range(n_micro - warmup):  # steady: forward warmup+k, backward k
-            fwd = _forward(s, n_stages, warmup + k)
-            if s < n_stages - 1:
-                # take gradient k before passing activation warmup+k on (see module doc)
-                send = fwd.pop()
-                ops += fwd + [RecvGrad(k), send]
-                ops += _backward(s, n_stages, k, received=True)
-            else:
-                ops += fwd + _backward(s, n_stages, k)
+            ops += _steady(s, n_stages, (warmup + k, 0), (k, 0))
         for mb in range(n_micro - warmup, n_micro):
             ops += _backward(s, n_stages, mb)
         schedule.append(ops + [ReduceGrads(), OptimizerStep()])
@@ -173,22 +184,34 @@ def _track(alive, op, stage):
         alive.discard(key)
 
 
+def neighbour(stage, chunk, n_stages, step):
+    """(stage, chunk) of virtual stage chunk*p + stage + step: chunk c of the last stage
+    feeds chunk c+1 of the first (interleaved schedules); None past either end."""
+    virtual = chunk * n_stages + stage + step
+    return None if virtual < 0 else (virtual % n_stages, virtual // n_stages)
+
+
 def _rendezvous(schedule, pc, clock, timeline, s, op, costs):
     """Completes the send/receive pair at the heads of two stages, if they match."""
+    p = len(schedule)
     if type(op) in SENDS:
         recv_kind, step = SENDS[type(op)]
-        sender, receiver, expected = s, s + step, recv_kind(op.mb, op.chunk)
-    else:
-        step = -1 if isinstance(op, RecvActivation) else +1
-        sender, receiver, expected = s + step, s, op
-    for stage in (sender, receiver):
-        if not 0 <= stage < len(schedule):
+        other = neighbour(s, op.chunk, p, step)
+        if other is None:
             raise ValueError(f"stage {s}: {op} has no neighbour to talk to")
+        sender, receiver, expected_send = s, other[0], op
+        expected_recv = recv_kind(op.mb, other[1])
+    else:
+        send_kind = SendActivation if isinstance(op, RecvActivation) else SendGrad
+        other = neighbour(s, op.chunk, p, -SENDS[send_kind][1])
+        if other is None:
+            raise ValueError(f"stage {s}: {op} has no neighbour to talk to")
+        sender, receiver, expected_recv = other[0], s, op
+        expected_send = send_kind(op.mb, other[1])
     if pc[sender] == len(schedule[sender]) or pc[receiver] == len(schedule[receiver]):
         return False
     send_op, recv_op = schedule[sender][pc[sender]], schedule[receiver][pc[receiver]]
-    if type(send_op) not in SENDS or recv_op != expected or \
-            SENDS[type(send_op)][0](send_op.mb, send_op.chunk) != recv_op:
+    if send_op != expected_send or recv_op != expected_recv:
         return False  # the partner is busy elsewhere (or expects another message)
     start = max(clock[sender], clock[receiver])
     end = start + costs["transfer"]

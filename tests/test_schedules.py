@@ -72,3 +72,11 @@ def test_printed_schedule_reads_as_a_timeline():
         "stage 1: RecvActivation(0) Forward(0) Backward(0) SendGrad(0) RecvActivation(1) "
         "Forward(1) Backward(1) SendGrad(1) RecvActivation(2) Forward(2) Backward(2) "
         "SendGrad(2) ReduceGrads OptimizerStep"]
+
+
+def test_virtual_stage_neighbours_wrap_from_last_stage_to_next_chunk():
+    from app.schedules import neighbour
+    assert neighbour(1, 0, 4, +1) == (2, 0)
+    assert neighbour(3, 0, 4, +1) == (0, 1)   # last stage, chunk 0 -> first stage, chunk 1
+    assert neighbour(0, 1, 4, -1) == (3, 0)   # and gradients flow back the same way
+    assert neighbour(0, 0, 4, -1) is None
