@@ -2,8 +2,9 @@
 the textbook bubble and memory; a broken schedule is reported, not hung."""
 import pytest
 
-from app.schedules import (Backward, Deadlock, Forward, RecvActivation, SendActivation,
-                           format_schedule, gpipe, one_f_one_b, simulate)
+from app.schedules import (Backward, Deadlock, Forward, RecvActivation, RecvGrad,
+                           SendActivation, format_schedule, gpipe, interleaved_1f1b, one_f_one_b,
+                           simulate)
 
 SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
 GRID = [(p, m) for p in range(1, 9) for m in range(1, 33)]
@@ -37,14 +38,15 @@ def test_1f1b_keeps_at_most_p_micro_batches_alive_and_gpipe_keeps_m():
         assert gp == [m] * p
 
 
-def test_naive_1f1b_with_swapped_send_and_receive_is_a_deadlock():
-    """Stage 0 sends activation 1 before taking gradient 0, as naive 1F1B would."""
+def test_swapped_send_and_receive_is_reported_as_a_deadlock():
+    """Stage 0 waits for gradient 1 before sending activation 1, which that gradient
+    needs: a cyclic wait, reported with where each stage is stuck (not hung)."""
     schedule = one_f_one_b(2, 2)
     ops = schedule[0]
-    i = ops.index(SendActivation(1))
-    ops[i - 1], ops[i] = ops[i], ops[i - 1]  # RecvGrad(0) <-> SendActivation(1)
-    with pytest.raises(Deadlock, match=r"stage 0 waits at SendActivation\(1\); stage 1 "
-                                       r"waits at SendGrad\(0\)"):
+    i, j = ops.index(SendActivation(1)), ops.index(RecvGrad(1))
+    ops[i], ops[j] = ops[j], ops[i]
+    with pytest.raises(Deadlock, match=r"stage 0 waits at RecvGrad\(1\); stage 1 waits at "
+                                       r"RecvActivation\(1\)"):
         simulate(schedule)
 
 
@@ -66,17 +68,42 @@ def test_bad_sizes_are_rejected():
 def test_printed_schedule_reads_as_a_timeline():
     text = format_schedule(one_f_one_b(2, 3))
     assert text.splitlines() == [
-        "stage 0: Forward(0) SendActivation(0) Forward(1) RecvGrad(0) SendActivation(1) "
-        "Backward(0) Forward(2) RecvGrad(1) SendActivation(2) Backward(1) RecvGrad(2) "
+        "stage 0: Forward(0) SendActivation(0) Forward(1) SendActivation(1) RecvGrad(0) "
+        "Backward(0) Forward(2) SendActivation(2) RecvGrad(1) Backward(1) RecvGrad(2) "
         "Backward(2) ReduceGrads OptimizerStep",
         "stage 1: RecvActivation(0) Forward(0) Backward(0) SendGrad(0) RecvActivation(1) "
         "Forward(1) Backward(1) SendGrad(1) RecvActivation(2) Forward(2) Backward(2) "
         "SendGrad(2) ReduceGrads OptimizerStep"]
+    assert "Forward(1/1)" in format_schedule(interleaved_1f1b(2, 2, 2))  # mb 1, chunk 1
 
 
-def test_virtual_stage_neighbours_wrap_from_last_stage_to_next_chunk():
-    from app.schedules import neighbour
-    assert neighbour(1, 0, 4, +1) == (2, 0)
-    assert neighbour(3, 0, 4, +1) == (0, 1)   # last stage, chunk 0 -> first stage, chunk 1
-    assert neighbour(0, 1, 4, -1) == (3, 0)   # and gradients flow back the same way
-    assert neighbour(0, 0, 4, -1) is None
+INTERLEAVED = [(p, m, v) for p in range(1, 9) for m in range(p, 33, p) for v in (2, 3, 4)]
+
+
+def test_interleaved_runs_every_unit_once_without_deadlock_and_with_the_textbook_bubble():
+    """Each chunk costs 1/v of a stage; the bubble is (p-1)/(v*m+p-1) exactly."""
+    for p, m, v in INTERLEAVED:
+        schedule = interleaved_1f1b(p, m, v)
+        for ops in schedule:
+            units = [(op.mb, op.chunk) for op in ops if isinstance(op, Forward)]
+            assert sorted(units) == [(mb, c) for mb in range(m) for c in range(v)]
+        sim = simulate(schedule, {Forward: 1.0 / v, Backward: 2.0 / v})
+        assert sim.bubble_fraction == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-12)
+
+
+def test_interleaving_cuts_the_bubble_by_about_the_number_of_chunks():
+    for p in (2, 4, 8):
+        m = 4 * p
+        plain = simulate(one_f_one_b(p, m), {Forward: 1.0, Backward: 2.0}).bubble_fraction
+        for v in (2, 3, 4):
+            sim = simulate(interleaved_1f1b(p, m, v), {Forward: 1.0 / v, Backward: 2.0 / v})
+            assert 0.8 * v <= plain / sim.bubble_fraction <= v, (p, v)
+
+
+def test_interleaving_checks_its_arguments():
+    with pytest.raises(ValueError, match="n_micro = 6: interleaving needs a multiple of "
+                                         "n_stages = 4"):
+        interleaved_1f1b(4, 6, 2)
+    with pytest.raises(ValueError, match="n_chunks = 0: expected an integer >= 1"):
+        interleaved_1f1b(4, 8, 0)
+    assert interleaved_1f1b(3, 5, 1) == one_f_one_b(3, 5)
