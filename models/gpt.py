@@ -225,3 +225,72 @@ def logits(params, cfg: GPTConfig, idx):
         x, _ = block_forward(params, f"h.{i}.", x, cfg.n_head, mask)
     h, _ = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x[:, -1])
     return h @ params["wte"].T
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One model chunk of a pipeline stage: a contiguous range of blocks, plus the
+    embedding on the first chunk of the model and the final norm, head and loss on the last."""
+    start: int
+    stop: int
+    first: bool
+    last: bool
+
+
+def stage_param_names(cfg: GPTConfig, specs) -> list:
+    """The parameters a rank holding these chunks owns, in flat (forward) order. The tied
+    wte sits with both the first chunk (embedding) and the last (head)."""
+    wanted = set()
+    for spec in specs:
+        if spec.first:
+            wanted.update(EMBEDDING_PARAMS)
+        if spec.last:
+            wanted.update(HEAD_PARAMS + ("wte",))
+        for i in range(spec.start, spec.stop):
+            wanted.update(block_param_names(i))
+    return [name for name in param_shapes(cfg) if name in wanted]
+
+
+def stage_forward(params, cfg: GPTConfig, spec: StageSpec, inp, targets, mask):
+    """inp: (B,T) ids on the first chunk, else (B,T,C) activations -> (loss on the last
+    chunk, else (B,T,C) activations to send on; cache)."""
+    x, c_emb = layers.embedding_forward(params["wte"], params["wpe"], inp) if spec.first \
+        else (inp, None)
+    block_caches = []
+    for i in range(spec.start, spec.stop):
+        x, c = block_forward(params, f"h.{i}.", x, cfg.n_head, mask)
+        block_caches.append(c)
+    if not spec.last:
+        return x, (c_emb, block_caches, None)
+    loss, c_head = head_forward(params, x, targets)
+    return loss, (c_emb, block_caches, c_head)
+
+
+def stage_backward(spec: StageSpec, cache, grads, upstream):
+    """upstream: dloss (a number) on the last chunk, else d(activations) (B,T,C).
+    Overwrites this chunk's gradients in `grads`; returns d(input activations), or None
+    on the first chunk."""
+    c_emb, block_caches, c_head = cache
+    dx = head_backward(grads, c_head, upstream) if spec.last else upstream
+    for i, c in zip(reversed(range(spec.start, spec.stop)), reversed(block_caches)):
+        dx = block_backward(grads, f"h.{i}.", c, dx)
+    if not spec.first:
+        return dx
+    if not spec.last:
+        grads["wte"][...] = 0  # no head here: the embedding's share is all of it
+    layers.embedding_backward(c_emb, dx, {"wte": grads["wte"], "wpe": grads["wpe"]})
+    return None
+
+
+def init_stage_params(cfg: GPTConfig, seed: int, names, xp=np, dtype=np.float32):
+    """The listed parameters, with exactly the values `init_params` gives the whole model
+    (drawn in full on the host, so every layout starts from the same numbers)."""
+    full = init_params(cfg, seed, np, np.float64)
+    shapes = param_shapes(cfg)
+    part = FlatParams({name: shapes[name] for name in names}, np, np.float64)
+    for name in names:
+        part[name][...] = full[name]
+    return FlatParams(part.shapes, xp, dtype, buffer=xp.asarray(part.flat, dtype=dtype))

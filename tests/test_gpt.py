@@ -107,3 +107,29 @@ def test_backward_announces_every_gradient_once_when_final():
     assert set(snapshots) == set(gpt.param_shapes(CFG))
     for name, value in snapshots.items():
         np.testing.assert_array_equal(value, grads[name], err_msg=name)
+
+
+def test_stages_chained_equal_the_whole_model():
+    """Cutting the model into chunks (embedding first, head last) changes no number, and
+    the two shares of the tied wte gradient add up to the whole model's."""
+    rng = np.random.default_rng(6)
+    cfg = gpt.GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    p = gpt.init_params(cfg, seed=0, dtype=np.float64)
+    idx = rng.integers(0, cfg.vocab_size, (2, cfg.block_size))
+    tgt = rng.integers(0, cfg.vocab_size, (2, cfg.block_size))
+    mask = gpt.layers.causal_mask(np, cfg.block_size, np.float64)
+    whole_loss, cache = gpt.forward(p, cfg, idx, tgt)
+    whole = gpt.backward(cache, p.like())
+    specs = [gpt.StageSpec(0, 1, True, False), gpt.StageSpec(1, 3, False, True)]
+    assert gpt.stage_param_names(cfg, specs[:1]) == ["wte", "wpe"] + list(gpt.block_param_names(0))
+    assert gpt.stage_param_names(cfg, specs[1:])[0] == "wte"
+    grads = [p.like(), p.like()]
+    act, c0 = gpt.stage_forward(p, cfg, specs[0], idx, None, mask)
+    loss, c1 = gpt.stage_forward(p, cfg, specs[1], act, tgt, mask)
+    assert loss == whole_loss
+    d_act = gpt.stage_backward(specs[1], c1, grads[1], 1.0)
+    assert gpt.stage_backward(specs[0], c0, grads[0], d_act) is None
+    for name in gpt.param_shapes(cfg):
+        owners = [g[name] for g, spec in zip(grads, specs)
+                  if name in gpt.stage_param_names(cfg, [spec])]
+        np.testing.assert_allclose(sum(owners), whole[name], rtol=1e-12, err_msg=name)

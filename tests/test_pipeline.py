@@ -1,0 +1,104 @@
+"""Equivalence: pipeline parallelism (GPipe, 1F1B, interleaved 1F1B; alone and with data
+parallelism) trains the same model as one process on the same global batch, in float64.
+
+Run under `mpiexec -n 4`: PP=2 runs in two groups of 2 ranks at once, PP=4 and DP=2 x PP=2
+on all four. Each rank compares the parameters it holds, by name, with the reference.
+"""
+import numpy as np
+import pytest
+
+from app.config import TrainConfig
+from app.pipeline import PipelineStep
+from app.step import TrainStep
+from comm.grid import ProcessGrid
+from models import gpt
+from models.optim import lr_at
+from tests.mpi_util import Verdict, groups_of
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+CFG = gpt.GPTConfig(n_layer=8, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+STEPS, SEED, RTOL = 5, 3, 1e-5
+
+
+def global_batch(step, rows):
+    rng = np.random.default_rng([SEED, step])
+    tokens = rng.integers(0, CFG.vocab_size, (rows, CFG.block_size + 1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def reference(rows):
+    params = gpt.init_params(CFG, SEED, np, np.float64)
+    step = TrainStep(CFG, params, TrainConfig())
+    losses = [step(*global_batch(s, rows), lr_at(s, 3e-3, 3e-4, 2, STEPS))[0]
+              for s in range(STEPS)]
+    return losses, params
+
+
+def run_pipeline(pp_comm, dp_comm, schedule, m, chunks, rows):
+    dp = dp_comm.Get_size() if dp_comm is not None else 1
+    rank = dp_comm.Get_rank() if dp_comm is not None else 0
+    step = PipelineStep(CFG, TrainConfig(micro_batches=m), pp_comm, dp_comm, schedule,
+                        chunks, seed=SEED, timeout=60)
+    share = rows // dp
+    losses = []
+    for s in range(STEPS):
+        x, y = global_batch(s, rows)
+        part = slice(rank * share, (rank + 1) * share)
+        losses.append(step(x[part], y[part], lr_at(s, 3e-3, 3e-4, 2, STEPS))[0])
+    return losses, step.params
+
+
+def compare(verdict, name, got, ref):
+    losses, params = got
+    ref_losses, ref_params = ref
+    verdict.close(f"{name} losses", losses, ref_losses, RTOL)
+    for pname, value in params.items():
+        verdict.close(f"{name} {pname}", value, ref_params[pname], RTOL, atol=1e-12)
+
+
+def cases(p):
+    for schedule in ("gpipe", "1f1b"):
+        for m in (1, p, 2 * p + 1):
+            yield schedule, m, 1
+    for m in (p, 2 * p):  # interleaving needs a multiple of p micro-batches
+        yield "interleaved", m, 2
+
+
+@pytest.mark.mpi(min_size=2)
+def test_every_pipeline_schedule_matches_one_process():
+    world, verdict = MPI.COMM_WORLD, Verdict()
+    refs = {}
+    for p in (2, 4):
+        if p > world.Get_size():
+            continue
+        group = groups_of(world, p)
+        if group is None:
+            continue
+        for schedule, m, chunks in cases(p):
+            name = f"pp={p} {schedule} m={m}"
+            with verdict.guard(name):
+                if m not in refs:
+                    refs[m] = reference(m)
+                compare(verdict, name, run_pipeline(group, None, schedule, m, chunks, m),
+                        refs[m])
+        group.Free()
+    verdict.check(world)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_dp2_times_pp2_matches_one_process():
+    world, verdict = MPI.COMM_WORLD, Verdict()
+    sub = groups_of(world, 4)
+    if sub is not None:
+        grid = ProcessGrid(dp=2, pp=2, comm=sub)
+        for schedule, m, chunks in (("1f1b", 3, 1), ("gpipe", 2, 1), ("interleaved", 2, 2)):
+            name = f"dp=2 pp=2 {schedule} m={m}"
+            with verdict.guard(name):
+                rows = 2 * m
+                compare(verdict, name,
+                        run_pipeline(grid.pp_comm, grid.dp_comm, schedule, m, chunks, rows),
+                        reference(rows))
+        grid.free()
+        sub.Free()
+    verdict.check(world)
