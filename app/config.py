@@ -48,6 +48,12 @@ class TrainConfig:
     zero: int = 0
     overlap: bool = True
     check_interval: int = 100
+    # pipeline parallelism
+    pp: int = 1
+    schedule: str = "1f1b"
+    chunks: int = 1
+    partition: str = "balanced"
+    timeout: float = 300.0
 
     def model_config(self):
         from models.gpt import GPTConfig
@@ -78,12 +84,18 @@ HELP = {
     "zero": "1 = shard the optimizer state over data-parallel ranks (ZeRO-1)",
     "overlap": "start each bucket's all-reduce during backward (true/false)",
     "check_interval": "steps between cross-rank parameter checks (0 = off)",
+    "pp": "pipeline stages", "schedule": "pipeline schedule: 1f1b, gpipe or interleaved",
+    "chunks": "model chunks per stage (interleaved schedule only)",
+    "partition": "blocks per stage: balanced (FLOP model) or uniform",
+    "timeout": "seconds a pipeline transfer may wait before the job is aborted",
 }
 
 POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                 "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches")
+                 "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches",
+                 "pp", "chunks")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval")
-CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1)}
+CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
+           "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform")}
 
 
 def parse_bool(text: str) -> bool:
@@ -191,6 +203,21 @@ def validate(cfg: TrainConfig):
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             bad(key, "one of " + ", ".join(map(str, choices)))
+    if not cfg.timeout > 0:
+        bad("timeout", "a number of seconds > 0")
+    if cfg.chunks > 1 and cfg.schedule != "interleaved":
+        raise UserError(f"config chunks = {cfg.chunks} needs schedule = \"interleaved\", not "
+                        f"{cfg.schedule!r}: expected chunks = 1 for gpipe and 1f1b")
+    if cfg.pp * cfg.chunks > cfg.n_layer:
+        raise UserError(f"config pp * chunks = {cfg.pp} * {cfg.chunks} exceeds n_layer = "
+                        f"{cfg.n_layer}: expected at least one block per (virtual) stage")
+    if cfg.schedule == "interleaved" and cfg.chunks > 1:
+        if cfg.n_layer % (cfg.pp * cfg.chunks):
+            raise UserError(f"config n_layer = {cfg.n_layer} is not divisible by pp * chunks "
+                            f"= {cfg.pp} * {cfg.chunks}: interleaving needs equal chunks")
+        if cfg.micro_batches % cfg.pp:
+            raise UserError(f"config micro_batches = {cfg.micro_batches} is not a multiple "
+                            f"of pp = {cfg.pp}: the interleaved schedule needs one")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "
                         "expected n_embd % n_head == 0")

@@ -18,9 +18,9 @@ import math
 import numpy as np
 
 from app.partition import uniform
-from app.schedules import (Backward, Forward, OptimizerStep, RecvActivation, RecvGrad,
-                           ReduceGrads, SendActivation, SendGrad, TRANSFERS, gpipe,
-                           interleaved_1f1b, neighbour, one_f_one_b)
+from app.schedules import (Backward, Forward, OptimizerStep, RecvActivation, ReduceGrads,
+                           SendActivation, SendGrad, TRANSFERS, gpipe, interleaved_1f1b,
+                           neighbour, one_f_one_b)
 from comm import ring
 from comm.backend import array_module
 from comm.p2p import ACTIVATION, GRADIENT, exchange, message_tag

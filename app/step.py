@@ -101,7 +101,3 @@ class TrainStep:
         buf = np.array([value], dtype=np.float64)
         ring.all_reduce(self.dp_comm, buf)
         return float(buf[0])
-
-    def optimizer_bytes(self):
-        """Bytes of optimizer state (both AdamW moments) held by this rank."""
-        return self.optimizer.m.nbytes + self.optimizer.v.nbytes

@@ -20,6 +20,8 @@ from app.config import add_config_arguments, field_names, load_config, TrainConf
 from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
 from app.generate import sample
+from app.partition import balanced, format_partition, model_costs, stage_costs, uniform
+from app.pipeline import PipelineStep
 from app.step import TrainStep
 from app.tokenizer import get_tokenizer
 from comm import ring
@@ -60,12 +62,12 @@ def evaluate(params, model_cfg, batches, xp, dp_comm):
 
 
 def make_grid(cfg: TrainConfig, comm) -> ProcessGrid:
-    """The dp x 1 x 1 grid (pipeline and tensor parallelism come later); errors name the
-    bad value and reach every rank, since every rank computes the same check."""
+    """The dp x pp x 1 grid (tensor parallelism comes later); errors name the bad value and
+    reach every rank, since every rank computes the same check."""
     world = comm.Get_size()
-    dp = cfg.dp or world
+    dp = cfg.dp or max(1, world // cfg.pp)
     try:
-        grid = ProcessGrid(dp, 1, 1, comm)
+        grid = ProcessGrid(dp, cfg.pp, 1, comm)
     except GridError as err:
         raise UserError(str(err)) from None
     per_rank, rem = divmod(cfg.batch_size, dp * cfg.micro_batches)
@@ -147,11 +149,45 @@ def _finish_run(cfg, run_dir, params, tokenizer_spec, sample_prompt, log):
         log("sample:\n" + sample_prompt + tokenizer.decode(out))
 
 
+def pipeline_ranges(cfg: TrainConfig, rows_per_micro_batch: int):
+    """Block ranges per (virtual) stage and a printable description of the split."""
+    model_cfg = cfg.model_config()
+    embedding, blocks, head = model_costs(model_cfg, rows_per_micro_batch * cfg.block_size)
+    if cfg.partition == "uniform" or cfg.chunks > 1:  # interleaving needs equal chunks
+        ranges = uniform(cfg.n_layer, cfg.pp * cfg.chunks)
+    else:
+        ranges = balanced(blocks, cfg.pp, embedding, head)
+    if cfg.chunks > 1:
+        return ranges, f"{cfg.pp * cfg.chunks} virtual stages of {cfg.n_layer // len(ranges)} blocks"
+    return ranges, format_partition(ranges, stage_costs(ranges, blocks, embedding, head))
+
+
+def gather_full_params(params, pp_comm, model_cfg, xp, dtype):
+    """Every stage's parameters put together (for validation, sampling and saving)."""
+    if pp_comm.Get_size() == 1:
+        return params
+    full = gpt.FlatParams(gpt.param_shapes(model_cfg), np, dtype)
+    for part in pp_comm.allgather({name: to_host(v) for name, v in params.items()}):
+        for name, value in part.items():
+            full[name][...] = value
+    return gpt.FlatParams(full.shapes, xp, dtype, buffer=xp.asarray(full.flat))
+
+
 def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflops, log):
     model_cfg = cfg.model_config()
-    params = gpt.init_params(model_cfg, cfg.seed, xp, np.dtype(cfg.dtype))
+    dtype = np.dtype(cfg.dtype)
     dp_comm, dp, dp_rank = grid.dp_comm, grid.dp, grid.coords.dp
-    step_fn = TrainStep(model_cfg, params, cfg, dp_comm)
+    if cfg.pp > 1:
+        ranges, split = pipeline_ranges(cfg, cfg.batch_size // (dp * cfg.micro_batches))
+        step_fn = PipelineStep(model_cfg, cfg, grid.pp_comm, dp_comm if dp > 1 else None,
+                               cfg.schedule, cfg.chunks, dtype, xp, cfg.seed, cfg.timeout,
+                               ranges)
+        params = step_fn.params
+        log(f"pipeline: pp={cfg.pp} schedule={cfg.schedule} chunks={cfg.chunks} "
+            f"micro_batches={cfg.micro_batches} partition={cfg.partition}: {split}")
+    else:
+        params = gpt.init_params(model_cfg, cfg.seed, xp, dtype)
+        step_fn = TrainStep(model_cfg, params, cfg, dp_comm)
     tokens_per_step = cfg.batch_size * cfg.block_size
     flops_per_step = metrics.flops_per_token(params.size, cfg.n_layer, cfg.block_size,
                                              cfg.n_embd) * tokens_per_step
@@ -161,16 +197,18 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     log(f"model: {params.size:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
         f"MFLOP/token; data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
         f" peak {peak:.1f} GFLOP/s per rank ({'given' if peak_gflops else 'measured'})")
-    log(f"layout: dp={dp} micro_batches={cfg.micro_batches} zero={cfg.zero}; optimizer state "
-        f"{step_fn.optimizer_bytes() / 2**20:.2f} MiB per rank"
-        + (f"; {len(step_fn.reducer.buckets)} gradient buckets of <= {cfg.bucket_mb} MB, "
-           f"overlap {'on' if cfg.overlap else 'off'}" if step_fn.reducer else ""))
+    reducer = getattr(step_fn, "reducer", None)
+    log(f"layout: dp={dp} pp={cfg.pp} micro_batches={cfg.micro_batches} zero={cfg.zero}; "
+        f"optimizer state {optimizer_bytes(step_fn.optimizer) / 2**20:.2f} MiB per rank"
+        + (f"; {len(reducer.buckets)} gradient buckets of <= {cfg.bucket_mb} MB, "
+           f"overlap {'on' if cfg.overlap else 'off'}" if reducer else ""))
 
-    history = {"loss": [], "val": {}, "params": params}
+    history = {"loss": [], "val": {}}
     step_times, comm_waits = [], []
     for step in range(cfg.steps + 1):
         if step % cfg.eval_interval == 0 or step == cfg.steps:
-            val_loss = evaluate(params, model_cfg, val_batches, xp, dp_comm)
+            full = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
+            val_loss = evaluate(full, model_cfg, val_batches, xp, dp_comm)
             history["val"][step] = val_loss
             metrics_log.write({"step": step, "val_loss": val_loss})
             log(f"step {step:5d} | val loss {val_loss:.4f}")
@@ -184,15 +222,21 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
         loss, norm = step_fn(xp.asarray(x), xp.asarray(y), lr)
         step_times.append(time.perf_counter() - start)
-        if step_fn.reducer:
-            comm_waits.append(step_fn.reducer.wait_seconds)
+        if reducer:
+            comm_waits.append(reducer.wait_seconds)
         history["loss"].append(loss)
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}: try a lower lr")
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
             _log_step(step, loss, lr, norm, step_times, comm_waits, tokens_per_step,
-                      flops_per_step, peak * dp, metrics_log, log)
+                      flops_per_step, peak * dp * cfg.pp, metrics_log, log)
+    history["params"] = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
     return history
+
+
+def optimizer_bytes(optimizer):
+    """Bytes of AdamW state (both moments) held by this rank."""
+    return optimizer.m.nbytes + optimizer.v.nbytes
 
 
 def _log_step(step, loss, lr, norm, step_times, comm_waits, tokens_per_step, flops_per_step,

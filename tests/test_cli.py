@@ -262,3 +262,22 @@ def test_bad_layout_exits_on_every_rank(tiny_h5, flags, message):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count(message) == 2, result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-layer", "2", "--pp", "3"], "error: config pp * chunks = 3 * 1 exceeds n_layer = 2: "
+                                      "expected at least one block per (virtual) stage\n"),
+    (["--pp", "2", "--batch-size", "6", "--micro-batches", "4"],
+     "error: config batch_size = 6 is not divisible by dp * micro_batches = 1 * 4: expected "
+     "a multiple of 4\n"),
+    (["--pp", "2", "--chunks", "2"], 'error: config chunks = 2 needs schedule = "interleaved", '
+                                     "not '1f1b': expected chunks = 1 for gpipe and 1f1b\n"),
+    (["--n-layer", "6", "--pp", "2", "--schedule", "interleaved", "--chunks", "2",
+      "--micro-batches", "2"], "error: config n_layer = 6 is not divisible by pp * chunks = "
+                               "2 * 2: interleaving needs equal chunks\n"),
+])
+def test_bad_pipeline_layout_exits_on_every_rank(tiny_h5, flags, message):
+    result = mpiexec_app(2, "train", *FAST, "--data", tiny_h5, *flags)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count(message) == 2, result.stderr

@@ -174,7 +174,8 @@ def test_to_toml_round_trips_every_field_changed():
         "dtype": "float64", "device": "gpu", "data": 'dir with "quotes"\\and\\backslash.h5',
         "log_interval": 1, "eval_interval": 3, "eval_windows": 1, "sample_tokens": 0,
         "dp": 2, "micro_batches": 3, "bucket_mb": 0.25, "zero": 1, "overlap": False,
-        "check_interval": 0,
+        "check_interval": 0, "pp": 1, "schedule": "gpipe", "chunks": 1, "partition": "uniform",
+        "timeout": 12.5,
     }
     assert set(values) == set(field_names())  # the test covers every key
     cfg = make_config(dict(values))
@@ -203,6 +204,28 @@ def test_data_parallel_keys():
             make_config({key: value})
     with pytest.raises(UserError, match="overlap = 1: expected a bool"):
         make_config({"overlap": 1})
+
+
+def test_pipeline_keys_and_impossible_splits():
+    cfg = make_config({"n_layer": 8, "pp": 2, "schedule": "interleaved", "chunks": 2,
+                       "micro_batches": 4, "batch_size": 8})
+    assert (cfg.pp, cfg.schedule, cfg.chunks, cfg.partition) == (2, "interleaved", 2,
+                                                                 "balanced")
+    cases = [
+        ({"n_layer": 4, "pp": 5}, "config pp * chunks = 5 * 1 exceeds n_layer = 4"),
+        ({"pp": 2, "chunks": 2}, 'config chunks = 2 needs schedule = "interleaved", not '
+                                 "'1f1b'"),
+        ({"n_layer": 6, "pp": 2, "chunks": 2, "schedule": "interleaved", "micro_batches": 2},
+         "config n_layer = 6 is not divisible by pp * chunks = 2 * 2"),
+        ({"n_layer": 8, "pp": 2, "chunks": 2, "schedule": "interleaved", "micro_batches": 3},
+         "config micro_batches = 3 is not a multiple of pp = 2"),
+        ({"schedule": "zigzag"}, "config schedule = 'zigzag': expected one of 1f1b, gpipe, "
+                                 "interleaved"),
+        ({"timeout": 0.0}, "config timeout = 0.0: expected a number of seconds > 0"),
+    ]
+    for values, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            make_config(values)
 
 
 def test_boolean_flags():

@@ -102,3 +102,36 @@ def test_dp2_times_pp2_matches_one_process():
         grid.free()
         sub.Free()
     verdict.check(world)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_trainer_with_pp2_matches_one_process():
+    """The whole trainer with --pp 2 (balanced partition, 1F1B): losses, validation and
+    the gathered parameters equal the single-process run."""
+    from app.config import make_config
+    from app.prepare import prepare
+    from app.trainer import train
+    from tests.mpi_util import shared_tmpdir
+    world, verdict = MPI.COMM_WORLD, Verdict()
+    with shared_tmpdir(world) as tmpdir:
+        if world.Get_rank() == 0:
+            (tmpdir / "c.txt").write_text(" ".join(f"w{i % 31}" for i in range(4000)))
+            prepare([tmpdir / "c.txt"], tmpdir / "c.h5")
+        world.Barrier()
+        values = dict(n_layer=4, n_head=2, n_embd=16, block_size=8, batch_size=6, steps=4,
+                      dtype="float64", data=str(tmpdir / "c.h5"), log_interval=1,
+                      eval_interval=2, eval_windows=4, sample_tokens=0, seed=SEED,
+                      micro_batches=3)
+        with verdict.guard("reference"):
+            ref = train(make_config(values), tmpdir / f"r{world.Get_rank()}", peak_gflops=1.0,
+                        log=lambda *a: None, comm=MPI.COMM_SELF)
+        group = groups_of(world, 2)
+        if group is not None:
+            with verdict.guard("pp=2"):
+                got = train(make_config(dict(values, pp=2)), tmpdir / f"p{world.Get_rank() // 2}",
+                            peak_gflops=1.0, log=lambda *a: None, comm=group)
+                verdict.close("losses", got["loss"], ref["loss"], RTOL)
+                verdict.close("val", list(got["val"].values()), list(ref["val"].values()), RTOL)
+                verdict.close("params", got["params"].flat, ref["params"].flat, RTOL, atol=1e-12)
+            group.Free()
+        verdict.check(world)

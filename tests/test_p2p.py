@@ -1,0 +1,43 @@
+"""comm/p2p.py: tags never collide; the watchdog ends a job stuck in a transfer."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from comm.p2p import ACTIVATION, GRADIENT, message_tag
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tags_are_unique_per_message():
+    tags = {message_tag(kind, mb, v, 8) for kind in (ACTIVATION, GRADIENT) for mb in range(40)
+            for v in range(8)}
+    assert len(tags) == 2 * 40 * 8
+
+
+STUCK = """
+import time
+from mpi4py import MPI
+import numpy as np
+from comm.p2p import exchange
+comm = MPI.COMM_WORLD
+if comm.Get_rank() == 0:  # waits for an activation that rank 1 never sends
+    exchange(comm, [], [(1, np.empty(4), 7)], timeout=1.0, what="stage 0: RecvActivation(3)")
+else:
+    time.sleep(60)
+"""
+
+
+def test_watchdog_names_the_stuck_transfer_and_aborts_the_job():
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    start = time.monotonic()
+    result = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", STUCK], cwd=ROOT,
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 30  # rank 1's sleep was cut short by the abort
+    assert "pipeline watchdog: rank 0 waited more than 1 s for stage 0: RecvActivation(3); " \
+           "aborting the job" in result.stderr
