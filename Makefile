@@ -19,7 +19,7 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm data clean help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline data clean help
 
 help:
 	@echo "make train   - set up .venv, prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
@@ -69,3 +69,10 @@ bench-dp: setup
 bench-comm: setup
 	$(MPIRUN) -n 2 $(PYTHON) -m bench.comm
 	$(MPIRUN) -n 4 $(PYTHON) -m bench.comm
+
+# Pipeline schedules on 2 and 4 ranks vs the simulator; writes a Chrome trace and, with
+# matplotlib (an optional, benchmark-only dependency), a PNG Gantt chart under runs/.
+bench-pipeline: setup
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q matplotlib==3.11.2
+	$(MPIRUN) -n 2 $(PYTHON) -m bench.pipeline
+	$(MPIRUN) -n 4 $(PYTHON) -m bench.pipeline

@@ -205,6 +205,9 @@ def validate(cfg: TrainConfig):
             bad(key, "one of " + ", ".join(map(str, choices)))
     if not cfg.timeout > 0:
         bad("timeout", "a number of seconds > 0")
+    if cfg.zero and cfg.pp > 1:
+        raise UserError(f"config zero = 1 with pp = {cfg.pp}: ZeRO-1 is not implemented for "
+                        "pipelines yet; expected zero = 0 when pp > 1")
     if cfg.chunks > 1 and cfg.schedule != "interleaved":
         raise UserError(f"config chunks = {cfg.chunks} needs schedule = \"interleaved\", not "
                         f"{cfg.schedule!r}: expected chunks = 1 for gpipe and 1f1b")

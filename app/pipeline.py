@@ -14,6 +14,7 @@ parameters. One optimizer step runs the stage's program:
   counted once) and runs AdamW on this rank's parameters.
 """
 import math
+import time
 
 import numpy as np
 
@@ -48,6 +49,21 @@ def chunk_specs(n_layer: int, n_stages: int, n_chunks: int, stage: int, ranges=N
             for c in range(n_chunks)]
 
 
+def cache_bytes(cache, params_flat) -> int:
+    """Bytes of the distinct activation arrays held in a (nested) forward cache; views of
+    the parameters (caches keep the weights they multiplied by) are not activations."""
+    seen, total, stack = set(), 0, [cache]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif hasattr(item, "nbytes") and hasattr(item, "shape") and id(item) not in seen:
+            seen.add(id(item))
+            if item is not params_flat and getattr(item, "base", None) is not params_flat:
+                total += item.nbytes
+    return total
+
+
 class PipelineStep:
     def __init__(self, model_cfg, options, pp_comm, dp_comm=None, schedule="1f1b",
                  n_chunks=1, dtype=np.float64, xp=np, seed=0, timeout=None, ranges=None):
@@ -75,6 +91,8 @@ class PipelineStep:
                                   self.stage)
         self.tied_active = (holds_first or holds_last) and self.p > 1
         self.count_wte = "wte" in names and not (holds_last and not holds_first)
+        self.trace = []  # (instruction text, start s, end s) of the last step, for timelines
+        self.peak_activation_bytes = 0  # most cache bytes alive at once in the last step
 
     def __call__(self, x, y, lr):
         """x, y: (b, T) ids of this data-parallel rank's slice -> (mean loss over the global
@@ -87,14 +105,19 @@ class PipelineStep:
         inbox, outbox, caches, losses = {}, {}, {}, []
         dloss = 1.0 / (M * self.dp)
         norm = 0.0
+        self.trace, alive_bytes, self.peak_activation_bytes = [], 0, 0
+        origin = time.perf_counter()
         i = 0
         while i < len(self.program):
             op = self.program[i]
+            start = time.perf_counter() - origin
             if type(op) in TRANSFERS:
                 end = i
                 while end < len(self.program) and type(self.program[end]) in TRANSFERS:
                     end += 1
                 self._transfer(self.program[i:end], inbox, outbox, rows)
+                self.trace.append((" ".join(map(str, self.program[i:end])), start,
+                                   time.perf_counter() - origin))
                 i = end
                 continue
             if isinstance(op, Forward):
@@ -106,11 +129,14 @@ class PipelineStep:
                     losses.append(float(out))
                 else:
                     outbox[ACTIVATION, op.mb, op.chunk] = out
+                alive_bytes += cache_bytes(caches[op.mb, op.chunk], self.params.flat)
+                self.peak_activation_bytes = max(self.peak_activation_bytes, alive_bytes)
             elif isinstance(op, Backward):
                 spec = self.specs[op.chunk]
                 upstream = dloss if spec.last else inbox.pop((GRADIENT, op.mb, op.chunk))
-                dx = gpt.stage_backward(spec, caches.pop((op.mb, op.chunk)), self.scratch,
-                                        upstream)
+                cache = caches.pop((op.mb, op.chunk))
+                alive_bytes -= cache_bytes(cache, self.params.flat)
+                dx = gpt.stage_backward(spec, cache, self.scratch, upstream)
                 for name in self.chunk_names[op.chunk]:
                     accumulated = self.grads[name]
                     accumulated += self.scratch[name]
@@ -121,6 +147,7 @@ class PipelineStep:
             elif isinstance(op, OptimizerStep):
                 norm = self._clip()
                 self.optimizer.step(self.grads.flat, lr)
+            self.trace.append((str(op), start, time.perf_counter() - origin))
             i += 1
         assert not caches and not inbox, "schedule left activations behind"
         return self._global_loss(losses, M), norm

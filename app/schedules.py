@@ -171,8 +171,9 @@ def simulate(schedule, costs=None) -> Simulation:
     and Irecv, then Waitall), as the interpreter executes it. Every send must meet the
     receive that names the same message, and a stage's backward must follow its forward.
 
-    costs: instruction class -> time (Forward, Backward, ReduceGrads, OptimizerStep) and
-    "transfer" -> time of one message.
+    costs: instruction class -> time (Forward, Backward, ReduceGrads, OptimizerStep), or
+    -> a list of times, one per stage (measured stages differ); "transfer" -> time of one
+    message.
     """
     costs = {**DEFAULT_COSTS, **(costs or {})}
     p = len(schedule)
@@ -195,7 +196,8 @@ def simulate(schedule, costs=None) -> Simulation:
                     posted[s] = dict.fromkeys(range(pc[s], end))
                     break
                 start = clock[s]
-                clock[s] += costs.get(type(op), 0.0)
+                cost = costs.get(type(op), 0.0)
+                clock[s] += cost[s] if isinstance(cost, (list, tuple)) else cost
                 timeline[s].append((op, start, clock[s]))
                 if type(op) in COMPUTE:
                     busy[s] += clock[s] - start

@@ -189,12 +189,13 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         params = gpt.init_params(model_cfg, cfg.seed, xp, dtype)
         step_fn = TrainStep(model_cfg, params, cfg, dp_comm)
     tokens_per_step = cfg.batch_size * cfg.block_size
-    flops_per_step = metrics.flops_per_token(params.size, cfg.n_layer, cfg.block_size,
+    n_params = gpt.num_params(model_cfg)  # the whole model, whatever this rank holds
+    flops_per_step = metrics.flops_per_token(n_params, cfg.n_layer, cfg.block_size,
                                              cfg.n_embd) * tokens_per_step
     # One probe on rank 0 while the others wait: oversubscribed ranks would skew it.
     peak = peak_gflops or grid.comm.bcast(
         metrics.measure_gemm_gflops(xp) if grid.comm.Get_rank() == 0 else None, root=0)
-    log(f"model: {params.size:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
+    log(f"model: {n_params:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
         f"MFLOP/token; data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
         f" peak {peak:.1f} GFLOP/s per rank ({'given' if peak_gflops else 'measured'})")
     reducer = getattr(step_fn, "reducer", None)

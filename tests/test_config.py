@@ -222,6 +222,8 @@ def test_pipeline_keys_and_impossible_splits():
         ({"schedule": "zigzag"}, "config schedule = 'zigzag': expected one of 1f1b, gpipe, "
                                  "interleaved"),
         ({"timeout": 0.0}, "config timeout = 0.0: expected a number of seconds > 0"),
+        ({"pp": 2, "zero": 1}, "config zero = 1 with pp = 2: ZeRO-1 is not implemented for "
+                               "pipelines yet"),
     ]
     for values, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):

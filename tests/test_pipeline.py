@@ -128,8 +128,15 @@ def test_trainer_with_pp2_matches_one_process():
         group = groups_of(world, 2)
         if group is not None:
             with verdict.guard("pp=2"):
-                got = train(make_config(dict(values, pp=2)), tmpdir / f"p{world.Get_rank() // 2}",
-                            peak_gflops=1.0, log=lambda *a: None, comm=group)
+                lines = []
+                cfg = make_config(dict(values, pp=2))
+                got = train(cfg, tmpdir / f"p{world.Get_rank() // 2}", peak_gflops=1.0,
+                            log=lines.append, comm=group)
+                if group.Get_rank() == 0:  # the whole model's size, not one stage's
+                    n_params = gpt.num_params(cfg.model_config())
+                    assert any(line.startswith(f"model: {n_params:,} parameters")
+                               for line in lines), lines
+                    assert any(line.startswith("pipeline: pp=2 schedule=1f1b") for line in lines)
                 verdict.close("losses", got["loss"], ref["loss"], RTOL)
                 verdict.close("val", list(got["val"].values()), list(ref["val"].values()), RTOL)
                 verdict.close("params", got["params"].flat, ref["params"].flat, RTOL, atol=1e-12)

@@ -107,3 +107,9 @@ def test_interleaving_checks_its_arguments():
     with pytest.raises(ValueError, match="n_chunks = 0: expected an integer >= 1"):
         interleaved_1f1b(4, 8, 0)
     assert interleaved_1f1b(3, 5, 1) == one_f_one_b(3, 5)
+
+
+def test_per_stage_costs_make_the_slowest_stage_the_bottleneck():
+    sim = simulate(one_f_one_b(3, 6), {Forward: [1.0, 2.0, 1.0], Backward: [2.0, 4.0, 2.0]})
+    assert sim.makespan >= 6 * (2.0 + 4.0)  # the slow middle stage sets the pace
+    assert sim.busy == [18.0, 36.0, 18.0]
