@@ -87,9 +87,8 @@ class PipelineStep:
         holds_first = any(s.first for s in self.specs)
         holds_last = any(s.last for s in self.specs)
         # the first and last stage each hold wte; they sum its two gradient shares
-        self.tied = pp_comm.Split(0 if (holds_first or holds_last) and self.p > 1 else 1,
-                                  self.stage)
         self.tied_active = (holds_first or holds_last) and self.p > 1
+        self.tied = pp_comm.Split(0 if self.tied_active else 1, self.stage)
         self.count_wte = "wte" in names and not (holds_last and not holds_first)
         self.trace = []  # (instruction text, start s, end s) of the last step, for timelines
         self.peak_activation_bytes = 0  # most cache bytes alive at once in the last step
