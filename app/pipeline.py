@@ -26,7 +26,7 @@ from comm import ring
 from comm.backend import array_module
 from comm.p2p import ACTIVATION, GRADIENT, exchange, message_tag
 from models import gpt, layers
-from models.optim import AdamW, decay_mask
+from models.optim import AdamW, clip_by_global_norm, decay_mask
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
@@ -187,8 +187,7 @@ class PipelineStep:
         if "wte" in self.params.shapes and not self.count_wte:
             sumsq -= float(xp.vdot(self.grads["wte"], self.grads["wte"]))
         norm = math.sqrt(self.pp_comm.allreduce(sumsq))
-        if self.options.grad_clip > 0 and norm > self.options.grad_clip:
-            flat *= self.options.grad_clip / (norm + 1e-6)
+        clip_by_global_norm(flat, self.options.grad_clip, norm)
         return norm
 
     def _global_loss(self, losses, M):

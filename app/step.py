@@ -16,7 +16,7 @@ from comm import ring
 from comm.backend import array_module
 from comm.reducer import GradReducer
 from models import gpt, layers
-from models.optim import AdamW, decay_mask
+from models.optim import AdamW, clip_by_global_norm, decay_mask
 
 
 class TrainStep:
@@ -88,10 +88,8 @@ class TrainStep:
         if self.reducer and self.options.zero:
             sumsq = self._sum_over_ranks(sumsq)
         norm = math.sqrt(sumsq)
-        if self.options.grad_clip > 0 and norm > self.options.grad_clip:
-            scale = self.options.grad_clip / (norm + 1e-6)
-            for a, b in self.owned:
-                flat[a:b] *= scale
+        for a, b in self.owned:  # the optimizer reads only these elements
+            clip_by_global_norm(flat[a:b], self.options.grad_clip, norm)
         return norm
 
     def _global_mean(self, local_mean):
