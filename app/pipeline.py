@@ -28,8 +28,6 @@ from comm.p2p import ACTIVATION, GRADIENT, exchange, message_tag
 from models import gpt, layers
 from models.optim import AdamW, clip_by_global_norm, decay_mask
 
-SCHEDULES = ("1f1b", "gpipe", "interleaved")
-
 
 def make_program(schedule: str, n_stages: int, n_micro: int, n_chunks: int, stage: int):
     if schedule == "gpipe":
