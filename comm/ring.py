@@ -116,7 +116,9 @@ def _next_tag(comm):
     """A tag of its own for this operation; the same on every rank of `comm`."""
     state = comm.Get_attr(_TAG_KEYVAL)  # [operations so far, first tag, number of tags]
     if state is None:
-        ub = comm.Get_attr(MPI.TAG_UB)
+        # The standard attaches TAG_UB to MPI_COMM_WORLD only (Open MPI returns None on a
+        # Split or Dup); the bound is the same for every communicator of the job.
+        ub = comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         state = [0, ub - ub // 2 + 1, ub // 2]  # ring tags: the upper half of [0, TAG_UB]
         comm.Set_attr(_TAG_KEYVAL, state)
     state[0] += 1
