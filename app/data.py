@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from app.errors import UserError
+from app.tokenizer import get_tokenizer
 
 FORMAT = "gpt-tokens"
 FORMAT_VERSION = 1
@@ -31,6 +32,13 @@ def _attr(attrs, name):
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _damaged(where: str, what: str, err: Exception) -> UserError:
+    """The error for an HDF5 read that failed in a file that opened: a damaged file."""
+    reason = err.args[0] if err.args else err
+    return UserError(f"{where}: cannot read {what}: HDF5 error ({reason}): the file may be "
+                     "damaged; run `python -m app prepare` again")
+
+
 class TokenData:
     """An open token file: `train` and `val` are h5py datasets, read lazily."""
 
@@ -42,11 +50,14 @@ class TokenData:
         try:
             self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES,
                                    rdcc_nslots=_CACHE_SLOTS)
-        except OSError:
-            raise UserError(f"{str(self.path)!r} is not an HDF5 file: expected a token "
-                            "file from `python -m app prepare`") from None
+        except OSError as err:
+            raise UserError(f"{str(self.path)!r} is not an HDF5 file ({err}): expected a "
+                            "token file from `python -m app prepare`") from None
         try:
             self._validate()
+        except OSError as err:
+            self._file.close()
+            raise _damaged(repr(str(self.path)), "its metadata", err) from None
         except BaseException:
             self._file.close()
             raise
@@ -61,25 +72,64 @@ class TokenData:
         if version != FORMAT_VERSION:
             raise UserError(f"{where} has format_version {version!r}: this program reads "
                             f"version {FORMAT_VERSION}; run `python -m app prepare` again")
-        for name in SPLITS:
-            ds = self._file.get(name)
-            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 \
-                    or not np.issubdtype(ds.dtype, np.integer):
-                raise UserError(f"{where} has no 1-D integer dataset {name!r}: "
-                                f"expected datasets {', '.join(SPLITS)}")
         for name in ("tokenizer", "vocab_size"):
             if name not in attrs:
                 raise UserError(f"{where} has no {name!r} attribute: expected one written by "
                                 "`python -m app prepare`")
         self.vocab_size = int(_attr(attrs, "vocab_size"))
         self.tokenizer = str(_attr(attrs, "tokenizer"))
-        self.train = self._file["train"]
-        self.val = self._file["val"]
+        try:
+            expected = get_tokenizer(self.tokenizer).vocab_size
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        if self.vocab_size != expected:
+            raise UserError(f"{where} has vocab_size {self.vocab_size} but its tokenizer "
+                            f"{self.tokenizer!r} has {expected}: expected them to match; run "
+                            "`python -m app prepare` again")
+        for name in SPLITS:
+            try:
+                ds = self._file[name]
+            except KeyError as err:  # h5py's word for both a missing and a damaged object
+                if name in self._file:
+                    raise _damaged(where, f"dataset {name!r}", err) from None
+                ds = None
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+                raise UserError(f"{where} has no 1-D dataset {name!r}: "
+                                f"expected datasets {', '.join(SPLITS)}")
+            if not np.issubdtype(ds.dtype, np.unsignedinteger):
+                raise UserError(f"{where} dataset {name!r} has dtype {ds.dtype}: expected "
+                                "unsigned integer token ids")
+            # Written by `prepare` since it was added; older files rely on the batch check.
+            max_token = _attr(ds.attrs, "max_token")
+            if max_token is not None and max_token >= self.vocab_size:
+                raise UserError(f"{where} dataset {name!r} has max_token {max_token}: expected "
+                                f"ids below vocab_size {self.vocab_size}; run "
+                                "`python -m app prepare` again")
+            setattr(self, name, ds)
 
     def split(self, name: str) -> h5py.Dataset:
         if name not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
         return getattr(self, name)
+
+    def windows(self, split: str, starts, length: int):
+        """Rows `split[s : s + length]` for each start: x and y (x shifted by one), int64.
+
+        A damaged chunk or an id >= vocab_size is a UserError naming the tokens."""
+        dataset, where = self.split(split), repr(str(self.path))
+        windows = np.empty((len(starts), length), dtype=np.int64)
+        for row, start in enumerate(starts):
+            try:
+                windows[row] = dataset[start:start + length]
+            except OSError as err:
+                raise _damaged(where, f"{split} tokens [{start}, {start + length})",
+                               err) from None
+        if windows.size and windows.max() >= self.vocab_size:  # unsigned: never below 0
+            row, col = np.argwhere(windows >= self.vocab_size)[0]
+            raise UserError(f"{where}: {split} token {starts[row] + col} (in the window at "
+                            f"{starts[row]}) is {windows[row, col]}: expected ids below "
+                            f"vocab_size {self.vocab_size}; run `python -m app prepare` again")
+        return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
     def require_tokens(self, split: str, block_size: int):
         """UserError unless `split` holds at least one window of `block_size + 1` tokens."""
@@ -104,14 +154,6 @@ def _positive(name: str, value: int):
         raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _read_windows(dataset, starts, length: int):
-    """Rows `dataset[s : s + length]` for each start: x and y (x shifted by one), int64."""
-    windows = np.empty((len(starts), length), dtype=np.int64)
-    for row, start in enumerate(starts):
-        windows[row] = dataset[start:start + length]
-    return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
-
-
 class BatchLoader:
     """Random windows of `block_size + 1` tokens from one split.
 
@@ -126,8 +168,8 @@ class BatchLoader:
         data.require_tokens(split, block_size)
         self.split, self.block_size, self.batch_size, self.seed = \
             split, block_size, batch_size, seed
-        self._dataset = data.split(split)
-        self._n_starts = len(self._dataset) - block_size
+        self._data = data
+        self._n_starts = len(data.split(split)) - block_size
 
     def starts(self, step: int) -> np.ndarray:
         """The global batch's start offsets: a function of (seed, step) alone."""
@@ -142,7 +184,7 @@ class BatchLoader:
             raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
         b = self.batch_size // dp_size
         mine = self.starts(step)[dp_rank * b:(dp_rank + 1) * b]
-        return _read_windows(self._dataset, mine, self.block_size + 1)
+        return self._data.windows(self.split, mine, self.block_size + 1)
 
 
 def validation_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
@@ -167,7 +209,7 @@ def validation_batches(data: TokenData, block_size: int, batch_size: int, n_wind
 
     def batches():
         for i in range(0, len(starts), batch_size):
-            yield _read_windows(data.val, starts[i:i + batch_size], block_size + 1)
+            yield data.windows("val", starts[i:i + batch_size], block_size + 1)
 
     # Errors above are raised at the call, not at the first next().
     return batches()

@@ -113,11 +113,16 @@ def _write_split(h5, name, pieces, start, stop, dtype, description):
         ds.attrs[key] = h5.attrs[key]
     ds.attrs["tokens"] = n
     offset = 0  # position of the current piece in the stream
+    max_token = 0
     for piece in pieces:
         lo, hi = max(start, offset), min(stop, offset + len(piece))
         if lo < hi:
-            ds[lo - start:hi - start] = piece[lo - offset:hi - offset]
+            part = piece[lo - offset:hi - offset]
+            ds[lo - start:hi - start] = part
+            max_token = max(max_token, int(part.max()))
         offset += len(piece)
+    # Lets the loader refuse ids outside the vocabulary when it opens the file.
+    ds.attrs["max_token"] = max_token
     return ds
 
 

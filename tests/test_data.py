@@ -2,8 +2,10 @@ import h5py
 import numpy as np
 import pytest
 
+from app import prepare as prepare_cmd
 from app.data import BatchLoader, TokenData, validation_batches, validation_starts
 from app.errors import UserError
+from conftest import corpus_text
 
 BLOCK = 16
 
@@ -188,3 +190,147 @@ def test_batch_not_divisible_by_dp_size(data):
 def test_non_positive_sizes(data, block, batch):
     with pytest.raises(UserError, match="must be a positive integer"):
         BatchLoader(data, "train", block, batch, seed=0)
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+@pytest.mark.parametrize("attrs, match", [
+    ({**GOOD, "tokenizer": "gpt5"}, r"x\.h5'?: unknown tokenizer 'gpt5': expected one of bytes"),
+    ({**GOOD, "vocab_size": 1000}, r"x\.h5' has vocab_size 1000 but its tokenizer 'bytes' has "
+                                   "256: expected them to match"),
+])
+def test_vocab_size_must_be_the_tokenizers(tmp_path, attrs, match):
+    path = write_h5(tmp_path / "x.h5", attrs, train=TOKENS, val=TOKENS)
+    with pytest.raises(UserError, match=match):
+        TokenData(path)
+
+
+def test_signed_token_ids_are_refused_at_open(tmp_path):
+    signed = TOKENS.astype(np.int16)
+    signed[10] = -1
+    path = write_h5(tmp_path / "x.h5", GOOD, train=signed, val=TOKENS)
+    with pytest.raises(UserError) as err:
+        TokenData(path)
+    assert str(err.value) == (f"{str(path)!r} dataset 'train' has dtype int16: expected "
+                              "unsigned integer token ids")
+
+
+def test_float_token_ids_are_refused_at_open(tmp_path):
+    path = write_h5(tmp_path / "x.h5", GOOD, train=TOKENS, val=TOKENS.astype(np.float32))
+    with pytest.raises(UserError, match="'val' has dtype float32: expected unsigned integer"):
+        TokenData(path)
+
+
+def file_with_bad_id(tmp_path, max_token=None):
+    """A token file whose train split holds id 300 (vocab 256) at position 60."""
+    train = np.arange(100, dtype=np.uint16)
+    train[60] = 300
+    path = write_h5(tmp_path / "x.h5", GOOD, train=train, val=TOKENS)
+    if max_token is not None:
+        with h5py.File(path, "r+") as f:
+            f["train"].attrs["max_token"] = max_token
+    return path
+
+
+def test_id_beyond_vocab_without_max_token_fails_at_the_batch_that_reads_it(tmp_path):
+    path = file_with_bad_id(tmp_path)
+    with TokenData(path) as data:  # an older file: nothing to check at open
+        loader = BatchLoader(data, "train", 9, 4, seed=0)
+        steps = [s for s in range(50) if any(st <= 60 < st + 10 for st in loader.starts(s))]
+        clean = next(s for s in range(50) if s not in steps)
+        loader.batch(clean)
+        start = next(st for st in loader.starts(steps[0]) if st <= 60 < st + 10)
+        with pytest.raises(UserError) as err:
+            loader.batch(steps[0])
+    assert str(err.value) == (f"{str(path)!r}: train token 60 (in the window at {start}) is "
+                              "300: expected ids below vocab_size 256; run `python -m app "
+                              "prepare` again")
+
+
+def test_id_beyond_vocab_with_max_token_fails_at_open(tmp_path):
+    path = file_with_bad_id(tmp_path, max_token=300)
+    with pytest.raises(UserError) as err:
+        TokenData(path)
+    assert str(err.value) == (f"{str(path)!r} dataset 'train' has max_token 300: expected ids "
+                              "below vocab_size 256; run `python -m app prepare` again")
+
+
+def test_id_beyond_vocab_in_validation(tmp_path):
+    val = np.arange(100, dtype=np.uint16)
+    val[-1] = 256
+    path = write_h5(tmp_path / "x.h5", GOOD, train=TOKENS, val=val)
+    with TokenData(path) as data:
+        batches = validation_batches(data, 9, 4, n_windows=10)
+        with pytest.raises(UserError, match=r"val token 99 \(in the window at 90\) is 256"):
+            list(batches)
+
+
+@pytest.fixture
+def chunked_h5(tmp_path, monkeypatch):
+    """A prepared file of ~10 KB of text in gzip chunks of 1024 tokens."""
+    monkeypatch.setattr(prepare_cmd, "CHUNK_TOKENS", 1024)
+    (tmp_path / "text.txt").write_text(corpus_text(), encoding="utf-8")
+    prepare_cmd.prepare([tmp_path / "text.txt"], tmp_path / "chunked.h5")
+    return tmp_path / "chunked.h5"
+
+
+def damage_chunk(path, split, index):
+    """Overwrite chunk `index` of `split` with zeros (no longer a gzip stream); its tokens."""
+    with h5py.File(path, "r") as f:
+        ds = f[split]
+        info = ds.id.get_chunk_info(index)
+        first = info.chunk_offset[0]
+        tokens = (first, min(first + ds.chunks[0], len(ds)))
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(bytes(info.size))
+    return tokens
+
+
+def test_damaged_chunk_names_file_split_and_tokens(chunked_h5):
+    with h5py.File(chunked_h5, "r") as f:
+        original = f["train"][:]
+    lo, hi = damage_chunk(chunked_h5, "train", 3)
+    with TokenData(chunked_h5) as data:
+        assert data.train.id.get_num_chunks() > 5
+        loader = BatchLoader(data, "train", BLOCK, 8, seed=0)
+
+        def touches(start):
+            return start < hi and lo < start + BLOCK + 1
+
+        bad = next(s for s in range(200) if any(map(touches, loader.starts(s))))
+        good = [s for s in range(200) if not any(map(touches, loader.starts(s)))][:5]
+        start = next(filter(touches, loader.starts(bad)))
+        with pytest.raises(UserError) as err:
+            loader.batch(bad)
+        for step in good:  # the other chunks still read, and read right
+            x, _ = loader.batch(step)
+            for row, s in enumerate(loader.starts(step)):
+                np.testing.assert_array_equal(x[row], original[s:s + BLOCK])
+    message = str(err.value)
+    assert message.startswith(f"{str(chunked_h5)!r}: cannot read train tokens "
+                              f"[{start}, {start + BLOCK + 1}): HDF5 error (")
+    assert message.endswith("): the file may be damaged; run `python -m app prepare` again")
+    assert "\n" not in message
+
+
+def test_damaged_chunk_in_validation(chunked_h5):
+    damage_chunk(chunked_h5, "val", 0)
+    with TokenData(chunked_h5) as data:
+        batches = validation_batches(data, BLOCK, 4, n_windows=8)
+        with pytest.raises(UserError, match=r"cannot read val tokens \[0, 17\): HDF5 error"):
+            list(batches)
+
+
+def test_damaged_dataset_header_fails_at_open(chunked_h5):
+    with h5py.File(chunked_h5, "r") as f:
+        header = h5py.h5o.get_info(f["val"].id).addr
+    with open(chunked_h5, "r+b") as f:
+        f.seek(header)
+        f.write(b"\xff" * 16)
+    with pytest.raises(UserError) as err:
+        TokenData(chunked_h5)
+    assert str(err.value).startswith(f"{str(chunked_h5)!r}: cannot read dataset 'val': HDF5 "
+                                      "error (")
+    assert str(err.value).endswith("the file may be damaged; run `python -m app prepare` again")

@@ -174,3 +174,14 @@ def test_datasets_repeat_the_essentials_for_h5ls(tmp_path):
             attrs = f[split].attrs
             assert attrs["format"] == "gpt-tokens" and attrs["tokenizer"] == "bytes"
             assert attrs["vocab_size"] == 256 and attrs["tokens"] == f[split].shape[0]
+
+
+def test_each_split_records_its_largest_id(tmp_path):
+    """The loader checks `max_token` against the vocabulary when it opens the file."""
+    src = tmp_path / "a.txt"
+    src.write_text("plain ascii first, and then some more of it: 数据 🙂", encoding="utf-8")
+    prepare([src], tmp_path / "t.h5", val_fraction=0.3)
+    with h5py.File(tmp_path / "t.h5") as f:
+        for split in ("train", "val"):
+            assert f[split].attrs["max_token"] == f[split][:].max()
+        assert f["val"].attrs["max_token"] > 127 > f["train"].attrs["max_token"]
