@@ -121,15 +121,30 @@ def field_names():
 
 
 def add_config_arguments(parser: argparse.ArgumentParser):
-    """--config NAME|PATH plus one override flag per config key (default: not given)."""
+    """--config NAME|PATH plus one override flag per config key (default: not given).
+
+    `--help` shows the values of the config that would be used (`parser.before_help`)."""
     parser.add_argument("--config", default="baby",
-                        help="a name in configs/ (tiny, baby, small) or a path to a .toml file")
-    group = parser.add_argument_group("config overrides (win over the file)")
+                        help="a name in configs/ (tiny, baby, small) or a path to a .toml file "
+                             "(default baby)")
+    group = parser.add_argument_group(
+        "config overrides (win over the file; each shows the value of --config's file)")
+    overrides = {}
     for f in fields(TrainConfig):
         kind = parse_bool if f.type is bool else f.type
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                           metavar=f.type.__name__.upper(),
-                           help=f"{HELP.get(f.name, '')} (default {f.default!r})")
+        overrides[f.name] = group.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+            metavar=f.type.__name__.upper(), help=f"{HELP.get(f.name, '')} ({f.default!r})")
+
+    def show_config_values(namespace):
+        try:
+            cfg, source = load_config(namespace.config), f"{namespace.config}: "
+        except UserError as err:
+            cfg, source = TrainConfig(), f"built-in, since {err}: "
+        for name, action in overrides.items():
+            action.help = f"{HELP.get(name, '')} ({source}{getattr(cfg, name)!r})"
+
+    parser.before_help = show_config_values
 
 
 def config_path(name_or_path: str) -> Path:

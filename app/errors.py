@@ -6,4 +6,12 @@ Anything else that escapes is a bug in our code and keeps its traceback.
 
 
 class UserError(Exception):
-    """A bad value given by the user: the message names the value and what was expected."""
+    """A bad value given by the user: the message names the value and what was expected.
+
+    `everywhere` is true when every rank of the job raised this same error at the same
+    point (see `app.failures.together`): rank 0 alone reports it and no rank needs to abort.
+    """
+
+    def __init__(self, message, everywhere=False):
+        super().__init__(message)
+        self.everywhere = everywhere

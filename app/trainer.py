@@ -5,26 +5,33 @@ coordinate; the rank reads its slice of the global batch of step s, and `TrainSt
 forward, backward, gradient reduction and the optimizer step. Every rank keeps identical
 parameters (checked every `check_interval` steps); rank 0 logs and writes the run
 directory: config.toml, metrics.jsonl and the final params.h5.
+
+Set-up runs inside `together` (app/failures.py), so a bad config, data file, run directory
+or memory budget ends every rank with one line; every wait on other ranks is under the
+watchdog (comm/watchdog.py), armed with the `timeout` config key.
 """
 import math
 import os
 import time
 import zlib
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from app import metrics
+from app import metrics, rundir
 from app.checkpoint import save_params
 from app.config import add_config_arguments, field_names, load_config, TrainConfig
 from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
+from app.failures import together
 from app.generate import sample
+from app.memory import check_fits
 from app.partition import balanced, format_partition, model_costs, stage_costs, uniform
 from app.pipeline import PipelineStep
 from app.step import TrainStep
 from app.tokenizer import get_tokenizer
-from comm import ring
+from comm import ring, watchdog
 from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
 from comm.grid import GridError, ProcessGrid
 from models import gpt
@@ -34,18 +41,28 @@ from models.optim import lr_at
 def add_arguments(parser):
     add_config_arguments(parser)
     parser.add_argument("--out", default=None,
-                        help="run directory (default runs/<config name>)")
+                        help="run directory (default runs/<config name>, or runs/<config "
+                             "name>-N if that holds a run already)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out (without it, that is refused)")
     parser.add_argument("--peak-gflops", type=float, default=None,
                         help="peak GFLOP/s for MFU (default: measured by a short GEMM probe)")
 
 
 def run(args):
-    overrides = {name: getattr(args, name) for name in field_names()}
-    cfg = load_config(args.config, overrides)
-    if args.peak_gflops is not None and not args.peak_gflops > 0:
-        raise UserError(f"--peak-gflops {args.peak_gflops}: expected a number > 0")
-    out = args.out or os.path.join("runs", Path(args.config).stem)
-    train(cfg, out, peak_gflops=args.peak_gflops)
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    with together(comm):
+        overrides = {name: getattr(args, name) for name in field_names()}
+        cfg = load_config(args.config, overrides)
+        if args.peak_gflops is not None and not args.peak_gflops > 0:
+            raise UserError(f"--peak-gflops {args.peak_gflops}: expected a number > 0")
+    out = args.out
+    if out is None:  # rank 0 names it, so that every rank agrees
+        with watchdog.waiting("rank 0 to name the run directory", cfg.timeout):
+            out = comm.bcast(rundir.fresh_run_dir(os.path.join("runs", Path(args.config).stem))
+                             if comm.Get_rank() == 0 else None, root=0)
+    train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite, comm=comm)
     return 0
 
 
@@ -61,21 +78,38 @@ def evaluate(params, model_cfg, batches, xp, dp_comm):
     return totals[0] / totals[1]
 
 
-def make_grid(cfg: TrainConfig, comm) -> ProcessGrid:
-    """The dp x pp x 1 grid (tensor parallelism comes later); errors name the bad value and
-    reach every rank, since every rank computes the same check."""
-    world = comm.Get_size()
+def check_layout(cfg: TrainConfig, world: int) -> int:
+    """The data-parallel size of a dp x pp x 1 grid on `world` ranks (tensor parallelism comes
+    later); errors name the bad value, and every rank computes the same."""
     dp = cfg.dp or max(1, world // cfg.pp)
-    try:
-        grid = ProcessGrid(dp, cfg.pp, 1, comm)
-    except GridError as err:
-        raise UserError(str(err)) from None
+    if dp * cfg.pp != world:
+        raise UserError(f"world size {world} != dp*pp*tp = {dp}*{cfg.pp}*1 = {dp * cfg.pp}: "
+                        "expected the ranks to fill the grid exactly")
     per_rank, rem = divmod(cfg.batch_size, dp * cfg.micro_batches)
     if rem or per_rank == 0:
         raise UserError(f"config batch_size = {cfg.batch_size} is not divisible by dp * "
                         f"micro_batches = {dp} * {cfg.micro_batches}: expected a multiple of "
                         f"{dp * cfg.micro_batches}")
-    return grid
+    return dp
+
+
+def make_grid(cfg: TrainConfig, comm) -> ProcessGrid:
+    """The dp x pp x 1 grid; every rank raises the same UserError for a bad layout."""
+    dp = check_layout(cfg, comm.Get_size())
+    try:
+        with watchdog.waiting("the other ranks to build the process grid", cfg.timeout):
+            return ProcessGrid(dp, cfg.pp, 1, comm)
+    except GridError as err:
+        raise UserError(str(err)) from None
+
+
+def ranks_on_this_node(comm, timeout) -> int:
+    from mpi4py import MPI
+    with watchdog.waiting("the other ranks to count the ranks per node", timeout):
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    size = node.Get_size()
+    node.Free()
+    return size
 
 
 def params_digest(params) -> int:
@@ -85,33 +119,39 @@ def params_digest(params) -> int:
 
 def check_replicas_agree(params, dp_comm, step):
     """Fails loudly, on every rank at once, if data-parallel replicas have drifted apart."""
-    digests = dp_comm.allgather(params_digest(params))
+    with watchdog.waiting(f"the other ranks' parameter digests at step {step}"):
+        digests = dp_comm.allgather(params_digest(params))
     if len(set(digests)) > 1:
         raise RuntimeError(f"parameters differ across data-parallel ranks at step {step}: "
                            f"CRC-32 per rank {[hex(d) for d in digests]}")
 
 
 def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt="\n",
-          comm=None):
+          comm=None, overwrite=False):
     """Trains from scratch on the ranks of `comm` (default MPI.COMM_WORLD); returns
-    {'loss': [...], 'val': {step: loss}, 'params': FlatParams} on every rank."""
+    {'loss': [...], 'val': {step: loss}, 'params': FlatParams} on every rank.
+
+    Refuses (on every rank) a run directory that holds a run, unless `overwrite`."""
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
-    try:
-        xp = get_xp(cfg.device)
-    except BackendUnavailable as err:
-        raise UserError(str(err)) from None
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise UserError(f"--out {run_dir}: is a file, expected a run directory")
-    grid = make_grid(cfg, comm)
     is_root = comm.Get_rank() == 0
     if not is_root:
         log = _silent
-    keep_freed_host_memory()
-    log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-    try:
-        with TokenData(cfg.data) as data:
+    watchdog.arm(cfg.timeout)
+    with ExitStack() as cleanup:
+        with together(comm):
+            try:
+                xp = get_xp(cfg.device)
+            except BackendUnavailable as err:
+                raise UserError(str(err)) from None
+            check_layout(cfg, comm.Get_size())
+        grid = make_grid(cfg, comm)
+        cleanup.callback(grid.free)
+        on_node = ranks_on_this_node(comm, cfg.timeout)
+        with together(comm):
+            check_fits(cfg, grid.dp, on_node)
+            data = cleanup.enter_context(TokenData(cfg.data))
             if data.vocab_size != cfg.vocab_size:
                 raise UserError(f"data file {cfg.data} has vocab_size {data.vocab_size} but "
                                 f"the config says vocab_size = {cfg.vocab_size}: expected "
@@ -119,19 +159,33 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             loader = BatchLoader(data, "train", cfg.block_size, cfg.batch_size, cfg.seed)
             val_batches = list(validation_batches(data, cfg.block_size, cfg.batch_size,
                                                   cfg.eval_windows))
+        with together(comm):  # only once every rank is ready: a refused run writes nothing
             if is_root:
-                os.makedirs(run_dir, exist_ok=True)
-                metrics.write_text_atomic(os.path.join(run_dir, "config.toml"), cfg.to_toml())
-            log_path = os.path.join(run_dir, "metrics.jsonl") if is_root else None
-            with metrics.MetricsLog(log_path) as metrics_log:
-                history = _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log,
-                                      peak_gflops, log)
-            if is_root:
-                _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt,
-                            log)
-    finally:
-        grid.free()
+                run = rundir.claim(run_dir, overwrite)
+                cleanup.callback(run.release)
+                _write_or_fail(metrics.write_text_atomic, run.path / "config.toml",
+                               cfg.to_toml())
+        keep_freed_host_memory()
+        log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+        log_path = os.path.join(run_dir, "metrics.jsonl") if is_root else None
+        # Overflow ends as a non-finite loss, reported below in one line; NumPy's warnings
+        # on the way there would only bury it.
+        with metrics.MetricsLog(log_path) as metrics_log, np.errstate(all="ignore"):
+            history = _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log,
+                                  peak_gflops, log)
+        if is_root:
+            _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt, log)
+    watchdog.arm(None)
     return history
+
+
+def _write_or_fail(write, path, *args):
+    """An unwritable file in the run directory is the user's to fix: one line, not OSError."""
+    try:
+        write(path, *args)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror or err}): expected a writable "
+                        "run directory with free space") from None
 
 
 def _silent(*args, **kwargs):
@@ -140,26 +194,32 @@ def _silent(*args, **kwargs):
 
 def _finish_run(cfg, run_dir, params, tokenizer_spec, sample_prompt, log):
     host_params = {name: to_host(value) for name, value in params.items()}
-    save_params(os.path.join(run_dir, "params.h5"), host_params,
-                {"step": cfg.steps, "tokenizer": tokenizer_spec, "config": cfg.to_toml()})
+    _write_or_fail(save_params, os.path.join(run_dir, "params.h5"), host_params,
+                   {"step": cfg.steps, "tokenizer": tokenizer_spec, "config": cfg.to_toml()})
     if cfg.sample_tokens:
         tokenizer = get_tokenizer(tokenizer_spec)
         out = sample(params, cfg.model_config(), tokenizer.encode(sample_prompt),
                      cfg.sample_tokens, temperature=0.8, top_k=0, seed=cfg.seed)
         log("sample:\n" + sample_prompt + tokenizer.decode(out))
+    files = ", ".join(rundir.run_files(run_dir))
+    log(f"done: {cfg.steps} steps; run directory {run_dir} holds {files}")
 
 
 def pipeline_ranges(cfg: TrainConfig, rows_per_micro_batch: int):
     """Block ranges per (virtual) stage and a printable description of the split."""
     model_cfg = cfg.model_config()
     embedding, blocks, head = model_costs(model_cfg, rows_per_micro_batch * cfg.block_size)
-    if cfg.partition == "uniform" or cfg.chunks > 1:  # interleaving needs equal chunks
+    if cfg.chunks > 1:  # interleaving needs equal chunks, whatever `partition` says
         ranges = uniform(cfg.n_layer, cfg.pp * cfg.chunks)
+        return ranges, (f"partition=uniform (interleaving needs equal chunks): "
+                        f"{cfg.pp * cfg.chunks} virtual stages of {cfg.n_layer // len(ranges)} "
+                        "blocks")
+    if cfg.partition == "uniform":
+        ranges = uniform(cfg.n_layer, cfg.pp)
     else:
         ranges = balanced(blocks, cfg.pp, embedding, head)
-    if cfg.chunks > 1:
-        return ranges, f"{cfg.pp * cfg.chunks} virtual stages of {cfg.n_layer // len(ranges)} blocks"
-    return ranges, format_partition(ranges, stage_costs(ranges, blocks, embedding, head))
+    return ranges, (f"partition={cfg.partition}: "
+                    + format_partition(ranges, stage_costs(ranges, blocks, embedding, head)))
 
 
 def gather_full_params(params, pp_comm, model_cfg, xp, dtype):
@@ -167,7 +227,9 @@ def gather_full_params(params, pp_comm, model_cfg, xp, dtype):
     if pp_comm.Get_size() == 1:
         return params
     full = gpt.FlatParams(gpt.param_shapes(model_cfg), np, dtype)
-    for part in pp_comm.allgather({name: to_host(v) for name, v in params.items()}):
+    with watchdog.waiting("the other pipeline stages' parameters"):
+        parts = pp_comm.allgather({name: to_host(v) for name, v in params.items()})
+    for part in parts:
         for name, value in part.items():
             full[name][...] = value
     return gpt.FlatParams(full.shapes, xp, dtype, buffer=xp.asarray(full.flat))
@@ -184,7 +246,7 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
                                ranges)
         params = step_fn.params
         log(f"pipeline: pp={cfg.pp} schedule={cfg.schedule} chunks={cfg.chunks} "
-            f"micro_batches={cfg.micro_batches} partition={cfg.partition}: {split}")
+            f"micro_batches={cfg.micro_batches} {split}")
     else:
         params = gpt.init_params(model_cfg, cfg.seed, xp, dtype)
         step_fn = TrainStep(model_cfg, params, cfg, dp_comm)
@@ -193,8 +255,12 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     flops_per_step = metrics.flops_per_token(n_params, cfg.n_layer, cfg.block_size,
                                              cfg.n_embd) * tokens_per_step
     # One probe on rank 0 while the others wait: oversubscribed ranks would skew it.
-    peak = peak_gflops or grid.comm.bcast(
-        metrics.measure_gemm_gflops(xp) if grid.comm.Get_rank() == 0 else None, root=0)
+    if not peak_gflops:
+        with watchdog.waiting("rank 0's GEMM probe"):
+            peak = grid.comm.bcast(
+                metrics.measure_gemm_gflops(xp) if grid.comm.Get_rank() == 0 else None, root=0)
+    else:
+        peak = peak_gflops
     log(f"model: {n_params:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
         f"MFLOP/token; data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
         f" peak {peak:.1f} GFLOP/s per rank ({'given' if peak_gflops else 'measured'})")
@@ -206,13 +272,14 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
 
     history = {"loss": [], "val": {}}
     step_times, comm_waits = [], []
+    started = time.perf_counter()
     for step in range(cfg.steps + 1):
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             full = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
             val_loss = evaluate(full, model_cfg, val_batches, xp, dp_comm)
             history["val"][step] = val_loss
             metrics_log.write({"step": step, "val_loss": val_loss})
-            log(f"step {step:5d} | val loss {val_loss:.4f}")
+            log(f"step {step:5d}/{cfg.steps} | val loss {val_loss:.4f}")
         if dp > 1 and ((cfg.check_interval and step % cfg.check_interval == 0)
                        or step == cfg.steps):
             check_replicas_agree(params, dp_comm, step)
@@ -226,11 +293,14 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         if reducer:
             comm_waits.append(reducer.wait_seconds)
         history["loss"].append(loss)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {step}: try a lower lr")
+        if not math.isfinite(loss):  # the global loss: every rank sees it alike
+            raise UserError(f"loss became {loss} at step {step} (lr {lr:.3g}): training "
+                            f"diverged; expected a lower lr (now {cfg.lr:g}) or grad_clip > 0 "
+                            f"(now {cfg.grad_clip:g})", everywhere=True)
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
-            _log_step(step, loss, lr, norm, step_times, comm_waits, tokens_per_step,
-                      flops_per_step, peak * dp * cfg.pp, metrics_log, log)
+            eta = (time.perf_counter() - started) / (step + 1) * (cfg.steps - step - 1)
+            _log_step(step, cfg.steps, eta, loss, lr, norm, step_times, comm_waits,
+                      tokens_per_step, flops_per_step, peak * dp * cfg.pp, metrics_log, log)
     history["params"] = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
     return history
 
@@ -240,20 +310,31 @@ def optimizer_bytes(optimizer):
     return optimizer.m.nbytes + optimizer.v.nbytes
 
 
-def _log_step(step, loss, lr, norm, step_times, comm_waits, tokens_per_step, flops_per_step,
-              peak_gflops, metrics_log, log):
+def _log_step(step, steps, eta, loss, lr, norm, step_times, comm_waits, tokens_per_step,
+              flops_per_step, peak_gflops, metrics_log, log):
     # medians over the steps since the last log line: robust to one slow step
     dt = float(np.median(step_times))
     tok_s = tokens_per_step / dt
     mfu = flops_per_step / dt / (peak_gflops * 1e9)
     record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
               "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu}
-    line = (f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
+    line = (f"step {step:5d}/{steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
             f"{dt * 1e3:7.1f} ms | {tok_s:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
     if comm_waits:
         record["comm_wait_ms"] = float(np.median(comm_waits)) * 1e3
         line += f" | comm wait {record['comm_wait_ms']:.1f} ms"
+    line += f" | ETA {format_duration(eta)}"
     step_times.clear()
     comm_waits.clear()
     metrics_log.write(record)
     log(line)
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

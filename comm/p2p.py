@@ -4,15 +4,15 @@ A group of sends and receives is posted as Isend/Irecv and completed as one (the
 schedule simulator checks). Each message carries a tag that names it (which micro-batch,
 which virtual stage sent it, activation or gradient), so messages never cross.
 
-Waiting polls and yields the core (MPICH's Waitall spins). A watchdog: a group still
-incomplete after `timeout` seconds prints what it waits for and aborts the whole job,
-instead of leaving every rank hanging.
+Waiting polls and yields the core (MPICH's Waitall spins), under the watchdog
+(comm/watchdog.py): a group still incomplete after `timeout` seconds prints what it waits
+for and aborts the whole job, instead of leaving every rank hanging.
 """
 import os
-import sys
-import time
 
 from mpi4py import MPI
+
+from comm import watchdog
 
 ACTIVATION, GRADIENT = 0, 1
 
@@ -30,11 +30,6 @@ def exchange(comm, sends, recvs, timeout=None, what="transfer"):
     requests += [comm.Isend(buf, peer, tag) for peer, buf, tag in sends]
     if not requests:
         return
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not MPI.Request.Testall(requests):
-        if deadline is not None and time.monotonic() > deadline:
-            sys.stderr.write(f"pipeline watchdog: rank {MPI.COMM_WORLD.Get_rank()} waited "
-                             f"more than {timeout:g} s for {what}; aborting the job\n")
-            sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(3)
-        os.sched_yield()
+    with watchdog.waiting(what, timeout):
+        while not MPI.Request.Testall(requests):
+            os.sched_yield()

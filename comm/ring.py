@@ -58,6 +58,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from comm import watchdog
 from comm.backend import array_module
 
 # `mpiexec -n 2 python -m bench.comm --segment-bytes S`, ours/MPI busbw at 1M 4M 16M 64M:
@@ -156,7 +157,7 @@ class RingRequest:
         flat = buf.reshape(-1)
         n, p, r = flat.size, comm.Get_size(), comm.Get_rank()
         xp = array_module(flat)
-        self._comm, self._flat, self._xp = comm, flat, xp
+        self._comm, self._flat, self._xp, self._kind = comm, flat, xp, kind
         self._result = flat[slice(*shard_bounds(n, p, r))] if kind == "reduce_scatter" else buf
         self._tag = _next_tag(comm)
         self._dest, self._src = (r + 1) % p, (r - 1) % p
@@ -259,9 +260,12 @@ class RingRequest:
         return self.done
 
     def wait(self):
-        """Blocks until complete; returns what the blocking form returns."""
-        while not self.done:
-            self._step(block=True)
+        """Blocks until complete (under the watchdog); returns what the blocking form returns."""
+        if not self.done:
+            with watchdog.waiting(f"a ring {self._kind} of {self._flat.size} elements over "
+                                  f"{self._comm.Get_size()} ranks"):
+                while not self.done:
+                    self._step(block=True)
         return self._result
 
 

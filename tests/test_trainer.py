@@ -24,9 +24,9 @@ def tiny_config(data, **overrides):
     return make_config(values)
 
 
-def run_train(cfg, run_dir):
+def run_train(cfg, run_dir, overwrite=False):
     lines = []
-    history = train(cfg, run_dir, peak_gflops=100, log=lines.append)
+    history = train(cfg, run_dir, peak_gflops=100, log=lines.append, overwrite=overwrite)
     return history, lines
 
 
@@ -41,8 +41,8 @@ def test_run_dir_contents_and_metrics(tiny_h5, tmp_path):
     run_dir = tmp_path / "run"
     history, lines = run_train(cfg, run_dir)
 
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.toml", "metrics.jsonl",
-                                                          "params.h5"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.toml",
+                                                          "metrics.jsonl", "params.h5"]
     # config.toml is the config that ran
     with open(run_dir / "config.toml", "rb") as f:
         assert make_config(tomllib.load(f)) == cfg
@@ -91,9 +91,15 @@ def test_log_lines(tiny_h5, tmp_path):
     n_params = gpt.num_params(cfg.model_config())
     assert any(line.startswith(f"model: {n_params:,} parameters") for line in lines)
     assert any("peak 100.0 GFLOP/s per rank (given)" in line for line in lines)
-    assert sum(line.startswith("step ") and "| loss " in line for line in lines) == 3  # 0 5 9
+    step_lines = [line for line in lines if line.startswith("step ") and "| loss " in line]
+    assert [line[:13] for line in step_lines] == ["step     0/10", "step     5/10",
+                                                   "step     9/10"]
+    assert all(" | ETA " in line for line in step_lines)
+    assert step_lines[-1].endswith(" | ETA 0s")
     assert sum("| val loss " in line for line in lines) == 2  # 0 10
-    assert lines[-1].startswith("sample:\n\n")  # the default prompt is a newline
+    assert lines[-2].startswith("sample:\n\n")  # the default prompt is a newline
+    assert lines[-1] == (f"done: 10 steps; run directory {tmp_path / 'run'} holds "
+                         "config.toml, metrics.jsonl, params.h5")
 
 
 def test_loss_falls(tiny_h5, tmp_path):
@@ -185,7 +191,7 @@ def test_out_that_is_a_file_is_user_error(tiny_h5, tmp_path):
         run_train(tiny_config(tiny_h5), target)
 
 
-def test_second_run_into_same_dir_starts_a_fresh_metrics_log(tiny_h5, tmp_path):
+def test_second_run_into_same_dir_is_refused_or_starts_afresh(tiny_h5, tmp_path):
     def without_timings(records):
         return [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")}
                 for r in records]
@@ -193,5 +199,7 @@ def test_second_run_into_same_dir_starts_a_fresh_metrics_log(tiny_h5, tmp_path):
     cfg = tiny_config(tiny_h5)
     run_train(cfg, tmp_path / "run")
     first = read_metrics(tmp_path / "run")
-    run_train(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="already holds a run .* pass --overwrite"):
+        run_train(cfg, tmp_path / "run")
+    run_train(cfg, tmp_path / "run", overwrite=True)
     assert without_timings(read_metrics(tmp_path / "run")) == without_timings(first)

@@ -1,0 +1,79 @@
+"""No rank waits forever: a thread that ends the whole job when a blocking wait overruns.
+
+Every place that blocks on other ranks runs inside `waiting(what)`: the ring collectives'
+`wait()`, pipeline transfers, and the trainer's small collectives (`bcast`, `allgather`).
+A daemon thread looks at the wait in progress a few times a second; once one is older than
+its timeout, it prints one line naming the rank and what it waited for, and calls
+`MPI_Abort`, which ends every rank of the job. A peer that died or raised, a mismatched
+collective, a lost message: all end the same way, within the timeout plus a fraction of a
+second, instead of burning the allocation until Slurm's limit.
+
+A thread rather than a deadline in each polling loop, because MPI's own blocking calls
+(`bcast`, `allgather`, `Split`) never return to Python while they wait; mpi4py releases the
+GIL inside them, so the thread still runs (mpi4py asks for MPI_THREAD_MULTIPLE, which makes
+calling `Abort` from it legal).
+
+The default timeout is set once per job by `arm(seconds)` (the `timeout` config key);
+`waiting(what, timeout)` may set its own. With neither, waits are not watched.
+"""
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+ABORT_CODE = 3
+
+_default_timeout = None
+_current = None  # (what, deadline, timeout) of the wait in progress; one assignment = atomic
+_thread = None
+_lock = threading.Lock()
+
+
+def arm(timeout):
+    """Watches every later wait with this timeout in seconds (None: only explicit ones)."""
+    global _default_timeout
+    _default_timeout = timeout
+    if timeout is not None:
+        _start_thread()
+
+
+@contextmanager
+def waiting(what, timeout=None):
+    """Marks a blocking wait on other ranks; `what` says what for, in the abort message."""
+    global _current
+    timeout = _default_timeout if timeout is None else timeout
+    if timeout is None:
+        yield
+        return
+    _start_thread()
+    outer = _current
+    _current = (what, time.monotonic() + timeout, timeout)
+    try:
+        yield
+    finally:
+        _current = outer
+
+
+def _start_thread():
+    global _thread
+    with _lock:
+        if _thread is None:
+            _thread = threading.Thread(target=_watch, name="watchdog", daemon=True)
+            _thread.start()
+
+
+def _watch():
+    while True:
+        time.sleep(0.1)
+        wait = _current
+        if wait is not None and time.monotonic() > wait[1]:
+            _abort(*wait)
+
+
+def _abort(what, deadline, timeout):
+    from mpi4py import MPI
+    rank = MPI.COMM_WORLD.Get_rank()
+    sys.stderr.write(f"watchdog: rank {rank} waited more than {timeout:g} s for {what}; "
+                     "aborting the job\n")
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(ABORT_CODE)

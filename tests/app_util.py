@@ -1,0 +1,52 @@
+"""Running `python -m app ...` as a user does, on one process or under mpiexec."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+# Fast training flags: the GEMM probe is skipped, no sampling, few validation windows.
+FAST = ["--config", "tiny", "--steps", "2", "--sample-tokens", "0", "--eval-windows", "2",
+        "--peak-gflops", "100", "--block-size", "16"]
+
+
+def command(n, *args):
+    """The argv of `python -m app ARGS` on one process (n = 1) or n ranks of mpiexec."""
+    prefix = []
+    if n > 1:
+        if not MPIEXEC.exists():
+            pytest.skip(f"no mpiexec beside {sys.executable}")
+        prefix = [str(MPIEXEC), "-n", str(n)]
+    return prefix + [sys.executable, "-m", "app", *map(str, args)]
+
+
+def app(*args, cwd=ROOT, n=1, timeout=120):
+    """Runs the command to its end; the result has `.seconds`, its wall time, as well."""
+    start = time.monotonic()
+    result = subprocess.run(command(n, *args), cwd=cwd, env=ENV, capture_output=True,
+                            text=True, timeout=timeout)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def mpiexec_app(n, *args, **kwargs):
+    return app(*args, n=n, **kwargs)
+
+
+def assert_user_error(result, *fragments, status=2):
+    """Exit status 2, exactly one stderr line `error: ...` naming every fragment."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == status, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+    return lines[0]
