@@ -40,8 +40,20 @@ def load_params(path) -> tuple[dict, dict]:
     except (FileNotFoundError, OSError) as err:
         raise UserError(f"parameter file {path}: cannot open as HDF5 ({err})") from None
     with f:
-        if f.attrs.get("format") != FORMAT:
-            raise UserError(f"parameter file {path}: not written by `app train` "
-                            f"(attribute format={f.attrs.get('format')!r}, expected {FORMAT!r})")
-        params = {name: obj[()] for name, obj in f.items() if isinstance(obj, h5py.Dataset)}
-        return params, dict(f.attrs)
+        what = "its attributes"
+        try:
+            attrs = dict(f.attrs)
+            if attrs.get("format") != FORMAT:
+                raise UserError(f"parameter file {path}: not written by `app train` (attribute "
+                                f"format={attrs.get('format')!r}, expected {FORMAT!r})")
+            params = {}
+            for name in f:
+                what = repr(name)
+                obj = f[name]  # a KeyError here is a damaged object header
+                if isinstance(obj, h5py.Dataset):
+                    params[name] = obj[()]
+        except (OSError, KeyError) as err:
+            reason = err.args[0] if err.args else err
+            raise UserError(f"parameter file {path}: cannot read {what}: HDF5 error ({reason}): "
+                            "the file may be damaged; train the run again") from None
+    return params, attrs

@@ -12,9 +12,10 @@ from comm.backend import array_module
 from models import gpt
 
 
-def sample(params, cfg: gpt.GPTConfig, prompt_ids, max_new_tokens, temperature=1.0, top_k=0,
-           seed=0):
-    """Autoregressive sampling: the last block_size tokens in, one token out, repeated.
+def sample_stream(params, cfg: gpt.GPTConfig, prompt_ids, max_new_tokens, temperature=1.0,
+                  top_k=0, seed=0):
+    """Autoregressive sampling: the last block_size tokens in, one token out, repeated;
+    yields each new id as soon as it is drawn.
     temperature 0 means greedy; top_k 0 means the whole vocabulary."""
     xp = array_module(params["wte"])
     rng = np.random.default_rng(seed)
@@ -24,20 +25,37 @@ def sample(params, cfg: gpt.GPTConfig, prompt_ids, max_new_tokens, temperature=1
         logits = gpt.logits(params, cfg, context)[0]
         logits = np.asarray(logits.get() if hasattr(logits, "get") else logits, np.float64)
         if temperature == 0:
-            ids.append(int(logits.argmax()))
-            continue
-        logits = logits / temperature
-        if 0 < top_k < logits.size:
-            cutoff = np.partition(logits, -top_k)[-top_k]
-            logits[logits < cutoff] = -np.inf
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        ids.append(int(rng.choice(probs.size, p=probs)))
-    return ids[len(prompt_ids):]
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if 0 < top_k < logits.size:
+                cutoff = np.partition(logits, -top_k)[-top_k]
+                logits[logits < cutoff] = -np.inf
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            token = int(rng.choice(probs.size, p=probs))
+        ids.append(token)
+        yield token
+
+
+def sample(params, cfg: gpt.GPTConfig, prompt_ids, max_new_tokens, temperature=1.0, top_k=0,
+           seed=0) -> list[int]:
+    """The `max_new_tokens` ids of `sample_stream`, as a list."""
+    return list(sample_stream(params, cfg, prompt_ids, max_new_tokens, temperature, top_k,
+                              seed))
+
+
+def _tokenizer(run_dir, attrs):
+    """The tokenizer a run was trained with, as named in its params.h5."""
+    try:
+        return get_tokenizer(str(attrs.get("tokenizer", "bytes")))
+    except UserError as err:
+        raise UserError(f"run directory {run_dir}: params.h5: {err}") from None
 
 
 def load_run(run_dir):
-    """(TrainConfig, params dict, file attributes) of a finished run."""
+    """(TrainConfig, params dict, file attributes) of a finished run, checked for use: the
+    parameters match the config and are finite, the config matches the tokenizer."""
     run = Path(run_dir)
     config_file, params_file = run / "config.toml", run / "params.h5"
     for path in (config_file, params_file):
@@ -52,6 +70,11 @@ def load_run(run_dir):
                         f"({err})") from None
     cfg = make_config(values)
     params, attrs = load_params(params_file)
+    tokenizer = _tokenizer(run_dir, attrs)
+    if cfg.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"run directory {run_dir}: {config_file.name} has vocab_size = "
+                        f"{cfg.vocab_size} but the run's tokenizer {tokenizer.spec!r} has "
+                        f"{tokenizer.vocab_size}: expected them to match")
     expected = gpt.param_shapes(cfg.model_config())
     found = {name: tuple(value.shape) for name, value in params.items()}
     if found != {name: tuple(shape) for name, shape in expected.items()}:
@@ -60,6 +83,13 @@ def load_run(run_dir):
         raise UserError(f"run directory {run_dir}: {params_file.name} does not match "
                         f"{config_file.name} (first mismatch: {wrong[0]!r}); expected the "
                         "parameters written by the same `app train` run")
+    for name in expected:  # model order, so the first bad tensor is the one named
+        bad = np.count_nonzero(~np.isfinite(params[name]))
+        if bad:
+            raise UserError(f"run directory {run_dir}: {params_file.name} holds non-finite "
+                            f"values in {name!r} ({bad} of {params[name].size} are NaN or "
+                            "inf): the run diverged or the file is damaged; expected finite "
+                            "parameters")
     return cfg, params, attrs
 
 
@@ -80,11 +110,15 @@ def run(args):
     if args.top_k < 0:
         raise UserError(f"--top-k {args.top_k}: expected an integer >= 0")
     cfg, params, attrs = load_run(args.run)
-    tokenizer = get_tokenizer(str(attrs.get("tokenizer", "bytes")))
+    tokenizer = _tokenizer(args.run, attrs)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise UserError("--prompt is empty: expected at least one character")
-    out = sample(params, cfg.model_config(), prompt, args.max_new_tokens, args.temperature,
-                 args.top_k, args.seed)
-    print(args.prompt + tokenizer.decode(out))
+    # Text appears as it is sampled; the decoder holds back a character cut between tokens.
+    print(args.prompt, end="", flush=True)
+    decode = tokenizer.stream_decoder()
+    for token in sample_stream(params, cfg.model_config(), prompt, args.max_new_tokens,
+                               args.temperature, args.top_k, args.seed):
+        print(decode([token]), end="", flush=True)
+    print(decode([], final=True))
     return 0

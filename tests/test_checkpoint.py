@@ -1,4 +1,4 @@
-"""app/checkpoint.py: round trip, atomic writes, refusing files that are not ours."""
+"""app/checkpoint.py: round trip, atomic writes, refusing files that are not ours or damaged."""
 import h5py
 import numpy as np
 import pytest
@@ -176,3 +176,20 @@ def test_load_token_file_is_refused(tiny_h5):
     with pytest.raises(UserError) as err:
         load_params(tiny_h5)
     assert "format='gpt-tokens'" in str(err.value) and "'gpt-params'" in str(err.value)
+
+
+def test_load_damaged_object_header(tmp_path):
+    """h5py lists a dataset whose header is damaged but cannot open it: an error, not a
+    parameter silently left out."""
+    path = tmp_path / "params.h5"
+    save_params(path, sample_params())
+    with h5py.File(path, "r") as f:
+        header = h5py.h5o.get_info(f["ln_f.weight"].id).addr
+    with open(path, "r+b") as f:
+        f.seek(header)
+        f.write(b"\xff" * 16)
+    with pytest.raises(UserError) as err:
+        load_params(path)
+    assert str(err.value) == (f"parameter file {path}: cannot read 'ln_f.weight': HDF5 error "
+                              "(Unable to synchronously open object (bad object header version "
+                              "number)): the file may be damaged; train the run again")

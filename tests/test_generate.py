@@ -1,11 +1,13 @@
-"""app/generate.py: the sampler (greedy, top-k, cropping) and the command's argument errors."""
+"""app/generate.py: the sampler (greedy, top-k, cropping, streaming), the command's argument
+errors and the runs it refuses."""
 import argparse
 
+import h5py
 import numpy as np
 import pytest
 
 from app import generate
-from app.checkpoint import save_params
+from app.checkpoint import load_params, save_params
 from app.config import make_config
 from app.errors import UserError
 from app.generate import load_run, sample
@@ -193,3 +195,89 @@ def test_run_dir_config_disagrees_with_param_shapes(run_dir):
     with pytest.raises(UserError) as err:
         cli(["--run", run_dir])
     assert "params.h5 does not match config.toml (first mismatch: 'wte')" in str(err.value)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_run_streams_what_sample_returns(run_dir, params, capsys):
+    """Temperature 2 draws bytes that are not valid UTF-8 on their own: the streamed text
+    is still exactly the decoding of all new ids at once."""
+    assert cli(["--run", run_dir, "--prompt", "hi ", "--max-new-tokens", 40,
+                "--temperature", 2, "--seed", 3]) == 0
+    new = sample(params, CFG, PROMPT, 40, temperature=2, seed=3)
+    assert max(new) >= 128  # the test means something
+    assert capsys.readouterr().out == "hi " + get_tokenizer("bytes").decode(new) + "\n"
+
+
+def test_run_prints_each_piece_as_soon_as_its_token_is_drawn(run_dir, monkeypatch, capsys):
+    seen = []  # stdout written since the previous token was asked for
+
+    def fake_stream(*args):
+        for token in get_tokenizer("bytes").encode("é🙂x"):
+            seen.append(capsys.readouterr().out)
+            yield int(token)
+        seen.append(capsys.readouterr().out)
+
+    monkeypatch.setattr(generate, "sample_stream", fake_stream)
+    assert cli(["--run", run_dir, "--prompt", "hi "]) == 0
+    seen.append(capsys.readouterr().out)
+    # A character's text appears with its last byte: 2 bytes for é, 4 for 🙂.
+    assert seen == ["hi ", "", "é", "", "", "", "🙂", "x", "\n"]
+
+
+def test_sample_stream_yields_what_sample_returns(params):
+    stream = generate.sample_stream(params, CFG, PROMPT, 10, temperature=1.0, seed=2)
+    assert next(stream) == sample(params, CFG, PROMPT, 1, temperature=1.0, seed=2)[0]
+    assert [next(stream)] + list(stream) == sample(params, CFG, PROMPT, 10, temperature=1.0,
+                                                   seed=2)[1:]
+
+
+# --------------------------------------------------------------------------- bad runs
+
+
+def rewrite_params(run_dir, change):
+    """Load the run's params.h5, let `change(params)` edit them, and save it back."""
+    params, attrs = load_params(run_dir / "params.h5")
+    change(params, attrs)
+    save_params(run_dir / "params.h5", params, attrs)
+
+
+def test_non_finite_parameters_name_the_first_tensor_in_model_order(run_dir):
+    def poison(params, attrs):
+        params["wte"][3, :2] = [np.inf, -np.inf]  # first in the model, last by name
+        params["h.0.attn.c_attn.weight"][0, 0] = np.nan
+
+    rewrite_params(run_dir, poison)
+    with pytest.raises(UserError) as err:
+        cli(["--run", run_dir])
+    assert str(err.value) == (f"run directory {run_dir}: params.h5 holds non-finite values in "
+                              f"'wte' (2 of {256 * 16} are NaN or inf): the run diverged or "
+                              "the file is damaged; expected finite parameters")
+
+
+def test_damaged_parameter_bytes_are_refused(run_dir):
+    with h5py.File(run_dir / "params.h5", "r") as f:
+        offset = f["h.1.mlp.c_fc.weight"].id.get_offset()
+    with open(run_dir / "params.h5", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 64)  # all-ones float64s are NaNs
+    with pytest.raises(UserError, match=r"non-finite values in 'h\.1\.mlp\.c_fc\.weight' "
+                                        r"\(8 of 1024"):
+        load_run(run_dir)
+
+
+def test_config_vocab_size_unlike_the_tokenizers(run_dir):
+    config = (run_dir / "config.toml").read_text(encoding="utf-8")
+    (run_dir / "config.toml").write_text(config.replace("vocab_size = 256", "vocab_size = 1000"),
+                                         encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        cli(["--run", run_dir])
+    assert str(err.value) == (f"run directory {run_dir}: config.toml has vocab_size = 1000 but "
+                              "the run's tokenizer 'bytes' has 256: expected them to match")
+
+
+def test_unknown_tokenizer_in_params(run_dir):
+    rewrite_params(run_dir, lambda params, attrs: attrs.update(tokenizer="gpt5"))
+    with pytest.raises(UserError, match=r"params\.h5: unknown tokenizer 'gpt5'"):
+        cli(["--run", run_dir])
