@@ -87,7 +87,8 @@ HELP = {
     "pp": "pipeline stages", "schedule": "pipeline schedule: 1f1b, gpipe or interleaved",
     "chunks": "model chunks per stage (interleaved schedule only)",
     "partition": "blocks per stage: balanced (FLOP model) or uniform",
-    "timeout": "seconds a pipeline transfer may wait before the job is aborted",
+    "timeout": "seconds a rank may wait for the others (collectives, pipeline transfers) "
+               "before the watchdog aborts the job",
 }
 
 POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",

@@ -22,7 +22,7 @@ from app.partition import uniform
 from app.schedules import (Backward, Forward, OptimizerStep, RecvActivation, ReduceGrads,
                            SendActivation, SendGrad, TRANSFERS, gpipe, interleaved_1f1b,
                            neighbour, one_f_one_b)
-from comm import ring
+from comm import ring, watchdog
 from comm.backend import array_module
 from comm.p2p import ACTIVATION, GRADIENT, exchange, message_tag
 from models import gpt, layers
@@ -86,7 +86,8 @@ class PipelineStep:
         holds_last = any(s.last for s in self.specs)
         # the first and last stage each hold wte; they sum its two gradient shares
         self.tied_active = (holds_first or holds_last) and self.p > 1
-        self.tied = pp_comm.Split(0 if self.tied_active else 1, self.stage)
+        with watchdog.waiting("the other stages to build the tied-embedding group", timeout):
+            self.tied = pp_comm.Split(0 if self.tied_active else 1, self.stage)
         self.count_wte = "wte" in names and not (holds_last and not holds_first)
         self.trace = []  # (instruction text, start s, end s) of the last step, for timelines
         self.peak_activation_bytes = 0  # most cache bytes alive at once in the last step
@@ -184,7 +185,8 @@ class PipelineStep:
         sumsq = float(xp.vdot(flat, flat))
         if "wte" in self.params.shapes and not self.count_wte:
             sumsq -= float(xp.vdot(self.grads["wte"], self.grads["wte"]))
-        norm = math.sqrt(self.pp_comm.allreduce(sumsq))
+        with watchdog.waiting("the other stages' gradient norms", self.timeout):
+            norm = math.sqrt(self.pp_comm.allreduce(sumsq))
         clip_by_global_norm(flat, self.options.grad_clip, norm)
         return norm
 
@@ -192,7 +194,8 @@ class PipelineStep:
         """The last stage's mean over micro-batches, averaged over data-parallel ranks,
         known to every rank."""
         local = sum(losses) / M if losses else 0.0
-        loss = self.pp_comm.bcast(local, root=self.p - 1) if self.p > 1 else local
-        if self.dp > 1:
-            loss = self.dp_comm.allreduce(loss) / self.dp
+        with watchdog.waiting("the last stage's loss", self.timeout):
+            loss = self.pp_comm.bcast(local, root=self.p - 1) if self.p > 1 else local
+            if self.dp > 1:
+                loss = self.dp_comm.allreduce(loss) / self.dp
         return loss

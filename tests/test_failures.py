@@ -121,3 +121,32 @@ def test_ctrl_c_under_mpiexec_ends_the_job_with_one_line(tiny_h5, tmp_path):
     assert "Traceback" not in stderr, stderr
     lines = our_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("interrupted: "), stderr
+
+
+def test_damaged_data_read_by_one_rank_ends_the_job_with_one_line(tmp_path, monkeypatch):
+    """Rank 1 alone reads a damaged chunk at step 0 while rank 0 goes on into the gradient
+    all-reduce: it reports the file and tokens, and its abort ends rank 0 too."""
+    from app import prepare as prepare_cmd
+    from app.data import BatchLoader, TokenData
+    from conftest import corpus_text
+    from test_data import damage_chunk
+    monkeypatch.setattr(prepare_cmd, "CHUNK_TOKENS", 1024)
+    (tmp_path / "text.txt").write_text(corpus_text(), encoding="utf-8")
+    data = tmp_path / "chunked.h5"
+    prepare_cmd.prepare([tmp_path / "text.txt"], data)
+    window = 16 + 1  # FAST's block_size + 1
+    with TokenData(data) as tokens:
+        def chunks(starts):
+            return {t // 1024 for s in starts for t in (s, s + window - 1)}
+        for seed in range(100):  # a seed whose step 0 gives rank 1 a chunk of its own
+            starts = BatchLoader(tokens, "train", 16, 8, seed).starts(0)
+            only_rank_1 = sorted(chunks(starts[4:]) - chunks(starts[:4]))
+            if only_rank_1:
+                break
+    damage_chunk(data, "train", only_rank_1[0])
+    result = app("train", *FAST, "--seed", seed, "--data", data, "--out", tmp_path / "run",
+                 n=2, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.seconds < ENDS_WITHIN_S + 5, result.seconds  # + start-up of 2 ranks
+    assert_one_line(result, "error: rank 1: ", str(data), "cannot read train tokens [",
+                    "the file may be damaged")
