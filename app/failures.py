@@ -16,10 +16,12 @@ import traceback
 from contextlib import contextmanager
 
 from app.errors import UserError
+from comm import watchdog
 
 # Ranks other than 0 wait this long before reporting a Ctrl-C: mpiexec delivers SIGINT to
 # every rank, and rank 0's abort normally ends them first, so the user sees one line.
 INTERRUPT_GRACE_S = 2.0
+ABORT_DELAY_S = 0.3  # lets mpiexec forward the last line before MPI_Abort tears the job down
 
 
 @contextmanager
@@ -32,7 +34,8 @@ def together(comm):
         yield
     except UserError as err:
         failure = str(err)
-    failures = comm.allgather(failure) if comm.Get_size() > 1 else [failure]
+    with watchdog.waiting("the other ranks to finish their set-up"):
+        failures = comm.allgather(failure) if comm.Get_size() > 1 else [failure]
     failed = [(rank, message) for rank, message in enumerate(failures) if message]
     if not failed:
         return
@@ -68,6 +71,9 @@ def end_job(kind, message, status, everywhere=False):
             _say(f"{kind}: {message}")
         return status
     _say(f"{kind}: rank {rank}: {message}")
+    # mpiexec forwards each rank's stderr through a pipe; an abort at once may end the job
+    # before the line has gone through (seen with MPICH's hydra, about one run in ten).
+    time.sleep(ABORT_DELAY_S)
     from mpi4py import MPI
     MPI.COMM_WORLD.Abort(status)
     return status  # not reached

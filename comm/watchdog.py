@@ -76,4 +76,5 @@ def _abort(what, deadline, timeout):
     sys.stderr.write(f"watchdog: rank {rank} waited more than {timeout:g} s for {what}; "
                      "aborting the job\n")
     sys.stderr.flush()
+    time.sleep(0.3)  # mpiexec forwards stderr through a pipe: let the line out before the end
     MPI.COMM_WORLD.Abort(ABORT_CODE)
