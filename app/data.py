@@ -3,7 +3,7 @@
 The token arrays stay on disk: every batch reads just its own windows through h5py, so
 a file may be larger than memory.  The global batch of a step depends on `(seed, step)`
 only; a data-parallel rank reads its contiguous share of it, so every layout trains on
-the same tokens (ARCHITECTURE.md, invariant 1).
+the same tokens.
 """
 from pathlib import Path
 
