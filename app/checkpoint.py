@@ -7,7 +7,7 @@ import os
 import h5py
 import numpy as np
 
-from app.errors import UserError
+from app.errors import damaged_file, UserError
 
 FORMAT = "gpt-params"
 
@@ -53,7 +53,6 @@ def load_params(path) -> tuple[dict, dict]:
                 if isinstance(obj, h5py.Dataset):
                     params[name] = obj[()]
         except (OSError, KeyError) as err:
-            reason = err.args[0] if err.args else err
-            raise UserError(f"parameter file {path}: cannot read {what}: HDF5 error ({reason}): "
-                            "the file may be damaged; train the run again") from None
+            raise damaged_file(f"parameter file {path}", what, err, "train the run again") \
+                from None
     return params, attrs

@@ -10,12 +10,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from app.errors import UserError
+from app.errors import damaged_file, UserError
 from app.tokenizer import get_tokenizer
 
 FORMAT = "gpt-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+PREPARE_AGAIN = "run `python -m app prepare` again"
 
 # h5py's default chunk cache is 1 MiB per dataset, i.e. ~16 compressed chunks of 64K
 # tokens: random windows over a bigger file would decompress the same chunk again and
@@ -30,13 +31,6 @@ def _attr(attrs, name):
     if isinstance(value, np.generic):
         value = value.item()
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _damaged(where: str, what: str, err: Exception) -> UserError:
-    """The error for an HDF5 read that failed in a file that opened: a damaged file."""
-    reason = err.args[0] if err.args else err
-    return UserError(f"{where}: cannot read {what}: HDF5 error ({reason}): the file may be "
-                     "damaged; run `python -m app prepare` again")
 
 
 class TokenData:
@@ -57,7 +51,8 @@ class TokenData:
             self._validate()
         except OSError as err:
             self._file.close()
-            raise _damaged(repr(str(self.path)), "its metadata", err) from None
+            raise damaged_file(repr(str(self.path)), "its metadata", err,
+                               PREPARE_AGAIN) from None
         except BaseException:
             self._file.close()
             raise
@@ -91,7 +86,7 @@ class TokenData:
                 ds = self._file[name]
             except KeyError as err:  # h5py's word for both a missing and a damaged object
                 if name in self._file:
-                    raise _damaged(where, f"dataset {name!r}", err) from None
+                    raise damaged_file(where, f"dataset {name!r}", err, PREPARE_AGAIN) from None
                 ds = None
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
                 raise UserError(f"{where} has no 1-D dataset {name!r}: "
@@ -122,8 +117,8 @@ class TokenData:
             try:
                 windows[row] = dataset[start:start + length]
             except OSError as err:
-                raise _damaged(where, f"{split} tokens [{start}, {start + length})",
-                               err) from None
+                raise damaged_file(where, f"{split} tokens [{start}, {start + length})", err,
+                                   PREPARE_AGAIN) from None
         if windows.size and windows.max() >= self.vocab_size:  # unsigned: never below 0
             row, col = np.argwhere(windows >= self.vocab_size)[0]
             raise UserError(f"{where}: {split} token {starts[row] + col} (in the window at "

@@ -15,3 +15,10 @@ class UserError(Exception):
     def __init__(self, message, everywhere=False):
         super().__init__(message)
         self.everywhere = everywhere
+
+
+def damaged_file(where: str, what: str, err: Exception, remedy: str) -> UserError:
+    """The error for an HDF5 read that failed in a file that opened: a damaged file."""
+    reason = err.args[0] if err.args else err
+    return UserError(f"{where}: cannot read {what}: HDF5 error ({reason}): the file may be "
+                     f"damaged; {remedy}")

@@ -6,6 +6,7 @@ from app import prepare as prepare_cmd
 from app.data import BatchLoader, TokenData, validation_batches, validation_starts
 from app.errors import UserError
 from conftest import corpus_text
+from damage import damage_chunk, damage_header
 
 BLOCK = 16
 
@@ -275,19 +276,6 @@ def chunked_h5(tmp_path, monkeypatch):
     return tmp_path / "chunked.h5"
 
 
-def damage_chunk(path, split, index):
-    """Overwrite chunk `index` of `split` with zeros (no longer a gzip stream); its tokens."""
-    with h5py.File(path, "r") as f:
-        ds = f[split]
-        info = ds.id.get_chunk_info(index)
-        first = info.chunk_offset[0]
-        tokens = (first, min(first + ds.chunks[0], len(ds)))
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset)
-        f.write(bytes(info.size))
-    return tokens
-
-
 def test_damaged_chunk_names_file_split_and_tokens(chunked_h5):
     with h5py.File(chunked_h5, "r") as f:
         original = f["train"][:]
@@ -324,11 +312,7 @@ def test_damaged_chunk_in_validation(chunked_h5):
 
 
 def test_damaged_dataset_header_fails_at_open(chunked_h5):
-    with h5py.File(chunked_h5, "r") as f:
-        header = h5py.h5o.get_info(f["val"].id).addr
-    with open(chunked_h5, "r+b") as f:
-        f.seek(header)
-        f.write(b"\xff" * 16)
+    damage_header(chunked_h5, "val")
     with pytest.raises(UserError) as err:
         TokenData(chunked_h5)
     assert str(err.value).startswith(f"{str(chunked_h5)!r}: cannot read dataset 'val': HDF5 "

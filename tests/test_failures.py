@@ -129,7 +129,7 @@ def test_damaged_data_read_by_one_rank_ends_the_job_with_one_line(tmp_path, monk
     from app import prepare as prepare_cmd
     from app.data import BatchLoader, TokenData
     from conftest import corpus_text
-    from test_data import damage_chunk
+    from damage import damage_chunk
     monkeypatch.setattr(prepare_cmd, "CHUNK_TOKENS", 1024)
     (tmp_path / "text.txt").write_text(corpus_text(), encoding="utf-8")
     data = tmp_path / "chunked.h5"
