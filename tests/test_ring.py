@@ -140,13 +140,32 @@ def test_each_operation_gets_the_next_tag_below_tag_ub():
     """A counter per communicator (a new one starts afresh), in the upper half of the tags."""
     comms = [MPI.COMM_SELF.Dup() for _ in range(2)]
     try:
-        ub = comms[0].Get_attr(MPI.TAG_UB)
+        ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)  # only COMM_WORLD is sure to carry it
         tags = [ring._next_tag(comms[0]) for _ in range(5)]
         assert tags == list(range(tags[0], tags[0] + 5)) and ub // 2 < tags[0] <= tags[-1] <= ub
         assert ring._next_tag(comms[1]) == tags[0]
     finally:
         for comm in comms:
             comm.Free()
+
+
+class CommWithoutTagUb:
+    """A communicator as Open MPI makes them by Split or Dup: no TAG_UB attribute."""
+
+    def __init__(self):
+        self.attrs = {}
+
+    def Get_attr(self, keyval):
+        return self.attrs.get(keyval)
+
+    def Set_attr(self, keyval, value):
+        self.attrs[keyval] = value
+
+
+def test_tags_on_a_communicator_without_tag_ub_come_from_comm_world():
+    ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+    tags = [ring._next_tag(CommWithoutTagUb()) for _ in range(2)]
+    assert tags[0] == tags[1] and ub // 2 < tags[0] <= ub
 
 
 # ---------------------------------------------------------------- under mpiexec
