@@ -33,7 +33,7 @@ from app.step import TrainStep
 from app.tokenizer import get_tokenizer
 from comm import ring, watchdog
 from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
-from comm.grid import GridError, ProcessGrid
+from comm.grid import ProcessGrid
 from models import gpt
 from models.optim import lr_at
 
@@ -93,19 +93,9 @@ def check_layout(cfg: TrainConfig, world: int) -> int:
     return dp
 
 
-def make_grid(cfg: TrainConfig, comm) -> ProcessGrid:
-    """The dp x pp x 1 grid; every rank raises the same UserError for a bad layout."""
-    dp = check_layout(cfg, comm.Get_size())
-    try:
-        with watchdog.waiting("the other ranks to build the process grid", cfg.timeout):
-            return ProcessGrid(dp, cfg.pp, 1, comm)
-    except GridError as err:
-        raise UserError(str(err)) from None
-
-
-def ranks_on_this_node(comm, timeout) -> int:
+def ranks_on_this_node(comm) -> int:
     from mpi4py import MPI
-    with watchdog.waiting("the other ranks to count the ranks per node", timeout):
+    with watchdog.waiting("the other ranks to count the ranks per node"):
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     size = node.Get_size()
     node.Free()
@@ -138,17 +128,19 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
     is_root = comm.Get_rank() == 0
     if not is_root:
         log = _silent
-    watchdog.arm(cfg.timeout)
     with ExitStack() as cleanup:
+        watchdog.arm(cfg.timeout)
+        cleanup.callback(watchdog.arm, None)
         with together(comm):
             try:
                 xp = get_xp(cfg.device)
             except BackendUnavailable as err:
                 raise UserError(str(err)) from None
-            check_layout(cfg, comm.Get_size())
-        grid = make_grid(cfg, comm)
+            dp = check_layout(cfg, comm.Get_size())
+        with watchdog.waiting("the other ranks to build the process grid"):
+            grid = ProcessGrid(dp, cfg.pp, 1, comm)
         cleanup.callback(grid.free)
-        on_node = ranks_on_this_node(comm, cfg.timeout)
+        on_node = ranks_on_this_node(comm)
         with together(comm):
             check_fits(cfg, grid.dp, on_node)
             data = cleanup.enter_context(TokenData(cfg.data))
@@ -175,7 +167,6 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
                                   peak_gflops, log)
         if is_root:
             _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt, log)
-    watchdog.arm(None)
     return history
 
 
@@ -255,12 +246,11 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     flops_per_step = metrics.flops_per_token(n_params, cfg.n_layer, cfg.block_size,
                                              cfg.n_embd) * tokens_per_step
     # One probe on rank 0 while the others wait: oversubscribed ranks would skew it.
-    if not peak_gflops:
+    peak = peak_gflops
+    if not peak:
         with watchdog.waiting("rank 0's GEMM probe"):
             peak = grid.comm.bcast(
                 metrics.measure_gemm_gflops(xp) if grid.comm.Get_rank() == 0 else None, root=0)
-    else:
-        peak = peak_gflops
     log(f"model: {n_params:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
         f"MFLOP/token; data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
         f" peak {peak:.1f} GFLOP/s per rank ({'given' if peak_gflops else 'measured'})")
