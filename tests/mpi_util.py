@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 class Verdict:
@@ -47,6 +48,15 @@ def shared_tmpdir(comm):
         comm.Barrier()
         if comm.Get_rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def skip_unless_ranks(needed, what):
+    """Skips the test when the job has fewer than `needed` ranks: a decision that depends on
+    the world size only, so every rank takes it alike and none is left in a collective."""
+    from mpi4py import MPI
+    have = MPI.COMM_WORLD.Get_size()
+    if have < needed:
+        pytest.skip(f"{what} needs {needed} ranks, have {have}")
 
 
 def groups_of(comm, size):

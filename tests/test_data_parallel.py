@@ -15,7 +15,7 @@ from app.step import TrainStep
 from app.trainer import train
 from models import gpt
 from models.optim import lr_at
-from tests.mpi_util import Verdict, groups_of, shared_tmpdir
+from tests.mpi_util import Verdict, groups_of, shared_tmpdir, skip_unless_ranks
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
@@ -49,29 +49,47 @@ def run_steps(data_path, comm, options):
 LAYOUTS = [(dp, zero, micro) for dp in (2, 4) for zero in (0, 1) for micro in (1, 2)]
 
 
-@pytest.mark.mpi(min_size=2)
-def test_every_dp_layout_matches_one_process():
-    world = MPI.COMM_WORLD
-    verdict = Verdict()
+@pytest.fixture(scope="module")
+def data_path():
+    """One corpus for the module, written by rank 0 into a directory every rank sees."""
+    world, verdict, path = MPI.COMM_WORLD, Verdict(), None
     with shared_tmpdir(world) as tmpdir:
-        data_path = world.bcast(corpus(tmpdir) if world.Get_rank() == 0 else None, root=0)
-        with verdict.guard("reference"):  # one process, one micro-batch
-            ref_losses, ref_flat = run_steps(data_path, MPI.COMM_SELF, TrainConfig())
-        for dp, zero, micro in LAYOUTS:
-            if dp > world.Get_size():
-                continue
-            group = groups_of(world, dp)
-            if group is None:
-                continue
-            name = f"dp={dp} zero={zero} micro={micro}"
-            with verdict.guard(name):
-                # small buckets: many of them, so overlap and ordering are exercised
-                options = TrainConfig(micro_batches=micro, zero=zero, bucket_mb=0.02)
-                losses, flat = run_steps(data_path, group, options)
-                verdict.close(f"{name} losses", losses, ref_losses, RTOL)
-                verdict.close(f"{name} parameters", flat, ref_flat, RTOL, atol=1e-12)
-            group.Free()
-        verdict.check(world)
+        if world.Get_rank() == 0:
+            with verdict.guard("corpus"):
+                path = corpus(tmpdir)
+        verdict.check(world)  # a failure here errs on every rank, none waits in bcast
+        yield world.bcast(path, root=0)
+
+
+_references = {}  # data path -> the single-process run, computed once by each rank
+
+
+def reference(data_path):
+    """One process, one micro-batch (COMM_SELF: no communication, so no rank waits on it)."""
+    if data_path not in _references:
+        _references[data_path] = run_steps(data_path, MPI.COMM_SELF, TrainConfig())
+    return _references[data_path]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dp, zero, micro", LAYOUTS,
+                         ids=[f"dp{dp}-zero{zero}-micro{micro}" for dp, zero, micro in LAYOUTS])
+def test_dp_layout_matches_one_process(data_path, dp, zero, micro):
+    skip_unless_ranks(dp, f"dp={dp}")
+    world, verdict = MPI.COMM_WORLD, Verdict()
+    with verdict.guard("reference"):
+        ref_losses, ref_flat = reference(data_path)
+    group = groups_of(world, dp)
+    if group is not None:
+        name = f"dp={dp} zero={zero} micro={micro}"
+        with verdict.guard(name):
+            # small buckets: many of them, so overlap and ordering are exercised
+            options = TrainConfig(micro_batches=micro, zero=zero, bucket_mb=0.02)
+            losses, flat = run_steps(data_path, group, options)
+            verdict.close(f"{name} losses", losses, ref_losses, RTOL)
+            verdict.close(f"{name} parameters", flat, ref_flat, RTOL, atol=1e-12)
+        group.Free()
+    verdict.check(world)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -13,7 +13,7 @@ from app.step import TrainStep
 from comm.grid import ProcessGrid
 from models import gpt
 from models.optim import lr_at
-from tests.mpi_util import Verdict, groups_of
+from tests.mpi_util import Verdict, groups_of, skip_unless_ranks
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
@@ -27,12 +27,18 @@ def global_batch(step, rows):
     return tokens[:, :-1], tokens[:, 1:]
 
 
+_references = {}  # rows -> the single-process run, computed once by each rank
+
+
 def reference(rows):
-    params = gpt.init_params(CFG, SEED, np, np.float64)
-    step = TrainStep(CFG, params, TrainConfig())
-    losses = [step(*global_batch(s, rows), lr_at(s, 3e-3, 3e-4, 2, STEPS))[0]
-              for s in range(STEPS)]
-    return losses, params
+    """One process on `rows` sequences a step (no communication, so no rank waits on it)."""
+    if rows not in _references:
+        params = gpt.init_params(CFG, SEED, np, np.float64)
+        step = TrainStep(CFG, params, TrainConfig())
+        losses = [step(*global_batch(s, rows), lr_at(s, 3e-3, 3e-4, 2, STEPS))[0]
+                  for s in range(STEPS)]
+        _references[rows] = losses, params
+    return _references[rows]
 
 
 def run_pipeline(pp_comm, dp_comm, schedule, m, chunks, rows):
@@ -60,45 +66,48 @@ def compare(verdict, name, got, ref):
 def cases(p):
     for schedule in ("gpipe", "1f1b"):
         for m in (1, p, 2 * p + 1):
-            yield schedule, m, 1
+            yield p, schedule, m, 1
     for m in (p, 2 * p):  # interleaving needs a multiple of p micro-batches
-        yield "interleaved", m, 2
+        yield p, "interleaved", m, 2
+
+
+PIPELINES = [*cases(2), *cases(4)]
 
 
 @pytest.mark.mpi(min_size=2)
-def test_every_pipeline_schedule_matches_one_process():
+@pytest.mark.parametrize("p, schedule, m, chunks", PIPELINES,
+                         ids=[f"pp{p}-{schedule}-m{m}" for p, schedule, m, _ in PIPELINES])
+def test_pipeline_schedule_matches_one_process(p, schedule, m, chunks):
+    skip_unless_ranks(p, f"pp={p}")
     world, verdict = MPI.COMM_WORLD, Verdict()
-    refs = {}
-    for p in (2, 4):
-        if p > world.Get_size():
-            continue
-        group = groups_of(world, p)
-        if group is None:
-            continue
-        for schedule, m, chunks in cases(p):
-            name = f"pp={p} {schedule} m={m}"
-            with verdict.guard(name):
-                if m not in refs:
-                    refs[m] = reference(m)
-                compare(verdict, name, run_pipeline(group, None, schedule, m, chunks, m),
-                        refs[m])
+    group = groups_of(world, p)
+    if group is not None:
+        name = f"pp={p} {schedule} m={m}"
+        with verdict.guard(name):
+            compare(verdict, name, run_pipeline(group, None, schedule, m, chunks, m),
+                    reference(m))
         group.Free()
     verdict.check(world)
 
 
-@pytest.mark.mpi(min_size=4)
-def test_dp2_times_pp2_matches_one_process():
+DP2_PP2 = [("1f1b", 3, 1), ("gpipe", 2, 1), ("interleaved", 2, 2)]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("schedule, m, chunks", DP2_PP2,
+                         ids=[f"{schedule}-m{m}" for schedule, m, _ in DP2_PP2])
+def test_dp2_times_pp2_matches_one_process(schedule, m, chunks):
+    skip_unless_ranks(4, "dp=2 x pp=2")
     world, verdict = MPI.COMM_WORLD, Verdict()
     sub = groups_of(world, 4)
     if sub is not None:
         grid = ProcessGrid(dp=2, pp=2, comm=sub)
-        for schedule, m, chunks in (("1f1b", 3, 1), ("gpipe", 2, 1), ("interleaved", 2, 2)):
-            name = f"dp=2 pp=2 {schedule} m={m}"
-            with verdict.guard(name):
-                rows = 2 * m
-                compare(verdict, name,
-                        run_pipeline(grid.pp_comm, grid.dp_comm, schedule, m, chunks, rows),
-                        reference(rows))
+        name = f"dp=2 pp=2 {schedule} m={m}"
+        with verdict.guard(name):
+            rows = 2 * m
+            compare(verdict, name,
+                    run_pipeline(grid.pp_comm, grid.dp_comm, schedule, m, chunks, rows),
+                    reference(rows))
         grid.free()
         sub.Free()
     verdict.check(world)
