@@ -81,8 +81,9 @@ test-single: setup
 	$(PYTHON) -m pytest -q tests
 
 # Every rank runs the MPI-marked tests; pytest's exit code 5 (nothing collected) fails.
+# No colours: Open MPI gives ranks a terminal, and codes would clutter interleaved logs.
 test-mpi: setup
-	$(MPIRUN) -n $(NP) $(PYTHON) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+	$(MPIRUN) -n $(NP) $(PYTHON) -m pytest -q -p no:cacheprovider --color=no --with-mpi -m mpi tests
 
 bench: setup
 	$(PYTHON) -m app bench model
