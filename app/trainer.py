@@ -202,9 +202,9 @@ def pipeline_ranges(cfg: TrainConfig, rows_per_micro_batch: int):
     embedding, blocks, head = model_costs(model_cfg, rows_per_micro_batch * cfg.block_size)
     if cfg.chunks > 1:  # interleaving needs equal chunks, whatever `partition` says
         ranges = uniform(cfg.n_layer, cfg.pp * cfg.chunks)
-        return ranges, (f"partition=uniform (interleaving needs equal chunks): "
-                        f"{cfg.pp * cfg.chunks} virtual stages of {cfg.n_layer // len(ranges)} "
-                        "blocks")
+        per_stage = cfg.n_layer // len(ranges)
+        return ranges, (f"partition=uniform (interleaving needs equal chunks): {len(ranges)} "
+                        f"virtual stages of {per_stage} block{'s' * (per_stage > 1)}")
     if cfg.partition == "uniform":
         ranges = uniform(cfg.n_layer, cfg.pp)
     else:

@@ -241,3 +241,24 @@ def test_bad_layout_exits_on_every_rank(tiny_h5, flags, message):
 def test_bad_pipeline_layout_exits_on_every_rank(tiny_h5, flags, message):
     result = mpiexec_app(2, "train", *FAST, "--data", tiny_h5, *flags)
     assert_user_error(result, message)
+
+
+# --------------------------------------------------------------------------- help and flags
+
+
+def test_train_help_shows_the_values_of_the_chosen_config():
+    small = app("train", "--config", "small", "--help")
+    assert small.returncode == 0, small.stderr
+    assert "transformer blocks (small: 6)" in " ".join(small.stdout.split())
+    # --help first, --config after: the same, since help waits for every flag
+    late = app("train", "--help", "--config", "small")
+    assert late.stdout == small.stdout
+    default = app("train", "--help")
+    assert "transformer blocks (baby: 4)" in " ".join(default.stdout.split())
+
+
+def test_flags_are_never_abbreviated(data_h5, tmp_path):
+    result = app("train", *FAST, "--data", data_h5, "--out", tmp_path / "run", "--step", "3")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --step 3" in result.stderr
+    assert not (tmp_path / "run").exists()

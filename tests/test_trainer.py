@@ -9,7 +9,7 @@ import pytest
 from app.checkpoint import load_params
 from app.config import make_config
 from app.errors import UserError
-from app.trainer import train
+from app.trainer import pipeline_ranges, train
 from models import gpt
 from models.optim import AdamW, decay_mask, lr_at
 
@@ -203,3 +203,12 @@ def test_second_run_into_same_dir_is_refused_or_starts_afresh(tiny_h5, tmp_path)
         run_train(cfg, tmp_path / "run")
     run_train(cfg, tmp_path / "run", overwrite=True)
     assert without_timings(read_metrics(tmp_path / "run")) == without_timings(first)
+
+
+def test_partition_line_tells_which_split_is_used(tiny_h5):
+    balanced = tiny_config(tiny_h5, n_layer=4, pp=2, micro_batches=2)
+    assert pipeline_ranges(balanced, 2)[1].startswith("partition=balanced: stage 0: blocks ")
+    interleaved = tiny_config(tiny_h5, n_layer=4, pp=2, micro_batches=2, chunks=2,
+                              schedule="interleaved")  # partition says balanced: not possible
+    assert pipeline_ranges(interleaved, 2)[1] == ("partition=uniform (interleaving needs equal "
+                                                  "chunks): 4 virtual stages of 1 block")
