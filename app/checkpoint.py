@@ -2,35 +2,25 @@
 
 Written under a temporary name and renamed, so a file that exists is complete.
 """
-import os
-
 import h5py
-import numpy as np
 
+from app.atomic import replacing
 from app.errors import damaged_file, UserError
+from comm.backend import to_host
 
 FORMAT = "gpt-params"
 
 
 def save_params(path, params: dict, attrs: dict | None = None):
-    """params: name -> array (NumPy or CuPy); attrs: extra file attributes (step, config...)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = 1
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-            for name, value in params.items():
-                f.create_dataset(name,
-                                 data=value.get() if hasattr(value, "get") else np.asarray(value))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """params: name -> array (NumPy or CuPy); attrs: extra file attributes (step, config...).
+    Written atomically (app/atomic.py)."""
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = 1
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        for name, value in params.items():
+            f.create_dataset(name, data=to_host(value))
 
 
 def load_params(path) -> tuple[dict, dict]:

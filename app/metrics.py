@@ -1,6 +1,5 @@
 """Throughput accounting: model FLOPs, a GEMM peak probe, MFU, and the metrics.jsonl log."""
 import json
-import os
 import time
 
 import numpy as np
@@ -62,13 +61,3 @@ class MetricsLog:
         if self.file:
             self.file.close()
             self.file = None
-
-
-def write_text_atomic(path, text: str):
-    """Writes text under a temporary name and renames it, so no reader sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

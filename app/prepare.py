@@ -8,11 +8,11 @@ network and no third-party text.
 import datetime
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import h5py
 
+from app.atomic import replacing
 from app.data import FORMAT, FORMAT_VERSION
 from app.errors import UserError
 from app.tokenizer import get_tokenizer, known_tokenizers, token_dtype
@@ -126,22 +126,6 @@ def _write_split(h5, name, pieces, start, stop, dtype, description):
     return ds
 
 
-def _write_atomically(out: Path, write):
-    """Call write(h5py.File) on a temporary file next to `out`, then rename it onto `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would survive the rename; the pid keeps runs apart.
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    try:
-        with h5py.File(tmp, "w") as h5:
-            write(h5)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def prepare(inputs, out, tokenizer="bytes", val_fraction=0.1) -> dict:
     """Tokenize `inputs` (paths or 'embedded') into the token file `out`; return a summary."""
     if not 0 < val_fraction < 1:
@@ -181,7 +165,8 @@ def prepare(inputs, out, tokenizer="bytes", val_fraction=0.1) -> dict:
                      "token ids: the last val_fraction of the stream, for validation")
 
     try:
-        _write_atomically(out, write)
+        with replacing(out) as tmp, h5py.File(tmp, "w") as h5:
+            write(h5)
     except OSError as err:
         raise UserError(f"cannot write {str(out)!r}: {err.strerror or err}") from None
     return {"path": str(out), "tokenizer": tok.spec, "vocab_size": tok.vocab_size,

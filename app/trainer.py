@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app import metrics, rundir
+from app import atomic, metrics, rundir
 from app.checkpoint import save_params
 from app.config import add_config_arguments, field_names, load_config, TrainConfig
 from app.data import BatchLoader, TokenData, validation_batches
@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             if is_root:
                 run = rundir.claim(run_dir, overwrite)
                 cleanup.callback(run.release)
-                _write_or_fail(metrics.write_text_atomic, run.path / "config.toml",
+                _write_or_fail(atomic.write_text, run.path / "config.toml",
                                cfg.to_toml())
         keep_freed_host_memory()
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))

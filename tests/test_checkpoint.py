@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from app import checkpoint
+from app import atomic, checkpoint
 from app.checkpoint import load_params, save_params
 from app.errors import UserError
 from damage import damage_header
@@ -136,7 +136,7 @@ def test_failed_rename_leaves_nothing(tmp_path, monkeypatch):
     def no_replace(src, dst):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoint.os, "replace", no_replace)
+    monkeypatch.setattr(atomic.os, "replace", no_replace)
     with pytest.raises(PermissionError):
         save_params(path, {"a": np.zeros(4)})
     assert list(tmp_path.iterdir()) == []
