@@ -1,12 +1,22 @@
-"""Parameters on disk: one HDF5 file of logical tensors under their GPT-2 names.
+"""Parameters and training state on disk, as logical tensors under their GPT-2 names.
 
-Written under a temporary name and renamed, so a file that exists is complete.
+`save_params`/`load_params`: one HDF5 file of the final parameters (params.h5).
+`save_checkpoint`/`load_checkpoint`: the whole training state, sharded over the ranks that
+own it, loadable into any layout (see the block comment below).
 """
-import h5py
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
 
-from app.atomic import replacing
+import h5py
+import numpy as np
+
+from app.atomic import fsync_path, replacing
 from app.errors import damaged_file, UserError
-from comm.backend import to_host
+from comm import watchdog
+from comm.backend import array_module, to_host
 
 FORMAT = "gpt-params"
 
@@ -46,3 +56,225 @@ def load_params(path) -> tuple[dict, dict]:
             raise damaged_file(f"parameter file {path}", what, err, "train the run again") \
                 from None
     return params, attrs
+
+
+# --------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint is a directory checkpoints/step_XXXXXXXX/ of a run:
+#
+#   rank_NNNNN.h5   what rank NNNNN owns: boxes of logical tensors, as datasets
+#                   {param,m,v}/<name>/<k> with attributes `start` (per axis) and `crc32`
+#   model.h5        HDF5 virtual datasets {param,m,v}/<name>: each whole logical tensor,
+#                   mapped onto the boxes in the rank files (for h5ls, h5py and resume)
+#   manifest.json   written last: format, step, AdamW's step count, config, layout, and
+#                   every box with its file and checksum. No manifest, no checkpoint.
+#
+# A rank holds its tensors (and, under ZeRO-1, its share of the moments) as flat ranges of
+# one buffer; a flat range of a C-order tensor is a short run of boxes (`boxes`), so the
+# box is the one unit of storage, and a tensor-parallel slice will be just another box.
+# Data-parallel replicas write once (dp rank 0; under ZeRO-1 each rank its own moments),
+# the tied wte once (the first stage). Each rank writes its own file; rank 0 binds them.
+# Everything goes into checkpoints/.step_XXXXXXXX.tmp/, renamed once the manifest is in.
+
+CKPT_FORMAT, CKPT_VERSION = "gpt-checkpoint", 1
+MANIFEST, VIEW = "manifest.json", "model.h5"
+KINDS = ("param", "m", "v")
+# What must match between a checkpoint and the run that resumes it; everything else
+# (steps, learning rates, intervals, the layout, the data file) may change.
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dtype")
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used: partial, damaged or foreign."""
+
+
+def boxes(lo: int, hi: int, shape) -> list:
+    """Elements [lo, hi) of a C-order tensor of `shape` (ndim >= 1) as consecutive boxes
+    (flat start, start per axis, shape per axis), each one contiguous in flat order."""
+    shape = tuple(shape)
+    if lo >= hi:
+        return []
+    if len(shape) == 1:
+        return [(lo, (lo,), (hi - lo,))]
+    row = int(np.prod(shape[1:]))
+    first = lo // row
+    if lo % row or hi < (first + 1) * row:  # a part of one row: that row's own boxes
+        stop = min(hi, (first + 1) * row)
+        head = [(first * row + f, (first,) + s, (1,) + b)
+                for f, s, b in boxes(lo - first * row, stop - first * row, shape[1:])]
+        return head + boxes(stop, hi, shape)
+    whole = hi // row  # rows first .. whole-1 are complete
+    return [(lo, (first,) + (0,) * (len(shape) - 1), (whole - first,) + shape[1:])] + \
+        boxes(whole * row, hi, shape)
+
+
+def _pieces(shapes: dict, ranges, names):
+    """(name, lo, hi, at): elements [lo, hi) of tensor `name` (one of `names`) sit at `at`
+    in a buffer that packs the flat `ranges` of the layout `shapes` one after another."""
+    bounds, offset = {}, 0
+    for name, shape in shapes.items():
+        bounds[name] = (offset, offset + int(np.prod(shape)))
+        offset = bounds[name][1]
+    at = 0
+    for a, b in ranges:
+        for name in shapes:
+            start, stop = bounds[name]
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi and name in names:
+                yield name, lo - start, hi - start, at + lo - a
+        at += b - a
+
+
+def _crc(array) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
+
+
+def _selection(start, shape):
+    return tuple(slice(s, s + n) for s, n in zip(start, shape))
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir) -> list:
+    """The checkpoint directories of a run, newest first (temporaries of unfinished saves,
+    hidden, are not listed)."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+
+
+def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, moment_names,
+                    meta: dict, keep: int = 0) -> Path:
+    """Writes this rank's share of the training state; rank 0 binds the shares and keeps
+    the newest `keep` checkpoints (0: all). Collective over `comm`.
+
+    params: this rank's FlatParams; optimizer: its AdamW (m, v pack `optimizer.ranges`);
+    param_names, moment_names: the tensors whose values, and moments, this rank writes;
+    meta: "config" (TOML), "layout", "shapes" (logical, every tensor), "dtype"."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.parent / f".{final.name}.tmp"
+    rank = comm.Get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that died midway
+        tmp.mkdir(parents=True)
+    with watchdog.waiting("rank 0 to create the checkpoint directory"):
+        comm.Barrier()
+    buffers = [("param", params.flat, [(0, params.size)], param_names),
+               ("m", optimizer.m, optimizer.ranges, moment_names),
+               ("v", optimizer.v, optimizer.ranges, moment_names)]
+    file_name, listing = f"rank_{rank:05d}.h5", []
+    for kind, buf, ranges, names in buffers:
+        flat = to_host(buf)
+        for name, lo, hi, at in _pieces(params.shapes, ranges, set(names)):
+            for first, start, shape in boxes(lo, hi, params.shapes[name]):
+                at_box = at + first - lo
+                data = flat[at_box:at_box + int(np.prod(shape))].reshape(shape)
+                listing.append(({"kind": kind, "tensor": name,
+                                 "path": f"{kind}/{name}/{len(listing)}", "start": list(start),
+                                 "shape": list(shape), "crc32": _crc(data)}, data))
+    if listing:
+        with h5py.File(tmp / file_name, "w") as f:
+            for box, data in listing:
+                f.create_dataset(box["path"], data=data).attrs["crc32"] = box["crc32"]
+        fsync_path(tmp / file_name)
+    with watchdog.waiting("the other ranks' checkpoint files"):
+        listings = comm.gather((file_name, [box for box, _ in listing]), root=0)
+    if rank == 0:
+        files = {name: boxes_ for name, boxes_ in listings if boxes_}
+        _write_view(tmp / VIEW, files, meta["shapes"], meta["dtype"])
+        manifest = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
+                    "adam_t": optimizer.t, "config": meta["config"], "layout": meta["layout"],
+                    "dtype": meta["dtype"],
+                    "shapes": {n: list(s) for n, s in meta["shapes"].items()}, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp / VIEW)
+        fsync_path(tmp)
+        if final.exists():  # a save of the same step by an earlier job: replaced whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+        for old in (list_checkpoints(run_dir)[keep:] if keep else []):
+            shutil.rmtree(old, ignore_errors=True)  # only now that a newer one is complete
+    return final
+
+
+def _write_view(path, files: dict, shapes: dict, dtype):
+    by_tensor = {}
+    for file_name, listing in files.items():
+        for box in listing:
+            by_tensor.setdefault((box["kind"], box["tensor"]), []).append((file_name, box))
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = CKPT_FORMAT
+        f.attrs["description"] = ("whole logical tensors (param, AdamW moments m and v) "
+                                  "mapped onto the rank files of this checkpoint")
+        for (kind, name), parts in by_tensor.items():
+            layout = h5py.VirtualLayout(tuple(shapes[name]), dtype)
+            for file_name, box in parts:
+                layout[_selection(box["start"], box["shape"])] = h5py.VirtualSource(
+                    file_name, box["path"], shape=tuple(box["shape"]))
+            f.create_virtual_dataset(f"{kind}/{name}", layout, fillvalue=np.nan)
+
+
+def read_manifest(path) -> dict:
+    """The manifest of checkpoint `path`; CheckpointError if missing or foreign."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError("no manifest.json (a save that did not finish)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"manifest.json cannot be read ({err})") from None
+    found = (manifest.get("format"), manifest.get("version"))
+    if found != (CKPT_FORMAT, CKPT_VERSION):
+        raise CheckpointError(f"format {found[0]!r} version {found[1]!r}: expected "
+                              f"{CKPT_FORMAT!r} version {CKPT_VERSION}")
+    return manifest
+
+
+def verify_checkpoint(path) -> dict:
+    """The manifest of checkpoint `path` once every box has been read back, matched against
+    its checksum, and the boxes found to cover every tensor; CheckpointError otherwise."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    covered = {}
+    for file_name, listing in manifest["files"].items():
+        try:
+            with h5py.File(path / file_name, "r") as f:
+                for box in listing:
+                    data = f[box["path"]][()]
+                    if list(data.shape) != box["shape"] or _crc(data) != box["crc32"]:
+                        raise CheckpointError(f"{file_name}: {box['path']} does not match its "
+                                              "checksum")
+                    key = (box["kind"], box["tensor"])
+                    covered[key] = covered.get(key, 0) + data.size
+        except (OSError, KeyError) as err:
+            raise CheckpointError(f"{file_name} cannot be read ({err})") from None
+    for name, shape in manifest["shapes"].items():
+        for kind in KINDS:
+            if covered.get((kind, name), 0) != int(np.prod(shape)):
+                raise CheckpointError(f"the {kind} boxes of {name!r} do not cover it")
+    if not (path / VIEW).is_file():
+        raise CheckpointError(f"{VIEW} is missing")
+    return manifest
+
+
+def load_checkpoint(path, params, optimizer) -> int:
+    """Fills this rank's parameters and AdamW state from a verified checkpoint, whatever
+    layout saved it, reading just the boxes this rank holds; returns the step."""
+    manifest = read_manifest(path)
+    xp = array_module(params.flat)
+    with h5py.File(Path(path) / VIEW, "r") as view:
+        for kind, buf, ranges in (("param", params.flat, [(0, params.size)]),
+                                  ("m", optimizer.m, optimizer.ranges),
+                                  ("v", optimizer.v, optimizer.ranges)):
+            host = np.empty(buf.shape, buf.dtype)
+            for name, lo, hi, at in _pieces(params.shapes, ranges, params.shapes):
+                dataset = view[f"{kind}/{name}"]
+                for first, start, shape in boxes(lo, hi, params.shapes[name]):
+                    at_box = at + first - lo
+                    host[at_box:at_box + int(np.prod(shape))] = \
+                        dataset[_selection(start, shape)].ravel()
+            buf[...] = xp.asarray(host)
+    optimizer.t = manifest["adam_t"]
+    return manifest["step"]

@@ -39,6 +39,7 @@ class AdamW:
         self.params = params
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         ranges = [(0, params.size)] if ranges is None else [(a, b) for a, b in ranges if b > a]
+        self.ranges = ranges  # m and v hold these elements of `params`, packed in order
         self.owned = sum(b - a for a, b in ranges)
         self.m = xp.zeros(self.owned, params.dtype)
         self.v = xp.zeros(self.owned, params.dtype)

@@ -2,12 +2,15 @@
 import h5py
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from app import atomic, checkpoint
-from app.checkpoint import load_params, save_params
+from app.checkpoint import (boxes, CheckpointError, list_checkpoints, load_checkpoint,
+                            load_params, save_checkpoint, save_params, verify_checkpoint, VIEW)
 from app.errors import UserError
 from damage import damage_header
 from models import gpt
+from models.optim import AdamW, decay_mask
 
 
 def sample_params():
@@ -190,3 +193,101 @@ def test_load_damaged_object_header(tmp_path):
     assert str(err.value) == (f"parameter file {path}: cannot read 'ln_f.weight': HDF5 error "
                               "(Unable to synchronously open object (bad object header version "
                               "number)): the file may be damaged; train the run again")
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+
+@pytest.mark.parametrize("shape", [(7,), (4, 5), (3, 4, 5), (2, 1, 3, 2)])
+def test_boxes_tile_any_flat_range_in_order(shape):
+    n = int(np.prod(shape))
+    index = np.arange(n).reshape(shape)
+    rng = np.random.default_rng(0)
+    for lo, hi in [(0, n), (0, 1), (n - 1, n)] + [tuple(sorted(rng.integers(0, n + 1, 2)))
+                                                   for _ in range(50)]:
+        got = boxes(lo, hi, shape)
+        flat = [index[tuple(slice(s, s + k) for s, k in zip(start, size))].ravel()
+                for _, start, size in got]
+        assert np.array_equal(np.concatenate(flat) if flat else np.arange(0), np.arange(lo, hi))
+        assert [f for f, _, _ in got] == [lo + sum(int(np.prod(b)) for _, _, b in got[:i])
+                                          for i in range(len(got))]
+        assert len(got) <= 2 * len(shape) - 1
+
+
+CFG = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=4, vocab_size=16)
+
+
+def training_state(seed, ranges=None):
+    params = gpt.init_params(CFG, seed, np, np.float64)
+    optimizer = AdamW(params.flat, decay_mask(params, gpt.is_decayed), ranges=ranges)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        optimizer.step(rng.normal(size=params.size), 1e-2)
+    return params, optimizer
+
+
+META = {"config": "n_layer = 2\n", "layout": {"dp": 1, "pp": 1}, "dtype": "float64",
+        "shapes": gpt.param_shapes(CFG)}
+
+
+def test_checkpoint_round_trip_and_view(tmp_path):
+    params, optimizer = training_state(1)
+    path = save_checkpoint(MPI.COMM_SELF, tmp_path, 7, params, optimizer, list(params.shapes),
+                           list(params.shapes), META)
+    assert path.name == "step_00000007" and list_checkpoints(tmp_path) == [path]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", VIEW, "rank_00000.h5"]
+    assert verify_checkpoint(path)["step"] == 7
+    fresh, fresh_opt = training_state(2)
+    assert load_checkpoint(path, fresh, fresh_opt) == 7
+    np.testing.assert_array_equal(fresh.flat, params.flat)
+    np.testing.assert_array_equal(fresh_opt.m, optimizer.m)
+    np.testing.assert_array_equal(fresh_opt.v, optimizer.v)
+    assert fresh_opt.t == optimizer.t == 3
+    with h5py.File(path / VIEW) as f:  # whole logical tensors for h5py users
+        np.testing.assert_array_equal(f["param/h.1.attn.c_attn.weight"][()],
+                                      params["h.1.attn.c_attn.weight"])
+
+
+def test_moments_in_one_sharding_load_into_another(tmp_path):
+    """Moments packed over flat ranges (as ZeRO-1 holds them) are written as boxes and read
+    back into other ranges: each element lands where the new packing wants it."""
+    params, optimizer = training_state(1)
+    n = params.size
+    saved = AdamW(params.flat, decay_mask(params, gpt.is_decayed),
+                  ranges=[(0, 301), (301, n)])
+    saved.m[...], saved.v[...], saved.t = optimizer.m, optimizer.v, optimizer.t
+    names = list(params.shapes)
+    path = save_checkpoint(MPI.COMM_SELF, tmp_path, 1, params, saved, names, names, META)
+    verify_checkpoint(path)
+    wanted = [(17, 250), (500, n - 3)]
+    other, other_opt = training_state(5, ranges=wanted)
+    load_checkpoint(path, other, other_opt)
+    expected = np.concatenate([optimizer.m[a:b] for a, b in wanted])
+    np.testing.assert_array_equal(other_opt.m, expected)
+    np.testing.assert_array_equal(other.flat, params.flat)
+
+
+def test_damaged_or_partial_checkpoints_are_refused(tmp_path):
+    params, optimizer = training_state(1)
+    names = list(params.shapes)
+    path = save_checkpoint(MPI.COMM_SELF, tmp_path, 3, params, optimizer, names, names, META)
+    (path / "manifest.json").rename(path / "manifest.tmp")
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        verify_checkpoint(path)
+    (path / "manifest.tmp").rename(path / "manifest.json")
+    with h5py.File(path / "rank_00000.h5", "r+") as f:
+        f["m/wpe/" + next(iter(f["m/wpe"]))][0, 0] += 1.0  # a flipped value
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        verify_checkpoint(path)
+    with open(path / "rank_00000.h5", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError, match="rank_00000.h5 cannot be read"):
+        verify_checkpoint(path)
+
+
+def test_keep_removes_older_checkpoints_once_a_newer_one_is_complete(tmp_path):
+    params, optimizer = training_state(1)
+    names = list(params.shapes)
+    for step in (1, 2, 3):
+        save_checkpoint(MPI.COMM_SELF, tmp_path, step, params, optimizer, names, names, META,
+                        keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000002"]
