@@ -14,6 +14,7 @@ COMMANDS = {
     "prepare": ("app.prepare", "turn text files into an HDF5 token file"),
     "train": ("app.trainer", "train a GPT from a TOML config and CLI overrides"),
     "generate": ("app.generate", "sample text from a trained run"),
+    "eval": ("app.evaluate", "validation loss and perplexity of a trained run (one process)"),
     "export": ("app.export", "write a trained run as a Hugging Face GPT-2 model"),
     "bench": ("app.bench", "benchmark the model (and PyTorch eager, if installed)"),
 }
