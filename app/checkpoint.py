@@ -7,6 +7,7 @@ own it, loadable into any layout (see the block comment below).
 import json
 import os
 import shutil
+import tomllib
 import zlib
 from pathlib import Path
 
@@ -278,3 +279,33 @@ def load_checkpoint(path, params, optimizer) -> int:
             buf[...] = xp.asarray(host)
     optimizer.t = manifest["adam_t"]
     return manifest["step"]
+
+
+def find_resume(run_dir, resume, warn) -> Path | None:
+    """The checkpoint to resume from: for "auto" the newest valid one in `run_dir` (None if
+    there is none; invalid ones are skipped with a warning), else the directory `resume`."""
+    if resume == "auto":
+        for path in list_checkpoints(run_dir):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError as err:
+                warn(f"warning: skipping checkpoint {path}: {err}")
+        return None
+    try:
+        verify_checkpoint(resume)
+    except CheckpointError as err:
+        raise UserError(f"--resume {resume}: {err}: expected a checkpoint directory "
+                        "(RUN/checkpoints/step_N) or auto") from None
+    return Path(resume)
+
+
+def check_resumable(path, cfg):
+    """UserError naming the first model field in which config `cfg` differs from the
+    config checkpoint `path` was saved with."""
+    saved = tomllib.loads(read_manifest(path)["config"])
+    for field in MODEL_FIELDS:
+        if saved.get(field) != getattr(cfg, field):
+            raise UserError(f"checkpoint {path} was saved with {field} = {saved.get(field)!r} "
+                            f"but the config says {field} = {getattr(cfg, field)!r}: expected "
+                            f"the model fields ({', '.join(MODEL_FIELDS)}) to match")

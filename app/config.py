@@ -54,6 +54,9 @@ class TrainConfig:
     chunks: int = 1
     partition: str = "balanced"
     timeout: float = 300.0
+    # checkpoints
+    save_interval: int = 0
+    keep: int = 2
 
     def model_config(self):
         from models.gpt import GPTConfig
@@ -87,6 +90,8 @@ HELP = {
     "pp": "pipeline stages", "schedule": "pipeline schedule: 1f1b, gpipe or interleaved",
     "chunks": "model chunks per stage (interleaved schedule only)",
     "partition": "blocks per stage: balanced (FLOP model) or uniform",
+    "save_interval": "steps between checkpoints (0 = none); the last step is saved too",
+    "keep": "checkpoints kept, the newest (0 = all)",
     "timeout": "seconds a rank may wait for the others (collectives, pipeline transfers) "
                "before the watchdog aborts the job",
 }
@@ -94,7 +99,8 @@ HELP = {
 POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
                  "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches",
                  "pp", "chunks")
-NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval")
+NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval",
+                     "save_interval", "keep")
 CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform")}
 

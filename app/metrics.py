@@ -39,12 +39,12 @@ def synchronizer(xp):
 
 
 class MetricsLog:
-    """One JSON object per line, in a file started afresh by each run; each line is flushed so
-    that a killed run keeps its log."""
+    """One JSON object per line, in a file started afresh by each run (appended to by a run
+    that resumes); each line is flushed so that a killed run keeps its log."""
 
-    def __init__(self, path):
+    def __init__(self, path, append=False):
         self.path = path
-        self.file = open(path, "w", encoding="utf-8") if path else None
+        self.file = open(path, "a" if append else "w", encoding="utf-8") if path else None
 
     def __enter__(self):
         return self

@@ -1,27 +1,28 @@
 """Run directories: never written over silently, never written by two jobs at once.
 
-A run directory holds `config.toml`, `metrics.jsonl`, `params.h5` and a `.lock`. Rank 0
-`claim`s it before writing anything:
+A run directory holds `config.toml`, `metrics.jsonl`, `params.h5`, `checkpoints/` and a
+`.lock`. Rank 0 `claim`s it before writing anything:
 
 - an exclusive `flock` on `.lock`, held until the job ends, keeps a second job out (with a
   line naming the holder's pid, host and start). The kernel drops the lock when the process
   dies, even by SIGKILL, so a crashed job never leaves a stale lock behind. (On NFS, Linux
   maps flock to byte-range locks, which the server arbitrates.)
-- a directory that already holds a run is refused unless `overwrite`; with it, the old run's
-  files are deleted first, so a failed rerun never leaves a new config.toml beside an old
-  params.h5.
+- a directory that already holds a run is refused unless `resume` (continue it) or
+  `overwrite`; with the latter, the old run's files are deleted first, so a failed rerun
+  never leaves a new config.toml beside an old params.h5.
 
 Without `--out`, `fresh_run_dir("runs/baby")` picks runs/baby, else runs/baby-2, -3, ...
 """
 import datetime
 import fcntl
 import os
+import shutil
 import socket
 from pathlib import Path
 
 from app.errors import UserError
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "params.h5")
+RUN_FILES = ("config.toml", "metrics.jsonl", "params.h5", "checkpoints")
 LOCK_NAME = ".lock"
 
 
@@ -53,8 +54,9 @@ class RunDir:
             self._lock_file = None
 
 
-def claim(path, overwrite=False) -> RunDir:
-    """Creates and locks the run directory `path` for this job (see the module doc)."""
+def claim(path, overwrite=False, resume=False) -> RunDir:
+    """Creates and locks the run directory `path` for this job (see the module doc); with
+    `resume`, a run already there is kept, to be continued."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: is a file, expected a run directory")
@@ -74,11 +76,15 @@ def claim(path, overwrite=False) -> RunDir:
                         f"({holder}): expected a directory no running job uses") from None
     try:
         existing = run_files(path)
-        if existing and not overwrite:
+        if existing and not (overwrite or resume):
             raise UserError(f"--out {path} already holds a run ({', '.join(existing)}): pass "
-                            "--overwrite to replace it, or choose another --out")
-        for name in existing:
-            os.unlink(path / name)
+                            "--resume auto to continue it, --overwrite to replace it, or "
+                            "choose another --out")
+        for name in existing if overwrite else ():
+            if (path / name).is_dir():
+                shutil.rmtree(path / name)  # checkpoints/
+            else:
+                os.unlink(path / name)
         lock_file.truncate(0)
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")

@@ -12,6 +12,7 @@ watchdog (comm/watchdog.py), armed with the `timeout` config key.
 """
 import math
 import os
+import sys
 import time
 import zlib
 from contextlib import ExitStack
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from app import atomic, metrics, rundir
-from app.checkpoint import save_params
+from app.checkpoint import (check_resumable, find_resume, load_checkpoint, save_checkpoint,
+                            save_params)
 from app.config import add_config_arguments, field_names, load_config, TrainConfig
 from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
@@ -45,6 +47,9 @@ def add_arguments(parser):
                              "name>-N if that holds a run already)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --out (without it, that is refused)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue a run: auto = from the newest valid checkpoint in --out "
+                             "(a fresh start if there is none), or a checkpoint directory")
     parser.add_argument("--peak-gflops", type=float, default=None,
                         help="peak GFLOP/s for MFU (default: measured by a short GEMM probe)")
 
@@ -57,12 +62,18 @@ def run(args):
         cfg = load_config(args.config, overrides)
         if args.peak_gflops is not None and not args.peak_gflops > 0:
             raise UserError(f"--peak-gflops {args.peak_gflops}: expected a number > 0")
+        if args.resume and args.overwrite:
+            raise UserError("--resume and --overwrite together: expected one of them (continue "
+                            "the run, or replace it)")
     out = args.out
+    if out is None and args.resume:
+        out = os.path.join("runs", Path(args.config).stem)
     if out is None:  # rank 0 names it, so that every rank agrees
         with watchdog.waiting("rank 0 to name the run directory", cfg.timeout):
             out = comm.bcast(rundir.fresh_run_dir(os.path.join("runs", Path(args.config).stem))
                              if comm.Get_rank() == 0 else None, root=0)
-    train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite, comm=comm)
+    train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite, comm=comm,
+          resume=args.resume)
     return 0
 
 
@@ -117,11 +128,13 @@ def check_replicas_agree(params, dp_comm, step):
 
 
 def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt="\n",
-          comm=None, overwrite=False):
-    """Trains from scratch on the ranks of `comm` (default MPI.COMM_WORLD); returns
+          comm=None, overwrite=False, resume=None):
+    """Trains on the ranks of `comm` (default MPI.COMM_WORLD), from scratch or, with
+    `resume` ("auto" or a checkpoint directory), from a checkpoint; returns
     {'loss': [...], 'val': {step: loss}, 'params': FlatParams} on every rank.
 
-    Refuses (on every rank) a run directory that holds a run, unless `overwrite`."""
+    Refuses (on every rank) a run directory that holds a run, unless `overwrite` or
+    `resume`."""
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
@@ -151,20 +164,32 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             loader = BatchLoader(data, "train", cfg.block_size, cfg.batch_size, cfg.seed)
             val_batches = list(validation_batches(data, cfg.block_size, cfg.batch_size,
                                                   cfg.eval_windows))
+        resume_from = None
         with together(comm):  # only once every rank is ready: a refused run writes nothing
             if is_root:
-                run = rundir.claim(run_dir, overwrite)
+                run = rundir.claim(run_dir, overwrite, resume=bool(resume))
                 cleanup.callback(run.release)
+                resume_from = resume and find_resume(run_dir, resume, _warn)
+                if resume and not resume_from and rundir.run_files(run_dir):
+                    raise UserError(f"--out {run_dir} holds a run but no checkpoint to resume "
+                                    f"({', '.join(rundir.run_files(run_dir))}): pass "
+                                    "--overwrite to replace it, or choose another --out")
                 _write_or_fail(atomic.write_text, run.path / "config.toml",
                                cfg.to_toml())
+        with watchdog.waiting("rank 0 to choose the checkpoint to resume"):
+            resume_from = comm.bcast(resume_from, root=0)
+        with together(comm):
+            if resume_from:
+                check_resumable(resume_from, cfg)
         keep_freed_host_memory()
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         log_path = os.path.join(run_dir, "metrics.jsonl") if is_root else None
         # Overflow ends as a non-finite loss, reported below in one line; NumPy's warnings
         # on the way there would only bury it.
-        with metrics.MetricsLog(log_path) as metrics_log, np.errstate(all="ignore"):
+        with metrics.MetricsLog(log_path, append=bool(resume_from)) as metrics_log, \
+                np.errstate(all="ignore"):
             history = _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log,
-                                  peak_gflops, log)
+                                  peak_gflops, log, run_dir, resume_from)
         if is_root:
             _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt, log)
     return history
@@ -181,6 +206,11 @@ def _write_or_fail(write, path, *args):
 
 def _silent(*args, **kwargs):
     pass
+
+
+def _warn(line):
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _finish_run(cfg, run_dir, params, tokenizer_spec, sample_prompt, log):
@@ -226,7 +256,8 @@ def gather_full_params(params, pp_comm, model_cfg, xp, dtype):
     return gpt.FlatParams(full.shapes, xp, dtype, buffer=xp.asarray(full.flat))
 
 
-def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflops, log):
+def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflops, log,
+                run_dir, resume_from):
     model_cfg = cfg.model_config()
     dtype = np.dtype(cfg.dtype)
     dp_comm, dp, dp_rank = grid.dp_comm, grid.dp, grid.coords.dp
@@ -260,10 +291,17 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         + (f"; {len(reducer.buckets)} gradient buckets of <= {cfg.bucket_mb} MB, "
            f"overlap {'on' if cfg.overlap else 'off'}" if reducer else ""))
 
+    first = 0
+    if resume_from:
+        first = load_checkpoint(resume_from, params, step_fn.optimizer)
+        log(f"resumed from {resume_from} at step {first}")
     history = {"loss": [], "val": {}}
     step_times, comm_waits = [], []
     started = time.perf_counter()
-    for step in range(cfg.steps + 1):
+    for step in range(first, cfg.steps + 1):
+        if cfg.save_interval and step > first and (step % cfg.save_interval == 0
+                                                   or step == cfg.steps):
+            _save(cfg, grid, run_dir, step, params, step_fn.optimizer, log)
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             full = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
             val_loss = evaluate(full, model_cfg, val_batches, xp, dp_comm)
@@ -288,11 +326,32 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
                             f"diverged; expected a lower lr (now {cfg.lr:g}) or grad_clip > 0 "
                             f"(now {cfg.grad_clip:g})", everywhere=True)
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
-            eta = (time.perf_counter() - started) / (step + 1) * (cfg.steps - step - 1)
+            eta = (time.perf_counter() - started) / (step - first + 1) * (cfg.steps - step - 1)
             _log_step(step, cfg.steps, eta, loss, lr, norm, step_times, comm_waits,
                       tokens_per_step, flops_per_step, peak * dp * cfg.pp, metrics_log, log)
     history["params"] = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
     return history
+
+
+def _save(cfg, grid, run_dir, step, params, optimizer, log):
+    """A checkpoint of step `step`: each rank writes what it alone owns (app/checkpoint.py)."""
+    names = [name for name in params.shapes if not (name == "wte" and grid.coords.pp > 0)]
+    first_replica = grid.coords.dp == 0  # the tied wte: written by the first stage only
+    meta = {"config": cfg.to_toml(), "dtype": cfg.dtype,
+            "shapes": gpt.param_shapes(cfg.model_config()),
+            "layout": {"world": grid.comm.Get_size(), "dp": grid.dp, "pp": grid.pp,
+                       "tp": grid.tp, "zero": cfg.zero, "schedule": cfg.schedule,
+                       "chunks": cfg.chunks, "micro_batches": cfg.micro_batches}}
+    start = time.perf_counter()
+    try:
+        path = save_checkpoint(grid.comm, run_dir, step, params, optimizer,
+                               names if first_replica else [],
+                               names if cfg.zero or first_replica else [], meta, cfg.keep)
+    except OSError as err:
+        raise UserError(f"cannot write a checkpoint of step {step} in {run_dir} "
+                        f"({err.strerror or err}): expected a writable run directory with "
+                        "free space") from None
+    log(f"step {step:5d}/{cfg.steps} | saved {path} in {time.perf_counter() - start:.2f} s")
 
 
 def optimizer_bytes(optimizer):

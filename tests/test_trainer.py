@@ -199,7 +199,8 @@ def test_second_run_into_same_dir_is_refused_or_starts_afresh(tiny_h5, tmp_path)
     cfg = tiny_config(tiny_h5)
     run_train(cfg, tmp_path / "run")
     first = read_metrics(tmp_path / "run")
-    with pytest.raises(UserError, match="already holds a run .* pass --overwrite"):
+    with pytest.raises(UserError, match="already holds a run .* pass --resume auto to continue "
+                                        "it, --overwrite to replace it"):
         run_train(cfg, tmp_path / "run")
     run_train(cfg, tmp_path / "run", overwrite=True)
     assert without_timings(read_metrics(tmp_path / "run")) == without_timings(first)
