@@ -69,9 +69,11 @@ $(DATA): | setup
 data: $(DATA)
 
 # The main job: data parallel over NP ranks (each takes its slice of the same global batch).
-# Into runs/$(CONFIG), or runs/$(CONFIG)-2, -3, ... when that holds a run: never over one.
+# It continues the run in OUT from its newest checkpoint, if there is one: a second
+# `make train` after Ctrl-C goes on where the first stopped. Start over with another OUT.
+OUT ?= runs/$(CONFIG)
 train: setup $(DATA)
-	$(MPIRUN) -n $(NP) $(PYTHON) -m app train --config $(CONFIG) --data $(DATA)
+	$(MPIRUN) -n $(NP) $(PYTHON) -m app train --config $(CONFIG) --data $(DATA) --out $(OUT) --resume auto
 
 test: setup
 	$(MAKE) --no-print-directory test-single

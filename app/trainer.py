@@ -170,10 +170,12 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
                 run = rundir.claim(run_dir, overwrite, resume=bool(resume))
                 cleanup.callback(run.release)
                 resume_from = resume and find_resume(run_dir, resume, _warn)
-                if resume and not resume_from and rundir.run_files(run_dir):
-                    raise UserError(f"--out {run_dir} holds a run but no checkpoint to resume "
-                                    f"({', '.join(rundir.run_files(run_dir))}): pass "
-                                    "--overwrite to replace it, or choose another --out")
+                if resume and not resume_from and "params.h5" in rundir.run_files(run_dir):
+                    raise UserError(f"--out {run_dir} holds a finished run but no checkpoint "
+                                    "to resume: pass --overwrite to replace it, or choose "
+                                    "another --out")
+                # A run stopped before its first checkpoint has nothing to continue: it
+                # starts again from step 0, with a fresh metrics.jsonl.
                 _write_or_fail(atomic.write_text, run.path / "config.toml",
                                cfg.to_toml())
         with watchdog.waiting("rank 0 to choose the checkpoint to resume"):

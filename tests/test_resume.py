@@ -136,8 +136,14 @@ def test_resume_refusals(data, tmp_path):
                "--out", run).returncode == 0
     again = app("train", "--config", "tiny", *MODEL, "--data", data, "--out", run,
                 "--resume", "auto")
-    assert_user_error(again, f"--out {run} holds a run but no checkpoint to resume",
+    assert_user_error(again, f"--out {run} holds a finished run but no checkpoint to resume",
                       "pass --overwrite")
+    (run / "params.h5").unlink()  # stopped before its first checkpoint: starts again
+    restarted = app("train", "--config", "tiny", *MODEL, "--data", data, "--out", run,
+                    "--resume", "auto")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "resumed" not in restarted.stdout
+    assert sorted(results(run)[0]) == list(range(10))
     missing = app("train", "--config", "tiny", *MODEL, "--data", data, "--out", run,
                   "--resume", tmp_path / "nowhere")
     assert_user_error(missing, f"--resume {tmp_path / 'nowhere'}: no manifest.json")
