@@ -152,7 +152,7 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
 
     params: this rank's FlatParams; optimizer: its AdamW (m, v pack `optimizer.ranges`);
     param_names, moment_names: the tensors whose values, and moments, this rank writes;
-    meta: "config" (TOML), "layout", "shapes" (logical, every tensor), "dtype"."""
+    meta: "config" (TOML), "layout", "shapes" (logical, every tensor), "dtype", "tokenizer"."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp"
     rank = comm.Get_rank()
@@ -186,7 +186,7 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
         _write_view(tmp / VIEW, files, meta["shapes"], meta["dtype"])
         manifest = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                     "adam_t": optimizer.t, "config": meta["config"], "layout": meta["layout"],
-                    "dtype": meta["dtype"],
+                    "dtype": meta["dtype"], "tokenizer": meta.get("tokenizer", "bytes"),
                     "shapes": {n: list(s) for n, s in meta["shapes"].items()}, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         fsync_path(tmp / MANIFEST)
@@ -309,3 +309,16 @@ def check_resumable(path, cfg):
             raise UserError(f"checkpoint {path} was saved with {field} = {saved.get(field)!r} "
                             f"but the config says {field} = {getattr(cfg, field)!r}: expected "
                             f"the model fields ({', '.join(MODEL_FIELDS)}) to match")
+
+
+def read_checkpoint_params(path) -> tuple[dict, dict]:
+    """(manifest, name -> whole logical parameter) of a checkpoint, verified first;
+    UserError if it cannot be used."""
+    try:
+        manifest = verify_checkpoint(path)
+    except CheckpointError as err:
+        raise UserError(f"--checkpoint {path}: {err}: expected a checkpoint directory "
+                        "(RUN/checkpoints/step_N)") from None
+    with h5py.File(Path(path) / VIEW, "r") as view:
+        params = {name: view[f"param/{name}"][()] for name in manifest["shapes"]}
+    return manifest, params

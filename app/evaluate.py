@@ -26,6 +26,9 @@ def add_arguments(parser):
                           "data file; NumPy on the CPU, no mpirun needed")
     parser.add_argument("--run", required=True, metavar="DIR",
                         help="run directory written by `app train`")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="a checkpoint of the run (RUN/checkpoints/step_N), saved in any "
+                             "layout (default: the run's final params.h5)")
     parser.add_argument("--data", default=None, metavar="FILE",
                         help="token file from `app prepare` (default: the data of the run's "
                              "config.toml)")
@@ -38,7 +41,7 @@ def add_arguments(parser):
 def run(args):
     if args.windows is not None and args.windows < 1:
         raise UserError(f"--windows {args.windows}: expected an integer > 0")
-    cfg, params, attrs = load_run(args.run)
+    cfg, params, attrs = load_run(args.run, args.checkpoint)
     path = args.data or cfg.data
     with TokenData(path) as data:
         trained_with = str(attrs.get("tokenizer", "bytes"))

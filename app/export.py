@@ -127,6 +127,9 @@ def add_arguments(parser):
                           f"Limits: {LIMITS}.")
     parser.add_argument("--run", required=True, metavar="DIR",
                         help="run directory written by `app train`")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="a checkpoint of the run (RUN/checkpoints/step_N), saved in any "
+                             "layout (default: the run's final params.h5)")
     parser.add_argument("--format", default="hf-gpt2", metavar="NAME",
                         help=f"output format: {', '.join(FORMATS)} (default hf-gpt2)")
     parser.add_argument("--out", required=True, metavar="OUTDIR",
@@ -139,7 +142,7 @@ def run(args):
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format}: expected one of {', '.join(FORMATS)}")
     _check_out_dir(Path(args.out), args.overwrite)  # before the parameters are read
-    cfg, params, _ = load_run(args.run)
+    cfg, params, _ = load_run(args.run, args.checkpoint)
     model_cfg = cfg.model_config()
     export_hf_gpt2(params, model_cfg, args.out, args.overwrite)
     print(f"exported {args.run} ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide, "

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.checkpoint import load_params
+from app.checkpoint import load_params, read_checkpoint_params
 from app.config import make_config
 from app.errors import UserError
 from app.tokenizer import get_tokenizer
@@ -53,12 +53,13 @@ def _tokenizer(run_dir, attrs):
         raise UserError(f"run directory {run_dir}: params.h5: {err}") from None
 
 
-def load_run(run_dir):
-    """(TrainConfig, params dict, file attributes) of a finished run, checked for use: the
-    parameters match the config and are finite, the config matches the tokenizer."""
+def load_run(run_dir, checkpoint=None):
+    """(TrainConfig, params dict, file attributes) of a finished run (its params.h5), or of
+    one of its checkpoints, checked for use: the parameters match the config and are
+    finite, the config matches the tokenizer."""
     run = Path(run_dir)
     config_file, params_file = run / "config.toml", run / "params.h5"
-    for path in (config_file, params_file):
+    for path in (config_file,) if checkpoint else (config_file, params_file):
         if not path.is_file():
             raise UserError(f"run directory {run_dir}: missing {path.name} "
                             "(expected a directory written by `app train`)")
@@ -68,8 +69,14 @@ def load_run(run_dir):
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"run directory {run_dir}: {config_file.name} is not valid TOML "
                         f"({err})") from None
+    if checkpoint:  # the checkpoint's own config, and its parameters as `params_file`
+        manifest, params = read_checkpoint_params(checkpoint)
+        values = tomllib.loads(manifest["config"])
+        attrs = {"step": manifest["step"], "tokenizer": manifest.get("tokenizer", "bytes")}
+        params_file = Path(checkpoint)
     cfg = make_config(values)
-    params, attrs = load_params(params_file)
+    if not checkpoint:
+        params, attrs = load_params(params_file)
     tokenizer = _tokenizer(run_dir, attrs)
     if cfg.vocab_size != tokenizer.vocab_size:
         raise UserError(f"run directory {run_dir}: {config_file.name} has vocab_size = "

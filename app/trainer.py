@@ -303,7 +303,7 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     for step in range(first, cfg.steps + 1):
         if cfg.save_interval and step > first and (step % cfg.save_interval == 0
                                                    or step == cfg.steps):
-            _save(cfg, grid, run_dir, step, params, step_fn.optimizer, log)
+            _save(cfg, grid, run_dir, step, params, step_fn.optimizer, data.tokenizer, log)
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             full = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
             val_loss = evaluate(full, model_cfg, val_batches, xp, dp_comm)
@@ -335,11 +335,11 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     return history
 
 
-def _save(cfg, grid, run_dir, step, params, optimizer, log):
+def _save(cfg, grid, run_dir, step, params, optimizer, data_tokenizer, log):
     """A checkpoint of step `step`: each rank writes what it alone owns (app/checkpoint.py)."""
     names = [name for name in params.shapes if not (name == "wte" and grid.coords.pp > 0)]
     first_replica = grid.coords.dp == 0  # the tied wte: written by the first stage only
-    meta = {"config": cfg.to_toml(), "dtype": cfg.dtype,
+    meta = {"config": cfg.to_toml(), "dtype": cfg.dtype, "tokenizer": data_tokenizer,
             "shapes": gpt.param_shapes(cfg.model_config()),
             "layout": {"world": grid.comm.Get_size(), "dp": grid.dp, "pp": grid.pp,
                        "tp": grid.tp, "zero": cfg.zero, "schedule": cfg.schedule,

@@ -147,3 +147,18 @@ def test_resume_refusals(data, tmp_path):
     missing = app("train", "--config", "tiny", *MODEL, "--data", data, "--out", run,
                   "--resume", tmp_path / "nowhere")
     assert_user_error(missing, f"--resume {tmp_path / 'nowhere'}: no manifest.json")
+
+
+def test_a_checkpoint_in_any_layout_reads_as_whole_parameters(straight):
+    """What export, eval and generate read with --checkpoint: the last checkpoint of a
+    pipeline run holds exactly the final parameters."""
+    from app.generate import load_run
+    run = straight("dp2-pp2")
+    cfg, final, _ = load_run(run)
+    cfg_ckpt, params, attrs = load_run(run, run / "checkpoints" / "step_00000010")
+    assert cfg_ckpt.model_config() == cfg.model_config() and attrs["step"] == 10
+    assert attrs["tokenizer"] == "bytes"
+    for name, value in final.items():
+        assert np.array_equal(params[name], value), name
+    result = app("eval", "--run", run, "--checkpoint", run / "checkpoints" / "step_00000005")
+    assert result.returncode == 0 and result.stdout.startswith("val loss "), result.stderr
