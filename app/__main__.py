@@ -1,4 +1,4 @@
-"""`python -m app COMMAND ...`: prepare data, train, generate, benchmark.
+"""`python -m app COMMAND ...`: prepare data, train, generate, evaluate, export, benchmark.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args)`.
 Every failure becomes one line on stderr and an exit status, on one rank or many
