@@ -57,6 +57,7 @@ class TrainConfig:
     # checkpoints
     save_interval: int = 0
     keep: int = 2
+    max_skips: int = 5
 
     def model_config(self):
         from models.gpt import GPTConfig
@@ -92,6 +93,8 @@ HELP = {
     "partition": "blocks per stage: balanced (FLOP model) or uniform",
     "save_interval": "steps between checkpoints (0 = none); the last step is saved too",
     "keep": "checkpoints kept, the newest (0 = all)",
+    "max_skips": "steps in a row skipped for a non-finite loss or gradient norm before "
+                 "the run stops",
     "timeout": "seconds a rank may wait for the others (collectives, pipeline transfers) "
                "before the watchdog aborts the job",
 }
@@ -100,7 +103,7 @@ POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bat
                  "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches",
                  "pp", "chunks")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval",
-                     "save_interval", "keep")
+                     "save_interval", "keep", "max_skips")
 CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform")}
 

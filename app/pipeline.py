@@ -91,6 +91,7 @@ class PipelineStep:
         self.count_wte = "wte" in names and not (holds_last and not holds_first)
         self.trace = []  # (instruction text, start s, end s) of the last step, for timelines
         self.peak_activation_bytes = 0  # most cache bytes alive at once in the last step
+        self.skipped = False  # the last step had a non-finite loss or norm: no update
 
     def __call__(self, x, y, lr):
         """x, y: (b, T) ids of this data-parallel rank's slice -> (mean loss over the global
@@ -102,7 +103,7 @@ class PipelineStep:
         self.grads.flat[...] = 0
         inbox, outbox, caches, losses = {}, {}, {}, []
         dloss = 1.0 / (M * self.dp)
-        norm = 0.0
+        loss = norm = 0.0
         self.trace, alive_bytes, self.peak_activation_bytes = [], 0, 0
         origin = time.perf_counter()
         i = 0
@@ -143,12 +144,16 @@ class PipelineStep:
             elif isinstance(op, ReduceGrads):
                 self._reduce()
             elif isinstance(op, OptimizerStep):
+                loss = self._global_loss(losses, M)
                 norm = self._clip()
-                self.optimizer.step(self.grads.flat, lr)
+                # both global: every rank skips a non-finite step alike
+                self.skipped = not (math.isfinite(loss) and math.isfinite(norm))
+                if not self.skipped:
+                    self.optimizer.step(self.grads.flat, lr)
             self.trace.append((str(op), start, time.perf_counter() - origin))
             i += 1
         assert not caches and not inbox, "schedule left activations behind"
-        return self._global_loss(losses, M), norm
+        return loss, norm
 
     def _transfer(self, ops, inbox, outbox, rows):
         n_virtual = self.p * self.n_chunks

@@ -3,7 +3,7 @@
     micro-batches -> forward/backward (gradients accumulate; each bucket's reduction starts
     as backward finishes it, on the last micro-batch only) -> wait for the reduction ->
     clip by the norm of the FULL gradient -> AdamW (on this rank's shard under ZeRO-1)
-    -> all-gather the updated parameters (ZeRO-1)
+    -> all-gather the updated parameters (ZeRO-1); a non-finite loss or norm skips the update
 
 Scaling: each micro-batch loss is the mean over its tokens; backward runs with
 dloss = 1 / (micro_batches * dp), so the sum over ranks is the gradient of the mean over
@@ -45,10 +45,12 @@ class TrainStep:
                                weight_decay=options.weight_decay,
                                ranges=self.owned if options.zero else None)
         self.mask = layers.causal_mask(xp, model_cfg.block_size, params.flat.dtype)
+        self.skipped = False
 
     def __call__(self, x, y, lr):
         """x, y: (b, T) ids of this rank's slice -> (mean loss over the global batch,
-        gradient norm before clipping)."""
+        gradient norm before clipping). `skipped` tells whether a non-finite loss or norm
+        left the parameters unchanged."""
         M = self.options.micro_batches
         rows = x.shape[0] // M
         if self.reducer:
@@ -63,11 +65,16 @@ class TrainStep:
             loss_sum += float(loss)
         if self.reducer:
             self.reducer.finish()
+        loss = self._global_mean(loss_sum / M)
         norm = self._clip()
-        self.optimizer.step(self.grads.flat, lr)
-        if self.reducer and self.options.zero:
-            self.reducer.gather_params(self.params.flat)
-        return self._global_mean(loss_sum / M), norm
+        # Both are global: every rank skips a non-finite step alike, leaving parameters and
+        # moments as they were.
+        self.skipped = not (math.isfinite(loss) and math.isfinite(norm))
+        if not self.skipped:
+            self.optimizer.step(self.grads.flat, lr)
+            if self.reducer and self.options.zero:
+                self.reducer.gather_params(self.params.flat)
+        return loss, norm
 
     def _on_ready(self, first, last):
         def on_ready(names):

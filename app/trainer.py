@@ -10,7 +10,6 @@ Set-up runs inside `together` (app/failures.py), so a bad config, data file, run
 or memory budget ends every rank with one line; every wait on other ranks is under the
 watchdog (comm/watchdog.py), armed with the `timeout` config key.
 """
-import math
 import os
 import sys
 import time
@@ -299,7 +298,7 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         log(f"resumed from {resume_from} at step {first}")
     history = {"loss": [], "val": {}}
     step_times, comm_waits = [], []
-    started = time.perf_counter()
+    started, skips = time.perf_counter(), 0
     for step in range(first, cfg.steps + 1):
         if cfg.save_interval and step > first and (step % cfg.save_interval == 0
                                                    or step == cfg.steps):
@@ -323,10 +322,19 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         if reducer:
             comm_waits.append(reducer.wait_seconds)
         history["loss"].append(loss)
-        if not math.isfinite(loss):  # the global loss: every rank sees it alike
-            raise UserError(f"loss became {loss} at step {step} (lr {lr:.3g}): training "
-                            f"diverged; expected a lower lr (now {cfg.lr:g}) or grad_clip > 0 "
-                            f"(now {cfg.grad_clip:g})", everywhere=True)
+        if step_fn.skipped:  # decided on global values: every rank is here alike
+            skips += 1
+            metrics_log.write({"step": step, "skipped": f"loss {loss}, gradient norm {norm}"})
+            log(f"step {step:5d}/{cfg.steps} | skipped: loss {loss}, gradient norm {norm}; "
+                f"parameters and moments unchanged ({skips} in a row)")
+            if skips > cfg.max_skips:
+                raise UserError(f"loss or gradient norm not finite in {skips} steps in a row "
+                                f"(last: loss {loss} at step {step}, lr {lr:.3g}): training "
+                                f"diverged; expected a lower lr (now {cfg.lr:g}) or grad_clip "
+                                f"> 0 (now {cfg.grad_clip:g}); the last checkpoint is kept",
+                                everywhere=True)
+            continue
+        skips = 0
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
             eta = (time.perf_counter() - started) / (step - first + 1) * (cfg.steps - step - 1)
             _log_step(step, cfg.steps, eta, loss, lr, norm, step_times, comm_waits,

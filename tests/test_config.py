@@ -175,7 +175,7 @@ def test_to_toml_round_trips_every_field_changed():
         "log_interval": 1, "eval_interval": 3, "eval_windows": 1, "sample_tokens": 0,
         "dp": 2, "micro_batches": 3, "bucket_mb": 0.25, "zero": 1, "overlap": False,
         "check_interval": 0, "pp": 1, "schedule": "gpipe", "chunks": 1, "partition": "uniform",
-        "timeout": 12.5, "save_interval": 50, "keep": 0,
+        "timeout": 12.5, "save_interval": 50, "keep": 0, "max_skips": 1,
     }
     assert set(values) == set(field_names())  # the test covers every key
     cfg = make_config(dict(values))

@@ -81,7 +81,8 @@ def test_non_finite_loss_is_one_line_naming_the_step(tiny_h5, tmp_path):
     result = app("train", *FAST, "--steps", "20", "--lr", "1e9", "--grad-clip", "0",
                  "--data", tiny_h5, "--out", tmp_path / "run", n=2, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert_one_line(result, "error: loss became ", " at step ", "expected a lower lr (now 1e+09)")
+    assert_one_line(result, "error: loss or gradient norm not finite in 6 steps in a row "
+                    "(last: loss ", " at step ", "expected a lower lr (now 1e+09)")
 
 
 def test_config_that_cannot_fit_in_memory_is_refused_before_writing(tiny_h5, tmp_path):
