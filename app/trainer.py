@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app import atomic, metrics, rundir
+from app import atomic, metrics, preempt, rundir
 from app.checkpoint import (check_resumable, find_resume, load_checkpoint, save_checkpoint,
                             save_params)
 from app.config import add_config_arguments, field_names, load_config, TrainConfig
@@ -30,6 +30,7 @@ from app.generate import sample
 from app.memory import check_fits
 from app.partition import balanced, format_partition, model_costs, stage_costs, uniform
 from app.pipeline import PipelineStep
+from app.slurm import check_world_matches_slurm
 from app.step import TrainStep
 from app.tokenizer import get_tokenizer
 from comm import ring, watchdog
@@ -54,9 +55,16 @@ def add_arguments(parser):
 
 
 def run(args):
+    # First of all: Python's default action for SIGUSR1 would end the rank.
+    with preempt.installed():
+        return _run(args)
+
+
+def _run(args):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     with together(comm):
+        check_world_matches_slurm(comm.Get_size())
         overrides = {name: getattr(args, name) for name in field_names()}
         cfg = load_config(args.config, overrides)
         if args.peak_gflops is not None and not args.peak_gflops > 0:
@@ -71,9 +79,9 @@ def run(args):
         with watchdog.waiting("rank 0 to name the run directory", cfg.timeout):
             out = comm.bcast(rundir.fresh_run_dir(os.path.join("runs", Path(args.config).stem))
                              if comm.Get_rank() == 0 else None, root=0)
-    train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite, comm=comm,
-          resume=args.resume)
-    return 0
+    history = train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite,
+                    comm=comm, resume=args.resume)
+    return preempt.REQUEUE_EXIT_CODE if history.get("stopped") else 0
 
 
 def evaluate(params, model_cfg, batches, xp, dp_comm):
@@ -191,7 +199,7 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
                 np.errstate(all="ignore"):
             history = _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log,
                                   peak_gflops, log, run_dir, resume_from)
-        if is_root:
+        if is_root and not history.get("stopped"):
             _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt, log)
     return history
 
@@ -300,9 +308,21 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     step_times, comm_waits = [], []
     started, skips = time.perf_counter(), 0
     for step in range(first, cfg.steps + 1):
-        if cfg.save_interval and step > first and (step % cfg.save_interval == 0
-                                                   or step == cfg.steps):
+        # SIGTERM/SIGUSR1 on any rank (app/preempt.py): every rank stops at this same step
+        stopping = step < cfg.steps and preempt.stop_requested(grid.comm)
+        if step > first and (stopping or cfg.save_interval and (
+                step % cfg.save_interval == 0 or step == cfg.steps)):
             _save(cfg, grid, run_dir, step, params, step_fn.optimizer, data.tokenizer, log)
+        if stopping:
+            history["stopped"] = preempt.stop_signal()
+            metrics_log.write({"step": step, "stopped": history["stopped"]})
+            log(f"step {step:5d}/{cfg.steps} | stopped by {history['stopped']}: "
+                + (f"checkpoint of step {step} saved" if step > first else "nothing new to save")
+                + f"; exit {preempt.REQUEUE_EXIT_CODE} (requeue), --resume auto goes on from here")
+            # rank 0 may still be renaming the checkpoint into place: nobody exits before
+            with watchdog.waiting("the other ranks to finish the last checkpoint"):
+                grid.comm.Barrier()
+            return history
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             full = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
             val_loss = evaluate(full, model_cfg, val_batches, xp, dp_comm)

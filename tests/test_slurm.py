@@ -10,7 +10,6 @@ as a real srun would through a PMI the MPI library speaks (FAKE_PMI=none: as sin
 jobs, as with a mismatched MPI). `scontrol show job` names the submitted script; `scontrol
 requeue` is written down.
 """
-import os
 import re
 import shutil
 import signal
@@ -18,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -281,12 +279,6 @@ def test_trains_with_srun_and_a_matching_mpi(slurm, tiny_h5, tmp_path):
     assert "srun -n 2 " in log.read_text()
 
 
-def trainer_calls(name):
-    return name in (ROOT / "app/trainer.py").read_text()
-
-
-@pytest.mark.skipif(not trainer_calls("check_world_matches_slurm"),
-                    reason="the trainer does not call app.slurm.check_world_matches_slurm yet")
 def test_srun_with_a_mismatched_mpi_is_refused(slurm, tiny_h5, tmp_path):
     env, _ = slurm
     result = run(SCRIPTS[0], *FAST, "--out", tmp_path / "run",
@@ -377,8 +369,6 @@ def test_no_requeue_after_max_restarts_or_outside_slurm(slurm, ranks_stand_in, t
     assert "requeue" not in log.read_text()
 
 
-@pytest.mark.skipif(not trainer_calls("preempt."), reason="the trainer does not use "
-                    "app.preempt yet")
 def test_the_trainer_stops_with_a_checkpoint_and_the_requeued_job_resumes(slurm, tiny_h5,
                                                                          tmp_path):
     from app.checkpoint import list_checkpoints
