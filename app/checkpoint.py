@@ -177,7 +177,8 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
     if listing:
         with h5py.File(tmp / file_name, "w") as f:
             for box, data in listing:
-                f.create_dataset(box["path"], data=data).attrs["crc32"] = box["crc32"]
+                dataset = f.create_dataset(box["path"], data=data)
+                dataset.attrs["start"], dataset.attrs["crc32"] = box["start"], box["crc32"]
         fsync_path(tmp / file_name)
     with watchdog.waiting("the other ranks' checkpoint files"):
         listings = comm.gather((file_name, [box for box, _ in listing]), root=0)
@@ -198,6 +199,8 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
         fsync_path(final.parent)
         for old in (list_checkpoints(run_dir)[keep:] if keep else []):
             shutil.rmtree(old, ignore_errors=True)  # only now that a newer one is complete
+        for stale in final.parent.glob(".step_*.tmp"):  # saves of killed jobs (the run's
+            shutil.rmtree(stale, ignore_errors=True)    # lock: no other job is saving)
     return final
 
 
