@@ -1,4 +1,5 @@
-"""Running `python -m app ...` as a user does, on one process or under mpiexec."""
+"""Running `python -m app ...` as a user does, on one process or under mpiexec, and run
+directories as `app train` leaves them."""
 import os
 import re
 import subprocess
@@ -67,3 +68,18 @@ def assert_user_error(result, *fragments, status=2):
     for fragment in fragments:
         assert str(fragment) in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def write_run(path, params, model_cfg, **config):
+    """A run directory as `app train` leaves it (config.toml, params.h5) for these params
+    (a FlatParams or a dict) of `model_cfg`; `config` overrides other config keys."""
+    from app.checkpoint import save_params
+    from app.config import make_config
+    cfg = make_config({"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
+                       "n_embd": model_cfg.n_embd, "block_size": model_cfg.block_size,
+                       "vocab_size": model_cfg.vocab_size, **config})
+    path.mkdir()
+    (path / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    save_params(path / "params.h5", dict(params.items()),
+                {"step": 0, "tokenizer": "bytes", "config": cfg.to_toml()})
+    return path

@@ -11,9 +11,9 @@ import pytest
 from app import evaluate
 from app.data import TokenData, validation_starts
 from app.errors import UserError
-from app_util import app, assert_user_error, FAST
+from app_util import app, assert_user_error, FAST, write_run
 from models import gpt
-from test_export import CFG, noisy_params, write_run
+from test_export import CFG, noisy_params
 
 LINE = re.compile(r"val loss (\S+) \| perplexity (\S+) \| (\d+) windows of (\d+) tokens "
                   r"\(([\d,]+) tokens\) from (.+)\n")
@@ -59,7 +59,7 @@ def direct_loss(params, data_path, n_windows):
 
 def test_printed_loss_equals_a_direct_computation(tmp_path, tiny_h5, params, capsys):
     # 20 windows in batches of 6: the last batch is smaller and must weigh less
-    run = write_run(tmp_path / "run", params, data=str(tiny_h5), eval_windows=20, batch_size=6)
+    run = write_run(tmp_path / "run", params, CFG, data=str(tiny_h5), eval_windows=20, batch_size=6)
     assert cli("--run", run) == 0
     loss, ppl, windows, tokens, path = printed(capsys)
     expected, n = direct_loss(params, tiny_h5, 20)
@@ -71,7 +71,7 @@ def test_printed_loss_equals_a_direct_computation(tmp_path, tiny_h5, params, cap
 
 
 def test_data_and_windows_flags_win_over_the_config(tmp_path, tiny_h5, params, capsys):
-    run = write_run(tmp_path / "run", params, data=str(tmp_path / "gone.h5"))
+    run = write_run(tmp_path / "run", params, CFG, data=str(tmp_path / "gone.h5"))
     assert cli("--run", run, "--data", tiny_h5, "--windows", 5) == 0
     loss, _, windows, _, path = printed(capsys)
     assert (windows, path) == (5, str(tiny_h5))
@@ -96,14 +96,14 @@ def test_eval_reproduces_the_trainers_last_validation(tmp_path, tiny_h5):
 
 
 def test_bad_windows_is_one_line(tmp_path, tiny_h5, params):
-    run = write_run(tmp_path / "run", params, data=str(tiny_h5))
+    run = write_run(tmp_path / "run", params, CFG, data=str(tiny_h5))
     assert_user_error(app("eval", "--run", run, "--windows", 0),
                       "error: --windows 0: expected an integer > 0")
 
 
 def test_missing_data_file_is_named(tmp_path, params):
     missing = tmp_path / "gone.h5"
-    run = write_run(tmp_path / "run", params, data=str(missing))
+    run = write_run(tmp_path / "run", params, CFG, data=str(missing))
     with pytest.raises(UserError, match=re.escape(f"data file {str(missing)!r} not found")):
         cli("--run", run)
 

@@ -11,25 +11,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from app import export
-from app.checkpoint import save_params
-from app.config import make_config
 from app.errors import UserError
-from app_util import app, assert_user_error
+from app_util import app, assert_user_error, write_run
 from models import gpt
 
 CFG = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=256)
-
-
-def write_run(path, params, model_cfg=CFG, **config):
-    """A run directory as `app train` leaves it (config.toml, params.h5) for these params."""
-    cfg = make_config({"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
-                       "n_embd": model_cfg.n_embd, "block_size": model_cfg.block_size,
-                       **config})
-    path.mkdir()
-    (path / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-    save_params(path / "params.h5", dict(params.items()),
-                {"step": 0, "tokenizer": "bytes", "config": cfg.to_toml()})
-    return path
 
 
 def noisy_params(dtype=np.float32, seed=1):
@@ -47,7 +33,7 @@ def params():
 
 @pytest.fixture
 def run_dir(tmp_path, params):
-    return write_run(tmp_path / "run", params)
+    return write_run(tmp_path / "run", params, CFG)
 
 
 def cli(*argv):
@@ -66,8 +52,9 @@ def hf_name(name):
 def test_every_tensor_is_written_under_its_hf_name(run_dir, params, tmp_path, capsys):
     out = tmp_path / "hf"
     assert cli("--run", run_dir, "--format", "hf-gpt2", "--out", out) == 0
-    assert capsys.readouterr().out == (f"exported {run_dir} (2 layers, 16 wide, context 8, vocab "
-                                       f"256) as hf-gpt2 to {out}: config.json, model.safetensors\n")
+    assert capsys.readouterr().out == (
+        f"exported {run_dir} (2 layers, 16 wide, context 8, vocab 256) as hf-gpt2 to {out}: "
+        "config.json, model.safetensors\n")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert not list(tmp_path.glob(".hf*"))  # the temporary directory is gone
     tensors = load_file(out / "model.safetensors")
@@ -104,7 +91,7 @@ def test_export_from_a_params_dict(params, tmp_path):
 
 def test_float64_run_is_rounded_to_float32(tmp_path):
     params64 = noisy_params(np.float64)
-    run = write_run(tmp_path / "run", params64, dtype="float64")
+    run = write_run(tmp_path / "run", params64, CFG, dtype="float64")
     cli("--run", run, "--out", tmp_path / "hf")
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     for name in gpt.param_shapes(CFG):

@@ -12,6 +12,7 @@ from app.config import make_config
 from app.errors import UserError
 from app.generate import load_run, sample
 from app.tokenizer import get_tokenizer
+from app_util import write_run
 from models import gpt
 
 CFG = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=256)
@@ -101,14 +102,7 @@ def test_top_k_only_draws_from_the_k_likeliest(params):
 @pytest.fixture
 def run_dir(tmp_path, params):
     """A run directory as `app train` leaves it, for the model above."""
-    cfg = make_config({"n_layer": CFG.n_layer, "n_head": CFG.n_head, "n_embd": CFG.n_embd,
-                       "block_size": CFG.block_size, "dtype": "float64"})
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-    save_params(run / "params.h5", dict(params.items()),
-                {"step": 0, "tokenizer": "bytes", "config": cfg.to_toml()})
-    return run
+    return write_run(tmp_path / "run", params, CFG, dtype="float64")
 
 
 def cli(argv):

@@ -28,8 +28,8 @@ def test_a_new_directory_is_created_locked_and_released(tmp_path):
 def test_an_existing_run_is_refused_without_overwrite(tmp_path):
     fake_run(tmp_path / "run", "config.toml", "params.h5")
     with pytest.raises(UserError, match=r"--out .*run already holds a run \(config.toml, "
-                                        r"params.h5\): pass --resume auto to continue it, --overwrite "
-                                        r"to replace it"):
+                                        r"params.h5\): pass --resume auto to continue it, "
+                                        r"--overwrite to replace it"):
         rundir.claim(tmp_path / "run")
     assert (tmp_path / "run" / "params.h5").read_text() == "old"
 
