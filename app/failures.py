@@ -21,7 +21,6 @@ from comm import watchdog
 # Ranks other than 0 wait this long before reporting a Ctrl-C: mpiexec delivers SIGINT to
 # every rank, and rank 0's abort normally ends them first, so the user sees one line.
 INTERRUPT_GRACE_S = 2.0
-ABORT_DELAY_S = 0.3  # lets mpiexec forward the last line before MPI_Abort tears the job down
 
 
 @contextmanager
@@ -53,12 +52,6 @@ def mpi_world():
     return mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()
 
 
-def _say(line):
-    # One write per line: under mpiexec, every rank's line must arrive whole.
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def end_job(kind, message, status, everywhere=False):
     """Prints `kind: message` once and ends this rank (and, if needed, the job) with `status`.
 
@@ -68,14 +61,9 @@ def end_job(kind, message, status, everywhere=False):
     rank, size = mpi_world()
     if size == 1 or everywhere:
         if rank == 0:
-            _say(f"{kind}: {message}")
+            watchdog.say(f"{kind}: {message}")
         return status
-    _say(f"{kind}: rank {rank}: {message}")
-    # mpiexec forwards each rank's stderr through a pipe; an abort at once may end the job
-    # before the line has gone through (seen with MPICH's hydra, about one run in ten).
-    time.sleep(ABORT_DELAY_S)
-    from mpi4py import MPI
-    MPI.COMM_WORLD.Abort(status)
+    watchdog.abort_job(f"{kind}: rank {rank}: {message}", status)
     return status  # not reached
 
 

@@ -11,7 +11,6 @@ or memory budget ends every rank with one line; every wait on other ranks is und
 watchdog (comm/watchdog.py), armed with the `timeout` config key.
 """
 import os
-import sys
 import time
 import zlib
 from contextlib import ExitStack
@@ -72,13 +71,13 @@ def _run(args):
         if args.resume and args.overwrite:
             raise UserError("--resume and --overwrite together: expected one of them (continue "
                             "the run, or replace it)")
-    out = args.out
+    out, default = args.out, os.path.join("runs", Path(args.config).stem)
     if out is None and args.resume:
-        out = os.path.join("runs", Path(args.config).stem)
-    if out is None:  # rank 0 names it, so that every rank agrees
+        out = default  # the run to continue
+    if out is None:  # rank 0 names a fresh one, so that every rank agrees
         with watchdog.waiting("rank 0 to name the run directory", cfg.timeout):
-            out = comm.bcast(rundir.fresh_run_dir(os.path.join("runs", Path(args.config).stem))
-                             if comm.Get_rank() == 0 else None, root=0)
+            out = comm.bcast(rundir.fresh_run_dir(default) if comm.Get_rank() == 0 else None,
+                             root=0)
     history = train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite,
                     comm=comm, resume=args.resume)
     return preempt.REQUEUE_EXIT_CODE if history.get("stopped") else 0
@@ -176,7 +175,7 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             if is_root:
                 run = rundir.claim(run_dir, overwrite, resume=bool(resume))
                 cleanup.callback(run.release)
-                resume_from = resume and find_resume(run_dir, resume, _warn)
+                resume_from = resume and find_resume(run_dir, resume, watchdog.say)
                 if resume and not resume_from and "params.h5" in rundir.run_files(run_dir):
                     raise UserError(f"--out {run_dir} holds a finished run but no checkpoint "
                                     "to resume: pass --overwrite to replace it, or choose "
@@ -215,11 +214,6 @@ def _write_or_fail(write, path, *args):
 
 def _silent(*args, **kwargs):
     pass
-
-
-def _warn(line):
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def _finish_run(cfg, run_dir, params, tokenizer_spec, sample_prompt, log):

@@ -15,12 +15,16 @@ calling `Abort` from it legal).
 
 The default timeout is set once per job by `arm(seconds)` (the `timeout` config key);
 `waiting(what, timeout)` may set its own. With neither, waits are not watched.
+
+`abort_job(line, status)` is the one way a rank ends the job: the watchdog uses it, and so
+does app/failures.py for an error only some ranks meet.
 """
 import sys
 import threading
 import time
 
 ABORT_CODE = 3
+ABORT_DELAY_S = 0.3  # lets mpiexec forward the last line before MPI_Abort tears the job down
 
 _default_timeout = None
 _current = None  # (what, deadline, timeout) of the wait in progress; one assignment = atomic
@@ -80,9 +84,21 @@ def _watch():
 
 def _abort(what, deadline, timeout):
     from mpi4py import MPI
-    rank = MPI.COMM_WORLD.Get_rank()
-    sys.stderr.write(f"watchdog: rank {rank} waited more than {timeout:g} s for {what}; "
-                     "aborting the job\n")
+    abort_job(f"watchdog: rank {MPI.COMM_WORLD.Get_rank()} waited more than {timeout:g} s "
+              f"for {what}; aborting the job", ABORT_CODE)
+
+
+def say(line):
+    """One line on stderr, in one write: under mpiexec every rank's line arrives whole."""
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
-    time.sleep(0.3)  # mpiexec forwards stderr through a pipe: let the line out before the end
-    MPI.COMM_WORLD.Abort(ABORT_CODE)
+
+
+def abort_job(line, status):
+    """Prints `line` and ends every rank of the job with `status` (MPI_Abort)."""
+    from mpi4py import MPI
+    say(line)
+    # mpiexec forwards stderr through a pipe; an abort at once may end the job before the
+    # line has gone through (seen with MPICH's hydra, about one run in ten).
+    time.sleep(ABORT_DELAY_S)
+    MPI.COMM_WORLD.Abort(status)
