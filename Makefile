@@ -89,7 +89,7 @@ test-mpi: setup
 	$(MPIRUN) -n $(NP) $(PYTHON) -m pytest -q -p no:cacheprovider --color=no --with-mpi -m mpi tests
 
 bench: setup
-	$(PYTHON) -m app bench model
+	$(PYTHON) -m bench.model
 
 # Build leftovers only: runs and data are results, kept unless asked for by name.
 clean:

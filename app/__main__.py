@@ -1,4 +1,4 @@
-"""`python -m app COMMAND ...`: prepare data, train, generate, evaluate, export, benchmark.
+"""`python -m app COMMAND ...`: prepare data, train, generate, evaluate, export.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args)`.
 Every failure becomes one line on stderr and an exit status, on one rank or many
@@ -16,7 +16,6 @@ COMMANDS = {
     "generate": ("app.generate", "sample text from a trained run"),
     "eval": ("app.evaluate", "validation loss and perplexity of a trained run (one process)"),
     "export": ("app.export", "write a trained run as a Hugging Face GPT-2 model"),
-    "bench": ("app.bench", "benchmark the model (and PyTorch eager, if installed)"),
 }
 
 

@@ -7,6 +7,7 @@ own it, loadable into any layout (see the block comment below).
 import json
 import os
 import shutil
+import time
 import tomllib
 import zlib
 from pathlib import Path
@@ -16,8 +17,10 @@ import numpy as np
 
 from app.atomic import fsync_path, replacing
 from app.errors import damaged_file, UserError
+from app.parallel.state import checkpoint_names, placement
 from comm import watchdog
 from comm.backend import array_module, to_host
+from models.gpt import padded_vocab, param_shapes
 
 FORMAT = "gpt-params"
 
@@ -72,7 +75,8 @@ def load_params(path) -> tuple[dict, dict]:
 #
 # A rank holds its tensors (and, under ZeRO-1, its share of the moments) as flat ranges of
 # one buffer; a flat range of a C-order tensor is a short run of boxes (`boxes`), so the
-# box is the one unit of storage, and a tensor-parallel slice will be just another box.
+# box is the one unit of storage; a tensor-parallel share is cut into boxes by its pieces
+# of the logical tensor (models.gpt.tp_pieces), so a file never knows the layout.
 # Data-parallel replicas write once (dp rank 0; under ZeRO-1 each rank its own moments),
 # the tied wte once (the first stage). Each rank writes its own file; rank 0 binds them.
 # Everything goes into checkpoints/.step_XXXXXXXX.tmp/, renamed once the manifest is in.
@@ -130,6 +134,25 @@ def _crc(array) -> int:
     return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
 
 
+def _placed(start, shape, placed):
+    """(logical start, index into the local box) of each part of the local box at `start`
+    of `shape`: the box itself for a whole tensor, else its intersection with each
+    tensor-parallel piece (axis, [(local start, logical start, length)])."""
+    if placed is None:
+        yield list(start), ()
+        return
+    axis, pieces = placed
+    lo_box, hi_box = start[axis], start[axis] + shape[axis]
+    for local, logical, length in pieces:
+        lo, hi = max(lo_box, local), min(hi_box, local + length)
+        if lo < hi:
+            at = list(start)
+            at[axis] = lo - local + logical
+            part = [slice(None)] * len(shape)
+            part[axis] = slice(lo - lo_box, hi - lo_box)
+            yield at, tuple(part)
+
+
 def _selection(start, shape):
     return tuple(slice(s, s + n) for s, n in zip(start, shape))
 
@@ -146,13 +169,16 @@ def list_checkpoints(run_dir) -> list:
 
 
 def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, moment_names,
-                    meta: dict, keep: int = 0) -> Path:
+                    meta: dict, keep: int = 0, placement=None) -> Path:
     """Writes this rank's share of the training state; rank 0 binds the shares and keeps
     the newest `keep` checkpoints (0: all). Collective over `comm`.
 
     params: this rank's FlatParams; optimizer: its AdamW (m, v pack `optimizer.ranges`);
     param_names, moment_names: the tensors whose values, and moments, this rank writes;
-    meta: "config" (TOML), "layout", "shapes" (logical, every tensor), "dtype", "tokenizer"."""
+    meta: "config" (TOML), "layout", "shapes" (logical, every tensor), "dtype", "tokenizer";
+    placement: name -> where a tensor-parallel share sits in the logical tensor
+    (models.gpt.tp_pieces; missing or None: the whole tensor)."""
+    where = placement or {}
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp"
     rank = comm.Get_rank()
@@ -170,10 +196,13 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
         for name, lo, hi, at in _pieces(params.shapes, ranges, set(names)):
             for first, start, shape in boxes(lo, hi, params.shapes[name]):
                 at_box = at + first - lo
-                data = flat[at_box:at_box + int(np.prod(shape))].reshape(shape)
-                listing.append(({"kind": kind, "tensor": name,
-                                 "path": f"{kind}/{name}/{len(listing)}", "start": list(start),
-                                 "shape": list(shape), "crc32": _crc(data)}, data))
+                box = flat[at_box:at_box + int(np.prod(shape))].reshape(shape)
+                for logical_start, part in _placed(start, shape, where.get(name)):
+                    data = box[part]
+                    listing.append(({"kind": kind, "tensor": name,
+                                     "path": f"{kind}/{name}/{len(listing)}",
+                                     "start": logical_start, "shape": list(data.shape),
+                                     "crc32": _crc(data)}, data))
     if listing:
         with h5py.File(tmp / file_name, "w") as f:
             for box, data in listing:
@@ -263,22 +292,25 @@ def verify_checkpoint(path) -> dict:
     return manifest
 
 
-def load_checkpoint(path, params, optimizer) -> int:
+def load_checkpoint(path, params, optimizer, placement=None) -> int:
     """Fills this rank's parameters and AdamW state from a verified checkpoint, whatever
-    layout saved it, reading just the boxes this rank holds; returns the step."""
+    layout saved it, reading just the boxes this rank holds (`placement` as for
+    `save_checkpoint`); returns the step."""
     manifest = read_manifest(path)
+    where = placement or {}
     xp = array_module(params.flat)
     with h5py.File(Path(path) / VIEW, "r") as view:
         for kind, buf, ranges in (("param", params.flat, [(0, params.size)]),
                                   ("m", optimizer.m, optimizer.ranges),
                                   ("v", optimizer.v, optimizer.ranges)):
-            host = np.empty(buf.shape, buf.dtype)
+            host = np.zeros(buf.shape, buf.dtype)  # rows no file holds (padding) stay 0
             for name, lo, hi, at in _pieces(params.shapes, ranges, params.shapes):
                 dataset = view[f"{kind}/{name}"]
                 for first, start, shape in boxes(lo, hi, params.shapes[name]):
                     at_box = at + first - lo
-                    host[at_box:at_box + int(np.prod(shape))] = \
-                        dataset[_selection(start, shape)].ravel()
+                    box = host[at_box:at_box + int(np.prod(shape))].reshape(shape)
+                    for logical_start, part in _placed(start, shape, where.get(name)):
+                        box[part] = dataset[_selection(logical_start, box[part].shape)]
             buf[...] = xp.asarray(host)
     optimizer.t = manifest["adam_t"]
     return manifest["step"]
@@ -325,3 +357,26 @@ def read_checkpoint_params(path) -> tuple[dict, dict]:
     with h5py.File(Path(path) / VIEW, "r") as view:
         params = {name: view[f"param/{name}"][()] for name in manifest["shapes"]}
     return manifest, params
+
+
+def save_training_state(cfg, layout, engine, grid, run_dir, step, tokenizer, log):
+    """A checkpoint of step `step` from every rank of the grid: each writes what it alone
+    owns (app/parallel/state.py), as logical tensors; logs the path and time."""
+    values, moments = checkpoint_names(engine, cfg.zero, grid.coords.dp)
+    model_cfg = cfg.model_config()
+    meta = {"config": cfg.to_toml(), "dtype": cfg.dtype, "tokenizer": tokenizer,
+            "shapes": param_shapes(model_cfg),
+            "layout": {"world": layout.world, "dp": layout.dp, "pp": layout.pp,
+                       "tp": layout.tp, "zero": cfg.zero, "schedule": layout.schedule,
+                       "chunks": layout.chunks, "micro_batches": layout.micro_batches,
+                       "sequence_parallel": layout.sequence_parallel,
+                       "padded_vocab": padded_vocab(model_cfg, layout.tp)}}
+    start = time.perf_counter()
+    try:
+        path = save_checkpoint(grid.comm, run_dir, step, engine.params, engine.optimizer,
+                               values, moments, meta, cfg.keep, placement(engine))
+    except OSError as err:
+        raise UserError(f"cannot write a checkpoint of step {step} in {run_dir} "
+                        f"({err.strerror or err}): expected a writable run directory with "
+                        "free space") from None
+    log(f"step {step:5d}/{cfg.steps} | saved {path} in {time.perf_counter() - start:.2f} s")

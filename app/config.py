@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from app.errors import UserError
+from app.parallel.layout import check_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -53,6 +54,10 @@ class TrainConfig:
     schedule: str = "1f1b"
     chunks: int = 1
     partition: str = "balanced"
+    # tensor parallelism
+    tp: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"
     timeout: float = 300.0
     # checkpoints
     save_interval: int = 0
@@ -91,6 +96,11 @@ HELP = {
     "pp": "pipeline stages", "schedule": "pipeline schedule: 1f1b, gpipe or interleaved",
     "chunks": "model chunks per stage (interleaved schedule only)",
     "partition": "blocks per stage: balanced (FLOP model) or uniform",
+    "tp": "tensor-parallel ranks: each weight matrix split Megatron-style (adjacent ranks)",
+    "sequence_parallel": "split the LayerNorm regions along the sequence over the "
+                         "tensor-parallel ranks (all-gather/reduce-scatter for all-reduce)",
+    "recompute": "activation recomputation: none, selective (attention core) or full "
+                 "(whole blocks)",
     "save_interval": "steps between checkpoints (0 = none); the last step is saved too",
     "keep": "checkpoints kept, the newest (0 = all)",
     "max_skips": "steps in a row skipped for a non-finite loss or gradient norm before "
@@ -101,11 +111,12 @@ HELP = {
 
 POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
                  "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches",
-                 "pp", "chunks")
+                 "pp", "chunks", "tp")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval",
                      "save_interval", "keep", "max_skips")
 CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
-           "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform")}
+           "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform"),
+           "recompute": ("none", "selective", "full")}
 
 
 def parse_bool(text: str) -> bool:
@@ -141,10 +152,13 @@ def add_config_arguments(parser: argparse.ArgumentParser):
         "config overrides (win over the file; each shows the value of --config's file)")
     overrides = {}
     for f in fields(TrainConfig):
-        kind = parse_bool if f.type is bool else f.type
+        # a boolean flag alone means true (`--sequence-parallel`); `--overlap false` works too
+        flag = {"type": parse_bool, "nargs": "?", "const": True} if f.type is bool \
+            else {"type": f.type}
         overrides[f.name] = group.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-            metavar=f.type.__name__.upper(), help=f"{HELP.get(f.name, '')} ({f.default!r})")
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+            metavar=f.type.__name__.upper(), help=f"{HELP.get(f.name, '')} ({f.default!r})",
+            **flag)
 
     def show_config_values(namespace):
         try:
@@ -230,22 +244,7 @@ def validate(cfg: TrainConfig):
             bad(key, "one of " + ", ".join(map(str, choices)))
     if not cfg.timeout > 0:
         bad("timeout", "a number of seconds > 0")
-    if cfg.zero and cfg.pp > 1:
-        raise UserError(f"config zero = 1 with pp = {cfg.pp}: ZeRO-1 is not implemented for "
-                        "pipelines yet; expected zero = 0 when pp > 1")
-    if cfg.chunks > 1 and cfg.schedule != "interleaved":
-        raise UserError(f"config chunks = {cfg.chunks} needs schedule = \"interleaved\", not "
-                        f"{cfg.schedule!r}: expected chunks = 1 for gpipe and 1f1b")
-    if cfg.pp * cfg.chunks > cfg.n_layer:
-        raise UserError(f"config pp * chunks = {cfg.pp} * {cfg.chunks} exceeds n_layer = "
-                        f"{cfg.n_layer}: expected at least one block per (virtual) stage")
-    if cfg.schedule == "interleaved" and cfg.chunks > 1:
-        if cfg.n_layer % (cfg.pp * cfg.chunks):
-            raise UserError(f"config n_layer = {cfg.n_layer} is not divisible by pp * chunks "
-                            f"= {cfg.pp} * {cfg.chunks}: interleaving needs equal chunks")
-        if cfg.micro_batches % cfg.pp:
-            raise UserError(f"config micro_batches = {cfg.micro_batches} is not a multiple "
-                            f"of pp = {cfg.pp}: the interleaved schedule needs one")
+    check_config(cfg)  # the layout rules that need no world size
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "
                         "expected n_embd % n_head == 0")

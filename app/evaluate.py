@@ -6,6 +6,7 @@ import numpy as np
 from app.data import TokenData, validation_batches
 from app.errors import UserError
 from app.generate import load_run
+from comm import ring
 from models import gpt
 
 
@@ -18,6 +19,18 @@ def validation_loss(params, model_cfg, batches) -> tuple[float, int]:
         total += float(loss) * len(x)
         rows += len(x)
     return total / rows, rows
+
+
+def shared_validation_loss(params, model_cfg, batches, xp, dp_comm) -> float:
+    """The trainer's validation: the same mean as `validation_loss`, with the batches shared
+    out over the data-parallel ranks (each weighted by its rows)."""
+    rank, size = dp_comm.Get_rank(), dp_comm.Get_size()
+    totals = np.zeros(2)
+    for x, y in batches[rank::size]:
+        loss, _ = gpt.forward(params, model_cfg, xp.asarray(x), xp.asarray(y))
+        totals += (float(loss) * len(x), len(x))
+    ring.all_reduce(dp_comm, totals)
+    return totals[0] / totals[1]
 
 
 def add_arguments(parser):

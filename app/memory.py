@@ -22,11 +22,11 @@ from app.errors import UserError
 
 
 def estimate_bytes(cfg, dp: int) -> int:
-    """Lower bound of the peak bytes one rank needs for `cfg` on a dp x pp grid."""
+    """Lower bound of the peak bytes one rank needs for `cfg` on a dp x pp x tp grid."""
     from models.gpt import num_params
     itemsize = np.dtype(cfg.dtype).itemsize
     n_params = num_params(cfg.model_config())
-    stage_params = n_params / cfg.pp
+    stage_params = n_params / (cfg.pp * cfg.tp)  # tensor parallelism splits (nearly) all
     moments = 2 * stage_params / (dp if cfg.zero else 1)
     buffers = stage_params * (2 + (cfg.micro_batches > 1)) + moments
     if cfg.pp > 1:
@@ -34,7 +34,8 @@ def estimate_bytes(cfg, dp: int) -> int:
     rows = cfg.batch_size // (dp * cfg.micro_batches)
     alive = 1 if cfg.pp == 1 else (cfg.micro_batches if cfg.schedule == "gpipe"
                                    else min(cfg.micro_batches, cfg.pp * cfg.chunks))
-    train = alive * _activations(cfg, rows, cfg.n_layer / cfg.pp)
+    # the tensor-parallel regions hold 1/tp of the activations (a lower bound: not all do)
+    train = alive * _activations(cfg, rows, cfg.n_layer / cfg.pp) / cfg.tp
     validation = _activations(cfg, cfg.batch_size, cfg.n_layer)
     return int((buffers + max(train, validation)) * itemsize)
 

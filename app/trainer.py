@@ -1,38 +1,39 @@
 """`python -m app train`: the training loop, on one rank or many.
 
-Every rank runs this. The process grid (comm/grid.py) gives each rank its data-parallel
-coordinate; the rank reads its slice of the global batch of step s, and `TrainStep` does
-forward, backward, gradient reduction and the optimizer step. Every rank keeps identical
-parameters (checked every `check_interval` steps); rank 0 logs and writes the run
-directory: config.toml, metrics.jsonl and the final params.h5.
+Every rank runs this. The layout (app/parallel/layout.py) places the rank on the dp x pp x
+tp grid (comm/grid.py); the rank reads its data-parallel slice of the global batch of step
+s, and the step engine (app/parallel/engine.py) runs forward, backward, gradient reduction
+and the optimizer step of whatever it holds. Replicas are checked to agree every
+`check_interval` steps; rank 0 logs and writes the run directory: config.toml,
+metrics.jsonl, checkpoints/ and the final params.h5.
 
-Set-up runs inside `together` (app/failures.py), so a bad config, data file, run directory
-or memory budget ends every rank with one line; every wait on other ranks is under the
-watchdog (comm/watchdog.py), armed with the `timeout` config key.
+Set-up runs inside `together` (app/failures.py), so a bad config, layout, data file, run
+directory or memory budget ends every rank with one line; every wait on other ranks is
+under the watchdog (comm/watchdog.py), armed with the `timeout` config key.
 """
 import os
 import time
-import zlib
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from app import atomic, metrics, preempt, rundir
-from app.checkpoint import (check_resumable, find_resume, load_checkpoint, save_checkpoint,
-                            save_params)
+from app.checkpoint import (check_resumable, find_resume, load_checkpoint, save_params,
+                            save_training_state)
 from app.config import add_config_arguments, field_names, load_config, TrainConfig
 from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
+from app.evaluate import shared_validation_loss
 from app.failures import together
 from app.generate import sample
 from app.memory import check_fits
-from app.partition import balanced, format_partition, model_costs, stage_costs, uniform
-from app.pipeline import PipelineStep
+from app.parallel import layout as layouts
+from app.parallel.engine import Comms, StepEngine
+from app.parallel.state import check_replicas_agree, gather_full_params, placement
 from app.slurm import check_world_matches_slurm
-from app.step import TrainStep
 from app.tokenizer import get_tokenizer
-from comm import ring, watchdog
+from comm import watchdog
 from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
 from comm.grid import ProcessGrid
 from models import gpt
@@ -83,33 +84,6 @@ def _run(args):
     return preempt.REQUEUE_EXIT_CODE if history.get("stopped") else 0
 
 
-def evaluate(params, model_cfg, batches, xp, dp_comm):
-    """Mean loss over the fixed validation windows, which the data-parallel ranks share out
-    (each batch weighted by its size)."""
-    rank, size = dp_comm.Get_rank(), dp_comm.Get_size()
-    totals = np.zeros(2)
-    for x, y in batches[rank::size]:
-        loss, _ = gpt.forward(params, model_cfg, xp.asarray(x), xp.asarray(y))
-        totals += (float(loss) * len(x), len(x))
-    ring.all_reduce(dp_comm, totals)
-    return totals[0] / totals[1]
-
-
-def check_layout(cfg: TrainConfig, world: int) -> int:
-    """The data-parallel size of a dp x pp x 1 grid on `world` ranks (tensor parallelism comes
-    later); errors name the bad value, and every rank computes the same."""
-    dp = cfg.dp or max(1, world // cfg.pp)
-    if dp * cfg.pp != world:
-        raise UserError(f"world size {world} != dp*pp*tp = {dp}*{cfg.pp}*1 = {dp * cfg.pp}: "
-                        "expected the ranks to fill the grid exactly")
-    per_rank, rem = divmod(cfg.batch_size, dp * cfg.micro_batches)
-    if rem or per_rank == 0:
-        raise UserError(f"config batch_size = {cfg.batch_size} is not divisible by dp * "
-                        f"micro_batches = {dp} * {cfg.micro_batches}: expected a multiple of "
-                        f"{dp * cfg.micro_batches}")
-    return dp
-
-
 def ranks_on_this_node(comm) -> int:
     from mpi4py import MPI
     with watchdog.waiting("the other ranks to count the ranks per node"):
@@ -117,20 +91,6 @@ def ranks_on_this_node(comm) -> int:
     size = node.Get_size()
     node.Free()
     return size
-
-
-def params_digest(params) -> int:
-    """A cheap fingerprint of all parameters (CRC-32 of their bytes)."""
-    return zlib.crc32(np.ascontiguousarray(to_host(params.flat)).view(np.uint8))
-
-
-def check_replicas_agree(params, dp_comm, step):
-    """Fails loudly, on every rank at once, if data-parallel replicas have drifted apart."""
-    with watchdog.waiting(f"the other ranks' parameter digests at step {step}"):
-        digests = dp_comm.allgather(params_digest(params))
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"parameters differ across data-parallel ranks at step {step}: "
-                           f"CRC-32 per rank {[hex(d) for d in digests]}")
 
 
 def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt="\n",
@@ -155,9 +115,9 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
                 xp = get_xp(cfg.device)
             except BackendUnavailable as err:
                 raise UserError(str(err)) from None
-            dp = check_layout(cfg, comm.Get_size())
+            layout = layouts.plan(cfg, comm.Get_size())
         with watchdog.waiting("the other ranks to build the process grid"):
-            grid = ProcessGrid(dp, cfg.pp, 1, comm)
+            grid = ProcessGrid(layout.dp, layout.pp, layout.tp, comm)
         cleanup.callback(grid.free)
         on_node = ranks_on_this_node(comm)
         with together(comm):
@@ -196,8 +156,8 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         # on the way there would only bury it.
         with metrics.MetricsLog(log_path, append=bool(resume_from)) as metrics_log, \
                 np.errstate(all="ignore"):
-            history = _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log,
-                                  peak_gflops, log, run_dir, resume_from)
+            history = _train_loop(cfg, layout, xp, grid, data, loader, val_batches,
+                                  metrics_log, peak_gflops, log, run_dir, resume_from)
         if is_root and not history.get("stopped"):
             _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt, log)
     return history
@@ -229,52 +189,14 @@ def _finish_run(cfg, run_dir, params, tokenizer_spec, sample_prompt, log):
     log(f"done: {cfg.steps} steps; run directory {run_dir} holds {files}")
 
 
-def pipeline_ranges(cfg: TrainConfig, rows_per_micro_batch: int):
-    """Block ranges per (virtual) stage and a printable description of the split."""
+def _train_loop(cfg, layout, xp, grid, data, loader, val_batches, metrics_log, peak_gflops,
+                log, run_dir, resume_from):
     model_cfg = cfg.model_config()
-    embedding, blocks, head = model_costs(model_cfg, rows_per_micro_batch * cfg.block_size)
-    if cfg.chunks > 1:  # interleaving needs equal chunks, whatever `partition` says
-        ranges = uniform(cfg.n_layer, cfg.pp * cfg.chunks)
-        per_stage = cfg.n_layer // len(ranges)
-        return ranges, (f"partition=uniform (interleaving needs equal chunks): {len(ranges)} "
-                        f"virtual stages of {per_stage} block{'s' * (per_stage > 1)}")
-    if cfg.partition == "uniform":
-        ranges = uniform(cfg.n_layer, cfg.pp)
-    else:
-        ranges = balanced(blocks, cfg.pp, embedding, head)
-    return ranges, (f"partition={cfg.partition}: "
-                    + format_partition(ranges, stage_costs(ranges, blocks, embedding, head)))
-
-
-def gather_full_params(params, pp_comm, model_cfg, xp, dtype):
-    """Every stage's parameters put together (for validation, sampling and saving)."""
-    if pp_comm.Get_size() == 1:
-        return params
-    full = gpt.FlatParams(gpt.param_shapes(model_cfg), np, dtype)
-    with watchdog.waiting("the other pipeline stages' parameters"):
-        parts = pp_comm.allgather({name: to_host(v) for name, v in params.items()})
-    for part in parts:
-        for name, value in part.items():
-            full[name][...] = value
-    return gpt.FlatParams(full.shapes, xp, dtype, buffer=xp.asarray(full.flat))
-
-
-def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflops, log,
-                run_dir, resume_from):
-    model_cfg = cfg.model_config()
-    dtype = np.dtype(cfg.dtype)
-    dp_comm, dp, dp_rank = grid.dp_comm, grid.dp, grid.coords.dp
-    if cfg.pp > 1:
-        ranges, split = pipeline_ranges(cfg, cfg.batch_size // (dp * cfg.micro_batches))
-        step_fn = PipelineStep(model_cfg, cfg, grid.pp_comm, dp_comm if dp > 1 else None,
-                               cfg.schedule, cfg.chunks, dtype, xp, cfg.seed, cfg.timeout,
-                               ranges)
-        params = step_fn.params
-        log(f"pipeline: pp={cfg.pp} schedule={cfg.schedule} chunks={cfg.chunks} "
-            f"micro_batches={cfg.micro_batches} {split}")
-    else:
-        params = gpt.init_params(model_cfg, cfg.seed, xp, dtype)
-        step_fn = TrainStep(model_cfg, params, cfg, dp_comm)
+    engine = StepEngine(model_cfg, cfg, Comms.of_grid(grid), schedule=layout.schedule,
+                        chunks=layout.chunks, ranges=list(layout.ranges), seed=cfg.seed,
+                        dtype=np.dtype(cfg.dtype), xp=xp, timeout=cfg.timeout,
+                        sequence_parallel=layout.sequence_parallel, recompute=layout.recompute)
+    dp, dp_rank = grid.dp, grid.coords.dp
     tokens_per_step = cfg.batch_size * cfg.block_size
     n_params = gpt.num_params(model_cfg)  # the whole model, whatever this rank holds
     flops_per_step = metrics.flops_per_token(n_params, cfg.n_layer, cfg.block_size,
@@ -288,15 +210,22 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
     log(f"model: {n_params:,} parameters, {flops_per_step / tokens_per_step / 1e6:.2f} "
         f"MFLOP/token; data: {data.train.shape[0]:,} train / {data.val.shape[0]:,} val tokens;"
         f" peak {peak:.1f} GFLOP/s per rank ({'given' if peak_gflops else 'measured'})")
-    reducer = getattr(step_fn, "reducer", None)
-    log(f"layout: dp={dp} pp={cfg.pp} micro_batches={cfg.micro_batches} zero={cfg.zero}; "
-        f"optimizer state {optimizer_bytes(step_fn.optimizer) / 2**20:.2f} MiB per rank"
+    if layout.pp > 1:
+        log(f"pipeline: pp={layout.pp} schedule={layout.schedule} chunks={layout.chunks} "
+            f"micro_batches={layout.micro_batches} {layout.partition}")
+    if layout.tp > 1:
+        log(f"tensor parallel: tp={layout.tp}, {model_cfg.n_head // layout.tp} heads and "
+            f"{4 * model_cfg.n_embd // layout.tp} MLP columns per rank, vocabulary padded to "
+            f"{gpt.padded_vocab(model_cfg, layout.tp)}; sequence parallel "
+            f"{'on' if layout.sequence_parallel else 'off'}")
+    reducer = engine.reducer
+    log(f"layout: {layout.describe()}"
         + (f"; {len(reducer.buckets)} gradient buckets of <= {cfg.bucket_mb} MB, "
            f"overlap {'on' if cfg.overlap else 'off'}" if reducer else ""))
 
     first = 0
     if resume_from:
-        first = load_checkpoint(resume_from, params, step_fn.optimizer)
+        first = load_checkpoint(resume_from, engine.params, engine.optimizer, placement(engine))
         log(f"resumed from {resume_from} at step {first}")
     history = {"loss": [], "val": {}}
     step_times, comm_waits = [], []
@@ -306,7 +235,7 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         stopping = step < cfg.steps and preempt.stop_requested(grid.comm)
         if step > first and (stopping or cfg.save_interval and (
                 step % cfg.save_interval == 0 or step == cfg.steps)):
-            _save(cfg, grid, run_dir, step, params, step_fn.optimizer, data.tokenizer, log)
+            save_training_state(cfg, layout, engine, grid, run_dir, step, data.tokenizer, log)
         if stopping:
             history["stopped"] = preempt.stop_signal()
             metrics_log.write({"step": step, "stopped": history["stopped"]})
@@ -318,25 +247,27 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
                 grid.comm.Barrier()
             return history
         if step % cfg.eval_interval == 0 or step == cfg.steps:
-            full = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
-            val_loss = evaluate(full, model_cfg, val_batches, xp, dp_comm)
+            val_loss = shared_validation_loss(gather_full_params(engine, xp), model_cfg,
+                                              val_batches, xp, grid.dp_comm)
             history["val"][step] = val_loss
             metrics_log.write({"step": step, "val_loss": val_loss})
             log(f"step {step:5d}/{cfg.steps} | val loss {val_loss:.4f}")
         if dp > 1 and ((cfg.check_interval and step % cfg.check_interval == 0)
                        or step == cfg.steps):
-            check_replicas_agree(params, dp_comm, step)
+            check_replicas_agree(engine.params, grid.dp_comm, step)
         if step == cfg.steps:
             break
         start = time.perf_counter()
         x, y = loader.batch(step, dp_rank, dp)
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
-        loss, norm = step_fn(xp.asarray(x), xp.asarray(y), lr)
+        loss, norm = engine(xp.asarray(x), xp.asarray(y), lr)
         step_times.append(time.perf_counter() - start)
         if reducer:
             comm_waits.append(reducer.wait_seconds)
+        if step == first:  # what this layout costs, now that a step has measured it
+            log(metrics.footprint_line(engine, grid.comm))
         history["loss"].append(loss)
-        if step_fn.skipped:  # decided on global values: every rank is here alike
+        if engine.skipped:  # decided on global values: every rank is here alike
             skips += 1
             metrics_log.write({"step": step, "skipped": f"loss {loss}, gradient norm {norm}"})
             log(f"step {step:5d}/{cfg.steps} | skipped: loss {loss}, gradient norm {norm}; "
@@ -351,63 +282,10 @@ def _train_loop(cfg, xp, grid, data, loader, val_batches, metrics_log, peak_gflo
         skips = 0
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
             eta = (time.perf_counter() - started) / (step - first + 1) * (cfg.steps - step - 1)
-            _log_step(step, cfg.steps, eta, loss, lr, norm, step_times, comm_waits,
-                      tokens_per_step, flops_per_step, peak * dp * cfg.pp, metrics_log, log)
-    history["params"] = gather_full_params(params, grid.pp_comm, model_cfg, xp, dtype)
+            record, line = metrics.step_record(
+                step, cfg.steps, eta, loss, lr, norm, step_times, comm_waits, tokens_per_step,
+                flops_per_step, peak * grid.comm.Get_size(), engine.bytes_sent)
+            metrics_log.write(record)
+            log(line)
+    history["params"] = gather_full_params(engine, xp)
     return history
-
-
-def _save(cfg, grid, run_dir, step, params, optimizer, data_tokenizer, log):
-    """A checkpoint of step `step`: each rank writes what it alone owns (app/checkpoint.py)."""
-    names = [name for name in params.shapes if not (name == "wte" and grid.coords.pp > 0)]
-    first_replica = grid.coords.dp == 0  # the tied wte: written by the first stage only
-    meta = {"config": cfg.to_toml(), "dtype": cfg.dtype, "tokenizer": data_tokenizer,
-            "shapes": gpt.param_shapes(cfg.model_config()),
-            "layout": {"world": grid.comm.Get_size(), "dp": grid.dp, "pp": grid.pp,
-                       "tp": grid.tp, "zero": cfg.zero, "schedule": cfg.schedule,
-                       "chunks": cfg.chunks, "micro_batches": cfg.micro_batches}}
-    start = time.perf_counter()
-    try:
-        path = save_checkpoint(grid.comm, run_dir, step, params, optimizer,
-                               names if first_replica else [],
-                               names if cfg.zero or first_replica else [], meta, cfg.keep)
-    except OSError as err:
-        raise UserError(f"cannot write a checkpoint of step {step} in {run_dir} "
-                        f"({err.strerror or err}): expected a writable run directory with "
-                        "free space") from None
-    log(f"step {step:5d}/{cfg.steps} | saved {path} in {time.perf_counter() - start:.2f} s")
-
-
-def optimizer_bytes(optimizer):
-    """Bytes of AdamW state (both moments) held by this rank."""
-    return optimizer.m.nbytes + optimizer.v.nbytes
-
-
-def _log_step(step, steps, eta, loss, lr, norm, step_times, comm_waits, tokens_per_step,
-              flops_per_step, peak_gflops, metrics_log, log):
-    # medians over the steps since the last log line: robust to one slow step
-    dt = float(np.median(step_times))
-    tok_s = tokens_per_step / dt
-    mfu = flops_per_step / dt / (peak_gflops * 1e9)
-    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-              "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu}
-    line = (f"step {step:5d}/{steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
-            f"{dt * 1e3:7.1f} ms | {tok_s:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
-    if comm_waits:
-        record["comm_wait_ms"] = float(np.median(comm_waits)) * 1e3
-        line += f" | comm wait {record['comm_wait_ms']:.1f} ms"
-    line += f" | ETA {format_duration(eta)}"
-    step_times.clear()
-    comm_waits.clear()
-    metrics_log.write(record)
-    log(line)
-
-
-def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

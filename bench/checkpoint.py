@@ -25,7 +25,7 @@ from mpi4py import MPI
 from app.atomic import fsync_path
 from app.checkpoint import load_checkpoint, save_checkpoint
 from app.config import load_config
-from app.step import TrainStep
+from app.parallel.engine import TrainStep
 from models import gpt
 
 

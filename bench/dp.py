@@ -58,7 +58,7 @@ def worker_ours(args):
     from mpi4py import MPI
 
     from app.config import load_config
-    from app.step import TrainStep
+    from app.parallel.engine import TrainStep
     from comm.backend import keep_freed_host_memory
     from models import gpt
 

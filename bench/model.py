@@ -1,4 +1,4 @@
-"""`make bench` / `python -m app bench model`: training-step speed of our GPT, against an
+"""`make bench` / `python -m bench.model`: training-step speed of our GPT, against an
 equivalent PyTorch eager GPT when torch is importable.
 
 Each (config, threads) cell runs in its own process, because BLAS fixes its thread count
@@ -25,7 +25,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     """Runs in the worker process: returns a dict of measurements for one table row."""
     from app import metrics
     from app.config import load_config
-    from app.step import TrainStep
+    from app.parallel.engine import TrainStep
     from comm.backend import get_xp, keep_freed_host_memory, to_host
     from models import gpt
 

@@ -17,8 +17,8 @@ import numpy as np
 from mpi4py import MPI
 
 from app.config import load_config
-from app.pipeline import PipelineStep, make_program
-from app.schedules import Backward, Forward, simulate
+from app.parallel.engine import PipelineStep, make_program
+from app.parallel.schedules import Backward, Forward, simulate
 from comm.backend import keep_freed_host_memory
 
 ROWS = 2  # sequences per micro-batch

@@ -93,6 +93,13 @@ class GradReducer:
                 ranges.append((b.start + lo, b.start + hi))
         return sorted(ranges)
 
+    def bytes_per_step(self) -> int:
+        """Bytes this rank sends per step: each bucket's reduction (and, under ZeRO-1, the
+        all-gather of the updated parameters)."""
+        kinds = ("reduce_scatter", "all_gather") if self.shard else ("all_reduce",)
+        return sum(ring.sent_elements(kind, b.stop - b.start, self.size, self.rank)
+                   for b in self.buckets for kind in kinds) * self.flat.itemsize
+
     def gather_params(self, flat_params):
         """ZeRO-1: every rank's updated block of each bucket, all-gathered in place."""
         requests = [ring.iall_gather(self.comm, flat_params[b.start:b.stop], self.segment_bytes)

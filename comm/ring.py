@@ -89,6 +89,16 @@ def ring_schedule(kind: str, p: int, r: int) -> list[tuple[int, int, bool]]:
     return {"all_reduce": rs + ag, "reduce_scatter": rs, "all_gather": ag}[kind]
 
 
+def sent_elements(kind: str, n: int, p: int, r: int) -> int:
+    """Elements rank r sends in one `kind` collective of n elements (for byte accounting):
+    2(p-1)/p of n for all-reduce, (p-1)/p for reduce-scatter and all-gather, give or take
+    the uneven blocks."""
+    if p == 1:
+        return 0
+    return sum(hi - lo for lo, hi in (shard_bounds(n, p, block)
+                                      for block, _, _ in ring_schedule(kind, p, r)))
+
+
 def _segments(lo, hi, seg):
     return [(a, min(a + seg, hi)) for a in range(lo, hi, seg)]
 

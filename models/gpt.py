@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from comm.backend import array_module
-from models import layers
+from models import layers, parallel
 
 
 @dataclass(frozen=True)
@@ -121,123 +121,263 @@ def init_params(cfg: GPTConfig, seed: int, xp=np, dtype=np.float32) -> FlatParam
     return FlatParams(host.shapes, xp, dtype, buffer=xp.asarray(host.flat, dtype=dtype))
 
 
+# --------------------------------------------------------------------------- model parallelism
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """How this rank's layers are split: the tensor-parallel group (models/parallel.py's
+    interface; SOLO when unsplit) and whether the LayerNorm regions hold a slice of the
+    sequence (Megatron's sequence parallelism)."""
+    group: object = parallel.SOLO
+    sequence_parallel: bool = False
+
+    @property
+    def size(self):
+        return self.group.size
+
+
+UNSPLIT = TensorParallel()
+RECOMPUTE = ("none", "selective", "full")
+
+
+def padded_vocab(cfg: GPTConfig, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of tp, so that wte splits into equal row
+    shards; the padded rows stay zero and never reach the loss (models/parallel.py)."""
+    return parallel.vocab_shard(cfg.vocab_size, tp, 0)[0]
+
+
+def tp_pieces(name: str, cfg: GPTConfig, tp: int, rank: int):
+    """Where tensor-parallel rank `rank`'s local `name` sits in the logical tensor: None when
+    it is replicated, else (axis, [(local start, global start, length), ...]) along that
+    axis. Rows of wte beyond vocab_size (padding) belong to no piece."""
+    if tp == 1:
+        return None
+    C = cfg.n_embd
+    suffix = name.split(".", 2)[-1] if name.startswith("h.") else name
+    if name == "wte":
+        _, lo, hi = parallel.vocab_shard(cfg.vocab_size, tp, rank)
+        length = min(hi, cfg.vocab_size) - lo
+        return 0, [(0, lo, length)] if length > 0 else []
+    if suffix in ("attn.c_attn.weight", "attn.c_attn.bias"):
+        w = C // tp  # whole heads: rank r's columns of q, of k and of v
+        return name.endswith("weight") + 0, [(j * w, j * C + rank * w, w) for j in range(3)]
+    if suffix in ("mlp.c_fc.weight", "mlp.c_fc.bias"):
+        w = 4 * C // tp
+        return name.endswith("weight") + 0, [(0, rank * w, w)]
+    if suffix in ("attn.c_proj.weight", "mlp.c_proj.weight"):
+        rows = (C if suffix.startswith("attn") else 4 * C) // tp
+        return 0, [(0, rank * rows, rows)]
+    return None  # LayerNorms, row-parallel biases, wpe: replicated
+
+
+def local_shape(name: str, shape, cfg: GPTConfig, tp: int) -> tuple:
+    """The shape of a tensor-parallel rank's share of `name` (logical `shape`)."""
+    if name == "wte" and tp > 1:
+        return (padded_vocab(cfg, tp) // tp, shape[1])
+    placed = tp_pieces(name, cfg, tp, 0)
+    if placed is None:
+        return tuple(shape)
+    axis, pieces = placed
+    local = list(shape)
+    local[axis] = sum(length for _, _, length in pieces)
+    return tuple(local)
+
+
+def shard(name: str, full, cfg: GPTConfig, tp: int, rank: int):
+    """Rank `rank`'s share of the logical tensor `full` (zero in wte's padding rows)."""
+    placed = tp_pieces(name, cfg, tp, rank)
+    if placed is None:
+        return full
+    axis, pieces = placed
+    xp = array_module(full)
+    out = xp.zeros(local_shape(name, full.shape, cfg, tp), full.dtype)
+    for local, start, length in pieces:
+        dst = [slice(None)] * out.ndim
+        src = [slice(None)] * out.ndim
+        dst[axis], src[axis] = slice(local, local + length), slice(start, start + length)
+        out[tuple(dst)] = full[tuple(src)]
+    return out
+
+
 # --------------------------------------------------------------------------- forward/backward
+#
+# One stage pair, `stage_forward`/`stage_backward`, is the only loop over blocks: the whole
+# model is the stage that is both first and last (`forward`, `backward`, `logits`).
 
 
-def block_forward(params, prefix, x, n_head, mask):
-    """(B,T,C) -> (B,T,C): x + attn(ln_1(x)), then + mlp(ln_2(.))."""
+def _column_forward(weight, bias, x, tp):
+    if tp.size == 1:
+        return layers.linear_forward(weight, bias, x)
+    return parallel.column_linear_forward(weight, bias, x, tp.group, tp.sequence_parallel)
+
+
+def _column_backward(tp, cache, dy, grads):
+    backward = layers.linear_backward if tp.size == 1 else parallel.column_linear_backward
+    return backward(cache, dy, grads)[0]
+
+
+def _row_forward(weight, bias, x, tp):
+    if tp.size == 1:
+        return layers.linear_forward(weight, bias, x)
+    return parallel.row_linear_forward(weight, bias, x, tp.group, tp.sequence_parallel)
+
+
+def _row_backward(tp, cache, dy, grads):
+    backward = layers.linear_backward if tp.size == 1 else parallel.row_linear_backward
+    return backward(cache, dy, grads)[0]
+
+
+# Replicated parameters whose gradient each rank computes from its slice of the sequence only
+# (sequence parallelism): summed over the tensor-parallel group before anyone reads them.
+SEQUENCE_PARTIAL = ("ln_1.weight", "ln_1.bias", "attn.c_proj.bias", "ln_2.weight",
+                    "ln_2.bias", "mlp.c_proj.bias")
+
+
+def _sum_partial_grads(tp, tensors):
+    """All-reduce these small gradients over the group in one message (packed, summed,
+    unpacked)."""
+    if not tp.sequence_parallel or tp.size == 1:
+        return
+    xp = array_module(tensors[0])
+    packed = xp.concatenate([t.reshape(-1) for t in tensors])
+    tp.group.all_reduce(packed)
+    at = 0
+    for t in tensors:
+        t[...] = packed[at:at + t.size].reshape(t.shape)
+        at += t.size
+
+
+def block_forward(params, prefix, x, n_head, mask, tp=UNSPLIT, recompute="none"):
+    """(B,T,C) -> (B,T,C): x + attn(ln_1(x)), then + mlp(ln_2(.)); (B,T/tp,C) in and out
+    under sequence parallelism, each rank computing n_head/tp heads and 4C/tp MLP columns.
+
+    recompute: "full" keeps only x and runs the block again in backward; "selective" drops
+    the attention core's scores and softmax (most of the activation bytes, few of the
+    FLOPs) and recomputes them from q|k|v."""
     p = lambda name: params[prefix + name]  # noqa: E731
     h, c_ln1 = layers.layernorm_forward(p("ln_1.weight"), p("ln_1.bias"), x)
-    qkv, c_qkv = layers.linear_forward(p("attn.c_attn.weight"), p("attn.c_attn.bias"), h)
-    a, c_att = layers.attention_forward(qkv, n_head, mask)
-    a, c_proj = layers.linear_forward(p("attn.c_proj.weight"), p("attn.c_proj.bias"), a)
+    qkv, c_qkv = _column_forward(p("attn.c_attn.weight"), p("attn.c_attn.bias"), h, tp)
+    a, c_att = layers.attention_forward(qkv, n_head // tp.size, mask)
+    if recompute == "selective":
+        c_att = ("recompute", qkv, n_head // tp.size, mask)
+    a, c_proj = _row_forward(p("attn.c_proj.weight"), p("attn.c_proj.bias"), a, tp)
     a += x  # residual, in place in the fresh projection output
     h, c_ln2 = layers.layernorm_forward(p("ln_2.weight"), p("ln_2.bias"), a)
-    h, c_fc = layers.linear_forward(p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), h)
+    h, c_fc = _column_forward(p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), h, tp)
     h, c_gelu = layers.gelu_forward(h)
-    out, c_mlp = layers.linear_forward(p("mlp.c_proj.weight"), p("mlp.c_proj.bias"), h)
+    out, c_mlp = _row_forward(p("mlp.c_proj.weight"), p("mlp.c_proj.bias"), h, tp)
     out += a
-    return out, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp)
+    if recompute == "full":
+        return out, ("recompute", params, prefix, x, n_head, mask, tp)
+    return out, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp, tp)
 
 
 def block_backward(grads, prefix, cache, dout):
     """dout (B,T,C) -> dx (B,T,C); writes this block's parameter gradients into `grads`."""
-    c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp = cache
+    if isinstance(cache[0], str):  # full recomputation: the forward again, now with caches
+        _, params, prefix, x, n_head, mask, tp = cache
+        cache = block_forward(params, prefix, x, n_head, mask, tp)[1]
+    c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp, tp = cache
+    if isinstance(c_att[0], str):  # selective: the attention core again
+        _, qkv, heads, mask = c_att
+        c_att = layers.attention_forward(qkv, heads, mask)[1]
 
     def g(*names):
         return {key: grads[prefix + name] for key, name in zip(("weight", "bias"), names)}
 
-    dh, _ = layers.linear_backward(c_mlp, dout, g("mlp.c_proj.weight", "mlp.c_proj.bias"))
+    dh = _row_backward(tp, c_mlp, dout, g("mlp.c_proj.weight", "mlp.c_proj.bias"))
     dh, _ = layers.gelu_backward(c_gelu, dh)
-    dh, _ = layers.linear_backward(c_fc, dh, g("mlp.c_fc.weight", "mlp.c_fc.bias"))
+    dh = _column_backward(tp, c_fc, dh, g("mlp.c_fc.weight", "mlp.c_fc.bias"))
     da, _ = layers.layernorm_backward(c_ln2, dh, g("ln_2.weight", "ln_2.bias"))
     da += dout  # residual
-    dh, _ = layers.linear_backward(c_proj, da, g("attn.c_proj.weight", "attn.c_proj.bias"))
+    dh = _row_backward(tp, c_proj, da, g("attn.c_proj.weight", "attn.c_proj.bias"))
     dh, _ = layers.attention_backward(c_att, dh)
-    dh, _ = layers.linear_backward(c_qkv, dh, g("attn.c_attn.weight", "attn.c_attn.bias"))
+    dh = _column_backward(tp, c_qkv, dh, g("attn.c_attn.weight", "attn.c_attn.bias"))
     dx, _ = layers.layernorm_backward(c_ln1, dh, g("ln_1.weight", "ln_1.bias"))
     dx += da
+    _sum_partial_grads(tp, [grads[prefix + name] for name in SEQUENCE_PARTIAL])
     return dx
 
 
-def head_forward(params, x, targets):
-    """(B,T,C), (B,T) -> scalar loss: final LayerNorm, tied LM head, mean cross-entropy."""
-    B, T, C = x.shape
+def embed_forward(params, idx, tp=UNSPLIT, vocab_start=0):
+    """(B,T) ids -> (B,T,C) token plus position embeddings ((B,T/tp,C) under sequence
+    parallelism); wte may be a vocabulary shard starting at row `vocab_start`."""
+    if tp.size == 1:
+        return layers.embedding_forward(params["wte"], params["wpe"], idx)
+    x, c_tok = parallel.vocab_embedding_forward(params["wte"], vocab_start, idx, tp.group,
+                                                tp.sequence_parallel)
+    T, T_local = idx.shape[1], x.shape[1]
+    start = tp.group.rank * T_local if tp.sequence_parallel else 0
+    x += params["wpe"][start:start + T_local]
+    return x, (c_tok, start, T, tp)
+
+
+def embed_backward(grads, cache, dx):
+    """Adds the token embedding's share into grads['wte'] and writes grads['wpe']."""
+    if len(cache) == 3:  # unsplit
+        layers.embedding_backward(cache, dx, {"wte": grads["wte"], "wpe": grads["wpe"]})
+        return
+    c_tok, start, T, tp = cache
+    parallel.vocab_embedding_backward(c_tok, dx, {"wte": grads["wte"]})
+    dwpe = grads["wpe"]
+    dwpe[...] = 0
+    dx.sum(axis=0, out=dwpe[start:start + dx.shape[1]])
+    if tp.sequence_parallel:  # each rank saw its positions only
+        tp.group.all_reduce(dwpe.reshape(-1))
+
+
+def head_forward(params, x, targets, tp=UNSPLIT, vocab_start=0, vocab_size=None):
+    """(B,T,C), (B,T) -> scalar loss: final LayerNorm, tied LM head, mean cross-entropy.
+    Split by vocabulary under tensor parallelism: no rank ever holds all the logits."""
     h, c_lnf = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x)
+    c_in = None
+    if tp.size > 1:
+        h, c_in = (parallel.gather_sequence_forward if tp.sequence_parallel
+                   else parallel.copy_forward)(h, tp.group)
+    B, T, C = h.shape
     h2 = h.reshape(B * T, C)
     logits_t = params["wte"] @ h2.T  # (V, B*T), class-major
-    loss, c_loss = layers.softmax_cross_entropy_forward(logits_t, targets.reshape(-1))
-    return loss, (c_lnf, h2, c_loss, params["wte"], x.shape)
+    if tp.size == 1:
+        loss, c_loss = layers.softmax_cross_entropy_forward(logits_t, targets.reshape(-1))
+    else:
+        loss, c_loss = parallel.vocab_cross_entropy_forward(
+            logits_t, targets.reshape(-1), vocab_start, vocab_size, tp.group)
+    return loss, (c_lnf, h2, c_loss, params["wte"], (B, T, C), tp, c_in)
 
 
 def head_backward(grads, cache, dloss=1.0):
     """-> dx (B,T,C); overwrites grads['wte'] with the head's share (the embedding adds its own)."""
-    c_lnf, h2, c_loss, wte, x_shape = cache
+    c_lnf, h2, c_loss, wte, h_shape, tp, c_in = cache
     xp = array_module(h2)
-    dlogits_t, _ = layers.softmax_cross_entropy_backward(c_loss, dloss)  # (V, B*T)
+    if tp.size == 1:
+        dlogits_t, _ = layers.softmax_cross_entropy_backward(c_loss, dloss)  # (V, B*T)
+    else:
+        dlogits_t, _ = parallel.vocab_cross_entropy_backward(c_loss, dloss)
     xp.matmul(dlogits_t, h2, out=grads["wte"])
-    dh = dlogits_t.T @ wte  # (B*T, C)
-    dx, _ = layers.layernorm_backward(c_lnf, dh.reshape(x_shape),
+    dh = (dlogits_t.T @ wte).reshape(h_shape)  # (B*T, C): a partial sum under tp
+    if tp.size > 1:
+        dh, _ = (parallel.gather_sequence_backward if tp.sequence_parallel
+                 else parallel.copy_backward)(c_in, dh)
+    dx, _ = layers.layernorm_backward(c_lnf, dh,
                                       {"weight": grads["ln_f.weight"], "bias": grads["ln_f.bias"]})
+    _sum_partial_grads(tp, [grads["ln_f.weight"], grads["ln_f.bias"]])
     return dx
-
-
-def forward(params, cfg: GPTConfig, idx, targets, mask=None):
-    """(B,T) ids, (B,T) targets -> (mean loss over B*T tokens, cache for backward)."""
-    xp = array_module(params["wte"])
-    T = idx.shape[1]
-    if T > cfg.block_size:
-        raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-    if mask is None:
-        mask = layers.causal_mask(xp, T, params["wte"].dtype)
-    x, c_emb = layers.embedding_forward(params["wte"], params["wpe"], idx)
-    block_caches = []
-    for i in range(cfg.n_layer):
-        x, c = block_forward(params, f"h.{i}.", x, cfg.n_head, mask)
-        block_caches.append(c)
-    loss, c_head = head_forward(params, x, targets)
-    return loss, (c_emb, block_caches, c_head)
-
-
-def backward(cache, grads, dloss=1.0, on_ready=None):
-    """Fills `grads` (a FlatParams or name -> array mapping) with d(dloss * loss)/d(param).
-
-    `on_ready(names)`, if given, is called as soon as those gradients are final (head norm,
-    then each block from the last, then the embeddings with the tied wte): the data-parallel
-    reducer starts communicating them while backward goes on."""
-    notify = on_ready or (lambda names: None)
-    c_emb, block_caches, c_head = cache
-    dx = head_backward(grads, c_head, dloss)
-    notify(HEAD_PARAMS)
-    for i in reversed(range(len(block_caches))):
-        dx = block_backward(grads, f"h.{i}.", block_caches[i], dx)
-        notify(block_param_names(i))
-    layers.embedding_backward(c_emb, dx, {"wte": grads["wte"], "wpe": grads["wpe"]})
-    notify(EMBEDDING_PARAMS)
-    return grads
-
-
-def logits(params, cfg: GPTConfig, idx):
-    """(B,T) ids -> (B,V) logits for the next token after each sequence (for sampling)."""
-    x, _ = layers.embedding_forward(params["wte"], params["wpe"], idx)
-    mask = layers.causal_mask(array_module(x), idx.shape[1], x.dtype)
-    for i in range(cfg.n_layer):
-        x, _ = block_forward(params, f"h.{i}.", x, cfg.n_head, mask)
-    h, _ = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x[:, -1])
-    return h @ params["wte"].T
-
-
-# --------------------------------------------------------------------------- pipeline stages
 
 
 @dataclass(frozen=True)
 class StageSpec:
     """One model chunk of a pipeline stage: a contiguous range of blocks, plus the
-    embedding on the first chunk of the model and the final norm, head and loss on the last."""
+    embedding on the first chunk of the model and the final norm, head and loss on the last.
+    The whole model is StageSpec(0, n_layer, first=True, last=True)."""
     start: int
     stop: int
     first: bool
     last: bool
+
+
+def whole_model(cfg: GPTConfig) -> StageSpec:
+    return StageSpec(0, cfg.n_layer, first=True, last=True)
 
 
 def stage_param_names(cfg: GPTConfig, specs) -> list:
@@ -254,43 +394,84 @@ def stage_param_names(cfg: GPTConfig, specs) -> list:
     return [name for name in param_shapes(cfg) if name in wanted]
 
 
-def stage_forward(params, cfg: GPTConfig, spec: StageSpec, inp, targets, mask):
+def stage_forward(params, cfg: GPTConfig, spec: StageSpec, inp, targets, mask,
+                  tp=UNSPLIT, recompute="none"):
     """inp: (B,T) ids on the first chunk, else (B,T,C) activations -> (loss on the last
-    chunk, else (B,T,C) activations to send on; cache)."""
-    x, c_emb = layers.embedding_forward(params["wte"], params["wpe"], inp) if spec.first \
-        else (inp, None)
+    chunk, else (B,T,C) activations to send on; cache). (B,T/tp,C) activations under
+    sequence parallelism."""
+    vocab_start = parallel.vocab_shard(cfg.vocab_size, tp.size, tp.group.rank)[1]
+    x, c_emb = embed_forward(params, inp, tp, vocab_start) if spec.first else (inp, None)
     block_caches = []
     for i in range(spec.start, spec.stop):
-        x, c = block_forward(params, f"h.{i}.", x, cfg.n_head, mask)
+        x, c = block_forward(params, f"h.{i}.", x, cfg.n_head, mask, tp, recompute)
         block_caches.append(c)
     if not spec.last:
-        return x, (c_emb, block_caches, None)
-    loss, c_head = head_forward(params, x, targets)
-    return loss, (c_emb, block_caches, c_head)
+        return x, (c_emb, block_caches, None, spec)
+    loss, c_head = head_forward(params, x, targets, tp, vocab_start, cfg.vocab_size)
+    return loss, (c_emb, block_caches, c_head, spec)
 
 
-def stage_backward(spec: StageSpec, cache, grads, upstream):
-    """upstream: dloss (a number) on the last chunk, else d(activations) (B,T,C).
-    Overwrites this chunk's gradients in `grads`; returns d(input activations), or None
-    on the first chunk."""
-    c_emb, block_caches, c_head = cache
-    dx = head_backward(grads, c_head, upstream) if spec.last else upstream
+def stage_backward(spec: StageSpec, cache, grads, upstream, on_ready=None):
+    """upstream: dloss (a number) on the last chunk, else d(activations). Overwrites this
+    chunk's gradients in `grads`; returns d(input activations), or None on the first chunk.
+
+    `on_ready(names)`, if given, is called as soon as those gradients are final (the head's
+    norm, then each block from the last, then the embeddings; the tied wte once: with the
+    embedding on a first chunk, else after the head): the data-parallel reducer starts
+    communicating them while backward goes on."""
+    notify = on_ready or (lambda names: None)
+    c_emb, block_caches, c_head, _ = cache
+    dx = upstream
+    if spec.last:
+        dx = head_backward(grads, c_head, upstream)
+        notify(HEAD_PARAMS if spec.first else HEAD_PARAMS + ("wte",))
     for i, c in zip(reversed(range(spec.start, spec.stop)), reversed(block_caches)):
         dx = block_backward(grads, f"h.{i}.", c, dx)
+        notify(block_param_names(i))
     if not spec.first:
         return dx
     if not spec.last:
         grads["wte"][...] = 0  # no head here: the embedding's share is all of it
-    layers.embedding_backward(c_emb, dx, {"wte": grads["wte"], "wpe": grads["wpe"]})
+    embed_backward(grads, c_emb, dx)
+    notify(EMBEDDING_PARAMS)
     return None
 
 
-def init_stage_params(cfg: GPTConfig, seed: int, names, xp=np, dtype=np.float32):
-    """The listed parameters, with exactly the values `init_params` gives the whole model
-    (drawn in full on the host, so every layout starts from the same numbers)."""
+def forward(params, cfg: GPTConfig, idx, targets, mask=None):
+    """(B,T) ids, (B,T) targets -> (mean loss over B*T tokens, cache for backward)."""
+    T = idx.shape[1]
+    if T > cfg.block_size:
+        raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+    if mask is None:
+        mask = layers.causal_mask(array_module(params["wte"]), T, params["wte"].dtype)
+    return stage_forward(params, cfg, whole_model(cfg), idx, targets, mask)
+
+
+def backward(cache, grads, dloss=1.0, on_ready=None):
+    """Fills `grads` (a FlatParams or name -> array mapping) with d(dloss * loss)/d(param),
+    announcing finished gradients to `on_ready` (see `stage_backward`)."""
+    stage_backward(cache[3], cache, grads, dloss, on_ready)
+    return grads
+
+
+def logits(params, cfg: GPTConfig, idx):
+    """(B,T) ids -> (B,V) logits for the next token after each sequence (for sampling)."""
+    mask = layers.causal_mask(array_module(params["wte"]), idx.shape[1], params["wte"].dtype)
+    trunk = StageSpec(0, cfg.n_layer, first=True, last=False)  # all blocks, no loss
+    x, _ = stage_forward(params, cfg, trunk, idx, None, mask)
+    h, _ = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x[:, -1])
+    return h @ params["wte"].T
+
+
+def init_rank_params(cfg: GPTConfig, seed: int, names, xp=np, dtype=np.float32, tp=1,
+                     tp_rank=0):
+    """The listed parameters (this rank's tensor-parallel shares of them), with exactly the
+    values `init_params` gives the whole model: drawn in full on the host, so every layout
+    starts from the same numbers."""
     full = init_params(cfg, seed, np, np.float64)
     shapes = param_shapes(cfg)
-    part = FlatParams({name: shapes[name] for name in names}, np, np.float64)
+    part = FlatParams({name: local_shape(name, shapes[name], cfg, tp) for name in names},
+                      np, np.float64)
     for name in names:
-        part[name][...] = full[name]
+        part[name][...] = shard(name, full[name], cfg, tp, tp_rank)
     return FlatParams(part.shapes, xp, dtype, buffer=xp.asarray(part.flat, dtype=dtype))

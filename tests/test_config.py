@@ -168,7 +168,7 @@ def test_to_toml_round_trips_defaults():
 
 def test_to_toml_round_trips_every_field_changed():
     values = {
-        "n_layer": 3, "n_head": 2, "n_embd": 48, "block_size": 17, "vocab_size": 300,
+        "n_layer": 3, "n_head": 2, "n_embd": 48, "block_size": 18, "vocab_size": 300,
         "batch_size": 5, "steps": 7, "lr": 3.5e-4, "min_lr": 1e-5, "warmup_steps": 0,
         "weight_decay": 0.0, "beta1": 0.8, "beta2": 0.999, "grad_clip": 0.0, "seed": 0,
         "dtype": "float64", "device": "gpu", "data": 'dir with "quotes"\\and\\backslash.h5',
@@ -176,6 +176,7 @@ def test_to_toml_round_trips_every_field_changed():
         "dp": 2, "micro_batches": 3, "bucket_mb": 0.25, "zero": 1, "overlap": False,
         "check_interval": 0, "pp": 1, "schedule": "gpipe", "chunks": 1, "partition": "uniform",
         "timeout": 12.5, "save_interval": 50, "keep": 0, "max_skips": 1,
+        "tp": 2, "sequence_parallel": True, "recompute": "selective",
     }
     assert set(values) == set(field_names())  # the test covers every key
     cfg = make_config(dict(values))
@@ -222,8 +223,11 @@ def test_pipeline_keys_and_impossible_splits():
         ({"schedule": "zigzag"}, "config schedule = 'zigzag': expected one of 1f1b, gpipe, "
                                  "interleaved"),
         ({"timeout": 0.0}, "config timeout = 0.0: expected a number of seconds > 0"),
-        ({"pp": 2, "zero": 1}, "config zero = 1 with pp = 2: ZeRO-1 is not implemented for "
-                               "pipelines yet"),
+        ({"n_head": 6, "n_embd": 48, "tp": 4}, "config n_head = 6 is not divisible by tp = 4"),
+        ({"n_head": 4, "tp": 2, "block_size": 63, "sequence_parallel": True},
+         "config block_size = 63 is not divisible by tp = 2 with sequence_parallel"),
+        ({"recompute": "some"}, "config recompute = 'some': expected one of none, "
+                                "selective, full"),
     ]
     for values, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):

@@ -11,7 +11,7 @@ import pytest
 from app.config import TrainConfig, make_config
 from app.data import BatchLoader, TokenData
 from app.prepare import prepare
-from app.step import TrainStep
+from app.parallel.engine import TrainStep
 from app.trainer import train
 from models import gpt
 from models.optim import lr_at
@@ -125,7 +125,7 @@ def test_trainer_with_dp2_zero_and_accumulation_matches_one_process():
 
 @pytest.mark.mpi(min_size=2)
 def test_replica_check_fails_on_every_rank_when_one_rank_drifts():
-    from app.trainer import check_replicas_agree
+    from app.parallel.state import check_replicas_agree
     world = MPI.COMM_WORLD
     params = gpt.init_params(CFG, seed=SEED, dtype=np.float64)
     check_replicas_agree(params, world, step=0)  # identical: passes everywhere

@@ -7,7 +7,7 @@ import pytest
 from app.config import make_config
 from app.errors import UserError
 from app.memory import available_bytes, check_fits, estimate_bytes
-from app.step import TrainStep
+from app.parallel.engine import TrainStep
 from models import gpt
 
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=8, vocab_size=256)

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from app.partition import (balanced, check_split, format_partition, model_costs, stage_costs,
-                           uniform)
+from app.parallel.partition import (balanced, check_split, format_partition, model_costs,
+                                    stage_costs, uniform)
 from models.gpt import GPTConfig
 
 

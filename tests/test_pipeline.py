@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from app.config import TrainConfig
-from app.pipeline import PipelineStep
-from app.step import TrainStep
+from app.parallel.engine import PipelineStep
+from app.parallel.engine import TrainStep
 from comm.grid import ProcessGrid
 from models import gpt
 from models.optim import lr_at

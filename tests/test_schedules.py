@@ -2,7 +2,7 @@
 the textbook bubble and memory; a broken schedule is reported, not hung."""
 import pytest
 
-from app.schedules import (Backward, Deadlock, Forward, RecvActivation, RecvGrad,
+from app.parallel.schedules import (Backward, Deadlock, Forward, RecvActivation, RecvGrad,
                            SendActivation, format_schedule, gpipe, interleaved_1f1b, one_f_one_b,
                            simulate)
 

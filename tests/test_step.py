@@ -1,9 +1,10 @@
-"""TrainStep on one process: gradient accumulation changes nothing, clipping uses the norm."""
+"""The step engine without a pipeline (TrainStep) on one process: gradient accumulation
+changes nothing, clipping uses the norm."""
 import numpy as np
 import pytest
 
 from app.config import TrainConfig
-from app.step import TrainStep
+from app.parallel.engine import TrainStep
 from models import gpt
 from tests.mpi_util import groups_of, Verdict
 
@@ -44,14 +45,15 @@ def test_step_returns_loss_and_norm_and_clips():
 
 
 def poisoned_backward(monkeypatch, when):
-    """gpt.backward whose gradients are NaN on the calls `when(call)` picks (through the
-    loss's own gradient, so they are NaN before the reducer sends them)."""
-    original, calls = gpt.backward, []
+    """gpt.stage_backward (the step engine's one backward) whose gradients are NaN on the
+    calls `when(call)` picks (through the loss's own gradient, so they are NaN before the
+    reducer sends them)."""
+    original, calls = gpt.stage_backward, []
 
-    def backward(cache, grads, dloss=1.0, on_ready=None):
+    def backward(spec, cache, grads, upstream, on_ready=None):
         calls.append(None)
-        original(cache, grads, np.nan if when(len(calls)) else dloss, on_ready)
-    monkeypatch.setattr(gpt, "backward", backward)
+        return original(spec, cache, grads, np.nan if when(len(calls)) else upstream, on_ready)
+    monkeypatch.setattr(gpt, "stage_backward", backward)
 
 
 def test_a_non_finite_gradient_skips_the_update(monkeypatch):

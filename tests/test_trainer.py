@@ -9,11 +9,13 @@ import pytest
 from app.checkpoint import load_params
 from app.config import make_config
 from app.errors import UserError
-from app.trainer import pipeline_ranges, train
+from app.parallel.layout import pipeline_ranges
+from app.trainer import train
 from models import gpt
 from models.optim import AdamW, decay_mask, lr_at
 
-LOGGED_KEYS = {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu"}
+LOGGED_KEYS = {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu",
+               "bytes_sent"}
 
 
 def tiny_config(data, **overrides):

@@ -3,7 +3,7 @@
 A schedule is, for each stage, a list of instructions: `RecvActivation`, `Forward`,
 `SendActivation`, `RecvGrad`, `Backward`, `SendGrad` (each naming a micro-batch and a
 model chunk), then `ReduceGrads` and `OptimizerStep`. Pure functions build them (GPipe,
-1F1B, interleaved 1F1B); one interpreter (app/pipeline.py) will execute them on real
+1F1B, interleaved 1F1B); one interpreter (app/parallel/interpreter.py) executes them on real
 ranks; `simulate` executes them on paper.
 
 Communication semantics, the same on paper and on ranks: a send is a rendezvous (it
