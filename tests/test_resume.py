@@ -1,5 +1,5 @@
 """Resume from checkpoints in new `mpiexec` jobs: bit-exact in the same layout, and equal to
-float tolerance in another layout (dp, pp, schedule, ZeRO-1), as issue 8 asks.
+float tolerance in another layout (dp, pp, tp, schedule, ZeRO-1, sequence parallelism).
 
 Each case runs real jobs under `mpiexec -n 4` (or one process): an uninterrupted run of 10
 steps that saves at step 5, then a new job that resumes from that checkpoint."""
@@ -15,7 +15,7 @@ from app.prepare import prepare
 from app_util import app, assert_user_error
 from conftest import corpus_text
 
-MODEL = ["--n-layer", "8", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+MODEL = ["--n-layer", "8", "--n-head", "4", "--n-embd", "16", "--block-size", "16",
          "--batch-size", "8", "--dtype", "float64", "--steps", "10", "--lr", "3e-3",
          "--warmup-steps", "2", "--eval-windows", "2", "--eval-interval", "100",
          "--sample-tokens", "0", "--peak-gflops", "100", "--log-interval", "1",
@@ -26,6 +26,7 @@ LAYOUTS = {
     "pp4-interleaved": ["--pp", "4", "--schedule", "interleaved", "--chunks", "2",
                         "--micro-batches", "4"],
     "one-process": ["--micro-batches", "2"],
+    "tp4-sp": ["--tp", "4", "--sequence-parallel", "--micro-batches", "2"],
 }
 RANKS = {"one-process": 1}
 
@@ -86,7 +87,9 @@ def test_resume_in_the_same_layout_is_bit_exact(layout, data, straight, tmp_path
 @pytest.mark.parametrize("saved, resumed", [("dp2-pp2", "pp4-interleaved"),
                                             ("dp2-pp2", "dp4-zero"),
                                             ("dp2-pp2", "one-process"),
-                                            ("dp4-zero", "dp2-pp2")])
+                                            ("dp4-zero", "dp2-pp2"),
+                                            ("tp4-sp", "dp2-pp2"),
+                                            ("dp2-pp2", "tp4-sp")])
 def test_resume_in_another_layout_continues_the_same_run(saved, resumed, data, straight,
                                                          tmp_path):
     whole = straight(saved)
@@ -150,11 +153,12 @@ def test_resume_refusals(data, tmp_path):
     assert_user_error(missing, f"--resume {tmp_path / 'nowhere'}: no manifest.json")
 
 
-def test_a_checkpoint_in_any_layout_reads_as_whole_parameters(straight):
+@pytest.mark.parametrize("layout", ["dp2-pp2", "tp4-sp"])
+def test_a_checkpoint_in_any_layout_reads_as_whole_parameters(layout, straight):
     """What export, eval and generate read with --checkpoint: the last checkpoint of a
-    pipeline run holds exactly the final parameters."""
+    pipeline or tensor-parallel run holds exactly the final parameters, logical shapes."""
     from app.generate import load_run
-    run = straight("dp2-pp2")
+    run = straight(layout)
     cfg, final, _ = load_run(run)
     cfg_ckpt, params, attrs = load_run(run, run / "checkpoints" / "step_00000010")
     assert cfg_ckpt.model_config() == cfg.model_config() and attrs["step"] == 10

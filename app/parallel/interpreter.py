@@ -20,10 +20,11 @@ from comm.backend import array_module
 from comm.p2p import ACTIVATION, GRADIENT, exchange, message_tag
 
 
-def cache_bytes(cache, params_flat) -> int:
+def cache_bytes(cache, params_flat, mask=None) -> int:
     """Bytes of the distinct activation arrays held in a (nested) forward cache; views of
-    the parameters (caches keep the weights they multiplied by) are not activations."""
-    seen, total, stack = set(), 0, [cache]
+    the parameters (caches keep the weights they multiplied by) and the causal mask (one
+    array, shared by every block) are not activations."""
+    seen, total, stack = {id(mask)}, 0, [cache]
     while stack:
         item = stack.pop()
         if isinstance(item, (tuple, list)):
@@ -70,13 +71,14 @@ class Interpreter:
                     engine.record_loss(out)
                 else:
                     outbox[ACTIVATION, op.mb, op.chunk] = out
-                alive_bytes += cache_bytes(caches[op.mb, op.chunk], engine.params.flat)
+                alive_bytes += cache_bytes(caches[op.mb, op.chunk], engine.params.flat,
+                                           engine.mask)
                 self.peak_activation_bytes = max(self.peak_activation_bytes, alive_bytes)
             elif isinstance(op, Backward):
                 spec = engine.specs[op.chunk]
                 upstream = None if spec.last else inbox.pop((GRADIENT, op.mb, op.chunk))
                 cache = caches.pop((op.mb, op.chunk))
-                alive_bytes -= cache_bytes(cache, engine.params.flat)
+                alive_bytes -= cache_bytes(cache, engine.params.flat, engine.mask)
                 dx = engine.backward(op.chunk, cache, upstream)
                 if dx is not None:
                     outbox[GRADIENT, op.mb, op.chunk] = dx

@@ -43,6 +43,9 @@ def _bad(message):
 
 def check_config(cfg):
     """The rules that hold whatever the world size; UserError naming the bad value."""
+    if cfg.chunks > 1 and cfg.pp == 1:
+        _bad(f"config chunks = {cfg.chunks} needs pp > 1: expected chunks = 1 without a "
+             "pipeline")
     if cfg.chunks > 1 and cfg.schedule != "interleaved":
         _bad(f"config chunks = {cfg.chunks} needs schedule = \"interleaved\", not "
              f"{cfg.schedule!r}: expected chunks = 1 for gpipe and 1f1b")
@@ -59,9 +62,7 @@ def check_config(cfg):
     if cfg.n_head % cfg.tp:
         _bad(f"config n_head = {cfg.n_head} is not divisible by tp = {cfg.tp}: expected whole "
              "attention heads on every tensor-parallel rank")
-    if cfg.n_embd % cfg.tp:
-        _bad(f"config n_embd = {cfg.n_embd} is not divisible by tp = {cfg.tp}: expected "
-             "equal column shards")
+    # n_embd then splits too: n_embd % n_head == 0 is a rule of the model (config.validate)
     if cfg.sequence_parallel and cfg.block_size % cfg.tp:
         _bad(f"config block_size = {cfg.block_size} is not divisible by tp = {cfg.tp} with "
              "sequence_parallel: expected equal slices of the sequence")
