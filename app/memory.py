@@ -12,6 +12,7 @@ refuses only configs that certainly cannot fit:
   23·rows·T·C elements (LayerNorm outputs, q|k|v, attention output, the MLP's 4C-wide
   input, slope and output, residuals) plus the causal half of the attention scores,
   rows·H·T·(T+64)/2, plus the head's probabilities, V·rows·T;
+- less with `recompute`: `selective` keeps no scores, `full` only each block's input;
 - held for as many micro-batches as the schedule keeps alive (1 without a pipeline, up to
   pp for 1F1B, all of them for GPipe), and for a validation batch of batch_size rows.
 """
@@ -35,14 +36,19 @@ def estimate_bytes(cfg, dp: int) -> int:
     alive = 1 if cfg.pp == 1 else (cfg.micro_batches if cfg.schedule == "gpipe"
                                    else min(cfg.micro_batches, cfg.pp * cfg.chunks))
     # the tensor-parallel regions hold 1/tp of the activations (a lower bound: not all do)
-    train = alive * _activations(cfg, rows, cfg.n_layer / cfg.pp) / cfg.tp
+    train = alive * _activations(cfg, rows, cfg.n_layer / cfg.pp, cfg.recompute) / cfg.tp
     validation = _activations(cfg, cfg.batch_size, cfg.n_layer)
     return int((buffers + max(train, validation)) * itemsize)
 
 
-def _activations(cfg, rows, n_blocks):
+def _activations(cfg, rows, n_blocks, recompute="none"):
     T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
-    per_block = 23 * rows * T * C + rows * H * T * (T + 64) / 2
+    if recompute == "full":  # only each block's input is kept
+        per_block = rows * T * C
+    elif recompute == "selective":  # no attention scores
+        per_block = 23 * rows * T * C
+    else:
+        per_block = 23 * rows * T * C + rows * H * T * (T + 64) / 2
     return n_blocks * per_block + cfg.vocab_size * rows * T
 
 

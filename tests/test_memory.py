@@ -7,14 +7,15 @@ import pytest
 from app.config import make_config
 from app.errors import UserError
 from app.memory import available_bytes, check_fits, estimate_bytes
-from app.parallel.engine import TrainStep
+from app.parallel.engine import StepEngine
 from models import gpt
 
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=8, vocab_size=256)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"micro_batches": 2}, {"block_size": 256},
-                                       {"dtype": "float64", "zero": 1}])
+                                       {"dtype": "float64", "zero": 1},
+                                       {"recompute": "full", "micro_batches": 4}])
 def test_the_estimate_is_below_what_a_step_really_allocates(overrides):
     """Measured with tracemalloc (NumPy reports its allocations to it): one process, a
     training step and then a validation forward pass over the whole batch, as the trainer
@@ -25,7 +26,7 @@ def test_the_estimate_is_below_what_a_step_really_allocates(overrides):
     tracemalloc.start()
     try:
         params = gpt.init_params(cfg.model_config(), 0, np, np.dtype(cfg.dtype))
-        step = TrainStep(cfg.model_config(), params, cfg)
+        step = StepEngine(cfg.model_config(), cfg, params=params, recompute=cfg.recompute)
         step(x, x, 1e-3)
         validation = gpt.forward(params, cfg.model_config(), x, x)
         peak = tracemalloc.get_traced_memory()[1]
