@@ -20,7 +20,8 @@ from app.errors import damaged_file, UserError
 from app.parallel.state import checkpoint_names, placement
 from comm import watchdog
 from comm.backend import array_module, to_host
-from models.gpt import padded_vocab, param_shapes
+from models.gpt import param_shapes
+from models.sharding import padded_vocab
 
 FORMAT = "gpt-params"
 
@@ -76,7 +77,7 @@ def load_params(path) -> tuple[dict, dict]:
 # A rank holds its tensors (and, under ZeRO-1, its share of the moments) as flat ranges of
 # one buffer; a flat range of a C-order tensor is a short run of boxes (`boxes`), so the
 # box is the one unit of storage; a tensor-parallel share is cut into boxes by its pieces
-# of the logical tensor (models.gpt.tp_pieces), so a file never knows the layout.
+# of the logical tensor (models.sharding.tp_pieces), so a file never knows the layout.
 # Data-parallel replicas write once (dp rank 0; under ZeRO-1 each rank its own moments),
 # the tied wte once (the first stage). Each rank writes its own file; rank 0 binds them.
 # Everything goes into checkpoints/.step_XXXXXXXX.tmp/, renamed once the manifest is in.
@@ -177,7 +178,7 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
     param_names, moment_names: the tensors whose values, and moments, this rank writes;
     meta: "config" (TOML), "layout", "shapes" (logical, every tensor), "dtype", "tokenizer";
     placement: name -> where a tensor-parallel share sits in the logical tensor
-    (models.gpt.tp_pieces; missing or None: the whole tensor)."""
+    (models.sharding.tp_pieces; missing or None: the whole tensor)."""
     where = placement or {}
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp"

@@ -36,7 +36,7 @@ from app.tokenizer import get_tokenizer
 from comm import watchdog
 from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
 from comm.grid import ProcessGrid
-from models import gpt
+from models import gpt, sharding
 from models.optim import lr_at
 
 
@@ -216,7 +216,7 @@ def _train_loop(cfg, layout, xp, grid, data, loader, val_batches, metrics_log, p
     if layout.tp > 1:
         log(f"tensor parallel: tp={layout.tp}, {model_cfg.n_head // layout.tp} heads and "
             f"{4 * model_cfg.n_embd // layout.tp} MLP columns per rank, vocabulary padded to "
-            f"{gpt.padded_vocab(model_cfg, layout.tp)}; sequence parallel "
+            f"{sharding.padded_vocab(model_cfg, layout.tp)}; sequence parallel "
             f"{'on' if layout.sequence_parallel else 'off'}")
     reducer = engine.reducer
     log(f"layout: {layout.describe()}"

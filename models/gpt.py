@@ -121,83 +121,8 @@ def init_params(cfg: GPTConfig, seed: int, xp=np, dtype=np.float32) -> FlatParam
     return FlatParams(host.shapes, xp, dtype, buffer=xp.asarray(host.flat, dtype=dtype))
 
 
-# --------------------------------------------------------------------------- model parallelism
-
-
-@dataclass(frozen=True)
-class TensorParallel:
-    """How this rank's layers are split: the tensor-parallel group (models/parallel.py's
-    interface; SOLO when unsplit) and whether the LayerNorm regions hold a slice of the
-    sequence (Megatron's sequence parallelism)."""
-    group: object = parallel.SOLO
-    sequence_parallel: bool = False
-
-    @property
-    def size(self):
-        return self.group.size
-
-
-UNSPLIT = TensorParallel()
+UNSPLIT = parallel.TensorParallel()
 RECOMPUTE = ("none", "selective", "full")
-
-
-def padded_vocab(cfg: GPTConfig, tp: int) -> int:
-    """The vocabulary rounded up to a multiple of tp, so that wte splits into equal row
-    shards; the padded rows stay zero and never reach the loss (models/parallel.py)."""
-    return parallel.vocab_shard(cfg.vocab_size, tp, 0)[0]
-
-
-def tp_pieces(name: str, cfg: GPTConfig, tp: int, rank: int):
-    """Where tensor-parallel rank `rank`'s local `name` sits in the logical tensor: None when
-    it is replicated, else (axis, [(local start, global start, length), ...]) along that
-    axis. Rows of wte beyond vocab_size (padding) belong to no piece."""
-    if tp == 1:
-        return None
-    C = cfg.n_embd
-    suffix = name.split(".", 2)[-1] if name.startswith("h.") else name
-    if name == "wte":
-        _, lo, hi = parallel.vocab_shard(cfg.vocab_size, tp, rank)
-        length = min(hi, cfg.vocab_size) - lo
-        return 0, [(0, lo, length)] if length > 0 else []
-    if suffix in ("attn.c_attn.weight", "attn.c_attn.bias"):
-        w = C // tp  # whole heads: rank r's columns of q, of k and of v
-        return name.endswith("weight") + 0, [(j * w, j * C + rank * w, w) for j in range(3)]
-    if suffix in ("mlp.c_fc.weight", "mlp.c_fc.bias"):
-        w = 4 * C // tp
-        return name.endswith("weight") + 0, [(0, rank * w, w)]
-    if suffix in ("attn.c_proj.weight", "mlp.c_proj.weight"):
-        rows = (C if suffix.startswith("attn") else 4 * C) // tp
-        return 0, [(0, rank * rows, rows)]
-    return None  # LayerNorms, row-parallel biases, wpe: replicated
-
-
-def local_shape(name: str, shape, cfg: GPTConfig, tp: int) -> tuple:
-    """The shape of a tensor-parallel rank's share of `name` (logical `shape`)."""
-    if name == "wte" and tp > 1:
-        return (padded_vocab(cfg, tp) // tp, shape[1])
-    placed = tp_pieces(name, cfg, tp, 0)
-    if placed is None:
-        return tuple(shape)
-    axis, pieces = placed
-    local = list(shape)
-    local[axis] = sum(length for _, _, length in pieces)
-    return tuple(local)
-
-
-def shard(name: str, full, cfg: GPTConfig, tp: int, rank: int):
-    """Rank `rank`'s share of the logical tensor `full` (zero in wte's padding rows)."""
-    placed = tp_pieces(name, cfg, tp, rank)
-    if placed is None:
-        return full
-    axis, pieces = placed
-    xp = array_module(full)
-    out = xp.zeros(local_shape(name, full.shape, cfg, tp), full.dtype)
-    for local, start, length in pieces:
-        dst = [slice(None)] * out.ndim
-        src = [slice(None)] * out.ndim
-        dst[axis], src[axis] = slice(local, local + length), slice(start, start + length)
-        out[tuple(dst)] = full[tuple(src)]
-    return out
 
 
 # --------------------------------------------------------------------------- forward/backward
@@ -461,17 +386,3 @@ def logits(params, cfg: GPTConfig, idx):
     x, _ = stage_forward(params, cfg, trunk, idx, None, mask)
     h, _ = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x[:, -1])
     return h @ params["wte"].T
-
-
-def init_rank_params(cfg: GPTConfig, seed: int, names, xp=np, dtype=np.float32, tp=1,
-                     tp_rank=0):
-    """The listed parameters (this rank's tensor-parallel shares of them), with exactly the
-    values `init_params` gives the whole model: drawn in full on the host, so every layout
-    starts from the same numbers."""
-    full = init_params(cfg, seed, np, np.float64)
-    shapes = param_shapes(cfg)
-    part = FlatParams({name: local_shape(name, shapes[name], cfg, tp) for name in names},
-                      np, np.float64)
-    for name in names:
-        part[name][...] = shard(name, full[name], cfg, tp, tp_rank)
-    return FlatParams(part.shapes, xp, dtype, buffer=xp.asarray(part.flat, dtype=dtype))

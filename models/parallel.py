@@ -24,6 +24,8 @@ caller.
 Backward functions take an optional `grads` dict of preallocated arrays and overwrite them
 (`vocab_embedding_backward` accumulates into "wte", which is tied to the LM head).
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from comm.backend import array_module
@@ -54,6 +56,19 @@ class SoloGroup:
 
 
 SOLO = SoloGroup()
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """How this rank's layers are split: the tensor-parallel group (models/parallel.py's
+    interface; SOLO when unsplit) and whether the LayerNorm regions hold a slice of the
+    sequence (Megatron's sequence parallelism)."""
+    group: object = SOLO
+    sequence_parallel: bool = False
+
+    @property
+    def size(self):
+        return self.group.size
 
 
 # --------------------------------------------------------------------------- conjugate operators

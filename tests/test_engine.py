@@ -17,7 +17,7 @@ from app.config import TrainConfig
 from app.parallel.engine import Comms, StepEngine, TrainStep
 from app.parallel.state import gather_full_params
 from comm.grid import ProcessGrid
-from models import gpt
+from models import gpt, sharding
 from models.optim import lr_at
 from tests.mpi_util import Verdict, groups_of, skip_unless_ranks
 
@@ -135,7 +135,7 @@ def test_replicated_gradients_are_identical_on_every_tensor_parallel_rank(sp):
     if group is not None:
         with verdict.guard("run"):
             _, _, engine, grid = run_layout(group, 1, 1, 4, sp=sp)
-        replicated = [n for n in gpt.param_shapes(CFG) if gpt.tp_pieces(n, CFG, 4, 0) is None]
+        replicated = [n for n in gpt.param_shapes(CFG) if sharding.tp_pieces(n, CFG, 4, 0) is None]
         mine = {n: engine.grads[n].copy() for n in replicated}
         everyone = grid.tp_comm.allgather(mine)
         with verdict.guard("identical"):

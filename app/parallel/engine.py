@@ -36,7 +36,7 @@ from comm import ring, watchdog
 from comm.backend import array_module
 from comm.group import RingGroup
 from comm.reducer import GradReducer
-from models import gpt, layers, parallel
+from models import gpt, layers, parallel, sharding
 from models.optim import AdamW, clip_by_global_norm, decay_mask
 
 
@@ -93,7 +93,7 @@ class StepEngine:
         self.specs = chunk_specs(model_cfg.n_layer, self.p, chunks, self.stage, ranges)
         names = gpt.stage_param_names(model_cfg, self.specs)
         if params is None:
-            params = gpt.init_rank_params(model_cfg, seed, names, xp, dtype, self.tp_size,
+            params = sharding.init_rank_params(model_cfg, seed, names, xp, dtype, self.tp_size,
                                           self.tp_rank)
         xp, dtype = array_module(params.flat), params.flat.dtype
         self.params = params
@@ -103,7 +103,7 @@ class StepEngine:
         self.program = make_program(schedule, self.p, options.micro_batches, chunks,
                                     self.stage)
         group = RingGroup(comms.tp) if comms.tp is not None else parallel.SOLO
-        self.tp = gpt.TensorParallel(group, sequence_parallel and self.tp_size > 1)
+        self.tp = parallel.TensorParallel(group, sequence_parallel and self.tp_size > 1)
         self.reducer = None
         if self.dp > 1:
             tensors = {name: (params.offsets[name], params.offsets[name] + view.size)
@@ -218,7 +218,7 @@ class StepEngine:
         if "wte" in names and not holds_first:
             skip.append("wte")  # the first stage counts it
         if self.tp_rank > 0:  # replicated over the tensor-parallel group: rank 0 counts
-            skip += [n for n in names if gpt.tp_pieces(n, self.cfg, self.tp_size, 0) is None]
+            skip += [n for n in names if sharding.tp_pieces(n, self.cfg, self.tp_size, 0) is None]
         ranges = list(self.owned)
         for name in skip:
             a, b = self.params.offsets[name], self.params.offsets[name] + self.params[name].size

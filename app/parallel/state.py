@@ -8,17 +8,17 @@ import numpy as np
 
 from comm import watchdog
 from comm.backend import to_host
-from models import gpt
+from models import gpt, sharding
 
 
 def unshard(name, parts, cfg, tp):
     """The logical tensor `name` from every tensor-parallel rank's local share, in rank
     order (a replicated tensor is rank 0's; wte's padding rows are dropped)."""
-    if gpt.tp_pieces(name, cfg, tp, 0) is None:
+    if sharding.tp_pieces(name, cfg, tp, 0) is None:
         return parts[0]
     full = np.empty(gpt.param_shapes(cfg)[name], parts[0].dtype)
     for rank, part in enumerate(parts):
-        axis, pieces = gpt.tp_pieces(name, cfg, tp, rank)
+        axis, pieces = sharding.tp_pieces(name, cfg, tp, rank)
         for local, start, length in pieces:
             dst = [slice(None)] * full.ndim
             src = [slice(None)] * full.ndim
@@ -73,12 +73,12 @@ def checkpoint_names(engine, zero: bool, dp_rank: int):
     names = [name for name in engine.params.shapes
              if not (name == "wte" and engine.stage > 0)
              and not (engine.tp_rank > 0
-                      and gpt.tp_pieces(name, engine.cfg, engine.tp_size, 0) is None)]
+                      and sharding.tp_pieces(name, engine.cfg, engine.tp_size, 0) is None)]
     first_replica = dp_rank == 0
     return (names if first_replica else []), (names if zero or first_replica else [])
 
 
 def placement(engine):
-    """name -> where this rank's local tensor sits in the logical one (gpt.tp_pieces)."""
-    return {name: gpt.tp_pieces(name, engine.cfg, engine.tp_size, engine.tp_rank)
+    """name -> where this rank's local tensor sits in the logical one (sharding.tp_pieces)."""
+    return {name: sharding.tp_pieces(name, engine.cfg, engine.tp_size, engine.tp_rank)
             for name in engine.params.shapes}
