@@ -131,25 +131,17 @@ RECOMPUTE = ("none", "selective", "full")
 # model is the stage that is both first and last (`forward`, `backward`, `logits`).
 
 
-def _column_forward(weight, bias, x, tp):
+def _linear_forward(kind, weight, bias, x, tp):
+    """kind "column" or "row": the plain linear when unsplit, else the parallel one."""
     if tp.size == 1:
         return layers.linear_forward(weight, bias, x)
-    return parallel.column_linear_forward(weight, bias, x, tp.group, tp.sequence_parallel)
+    forward = getattr(parallel, f"{kind}_linear_forward")
+    return forward(weight, bias, x, tp.group, tp.sequence_parallel)
 
 
-def _column_backward(tp, cache, dy, grads):
-    backward = layers.linear_backward if tp.size == 1 else parallel.column_linear_backward
-    return backward(cache, dy, grads)[0]
-
-
-def _row_forward(weight, bias, x, tp):
-    if tp.size == 1:
-        return layers.linear_forward(weight, bias, x)
-    return parallel.row_linear_forward(weight, bias, x, tp.group, tp.sequence_parallel)
-
-
-def _row_backward(tp, cache, dy, grads):
-    backward = layers.linear_backward if tp.size == 1 else parallel.row_linear_backward
+def _linear_backward(kind, tp, cache, dy, grads):
+    backward = layers.linear_backward if tp.size == 1 else \
+        getattr(parallel, f"{kind}_linear_backward")
     return backward(cache, dy, grads)[0]
 
 
@@ -182,16 +174,16 @@ def block_forward(params, prefix, x, n_head, mask, tp=UNSPLIT, recompute="none")
     FLOPs) and recomputes them from q|k|v."""
     p = lambda name: params[prefix + name]  # noqa: E731
     h, c_ln1 = layers.layernorm_forward(p("ln_1.weight"), p("ln_1.bias"), x)
-    qkv, c_qkv = _column_forward(p("attn.c_attn.weight"), p("attn.c_attn.bias"), h, tp)
+    qkv, c_qkv = _linear_forward("column", p("attn.c_attn.weight"), p("attn.c_attn.bias"), h, tp)
     a, c_att = layers.attention_forward(qkv, n_head // tp.size, mask)
     if recompute == "selective":
         c_att = ("recompute", qkv, n_head // tp.size, mask)
-    a, c_proj = _row_forward(p("attn.c_proj.weight"), p("attn.c_proj.bias"), a, tp)
+    a, c_proj = _linear_forward("row", p("attn.c_proj.weight"), p("attn.c_proj.bias"), a, tp)
     a += x  # residual, in place in the fresh projection output
     h, c_ln2 = layers.layernorm_forward(p("ln_2.weight"), p("ln_2.bias"), a)
-    h, c_fc = _column_forward(p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), h, tp)
+    h, c_fc = _linear_forward("column", p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), h, tp)
     h, c_gelu = layers.gelu_forward(h)
-    out, c_mlp = _row_forward(p("mlp.c_proj.weight"), p("mlp.c_proj.bias"), h, tp)
+    out, c_mlp = _linear_forward("row", p("mlp.c_proj.weight"), p("mlp.c_proj.bias"), h, tp)
     out += a
     if recompute == "full":
         return out, ("recompute", params, prefix, x, n_head, mask, tp)
@@ -211,14 +203,14 @@ def block_backward(grads, prefix, cache, dout):
     def g(*names):
         return {key: grads[prefix + name] for key, name in zip(("weight", "bias"), names)}
 
-    dh = _row_backward(tp, c_mlp, dout, g("mlp.c_proj.weight", "mlp.c_proj.bias"))
+    dh = _linear_backward("row", tp, c_mlp, dout, g("mlp.c_proj.weight", "mlp.c_proj.bias"))
     dh, _ = layers.gelu_backward(c_gelu, dh)
-    dh = _column_backward(tp, c_fc, dh, g("mlp.c_fc.weight", "mlp.c_fc.bias"))
+    dh = _linear_backward("column", tp, c_fc, dh, g("mlp.c_fc.weight", "mlp.c_fc.bias"))
     da, _ = layers.layernorm_backward(c_ln2, dh, g("ln_2.weight", "ln_2.bias"))
     da += dout  # residual
-    dh = _row_backward(tp, c_proj, da, g("attn.c_proj.weight", "attn.c_proj.bias"))
+    dh = _linear_backward("row", tp, c_proj, da, g("attn.c_proj.weight", "attn.c_proj.bias"))
     dh, _ = layers.attention_backward(c_att, dh)
-    dh = _column_backward(tp, c_qkv, dh, g("attn.c_attn.weight", "attn.c_attn.bias"))
+    dh = _linear_backward("column", tp, c_qkv, dh, g("attn.c_attn.weight", "attn.c_attn.bias"))
     dx, _ = layers.layernorm_backward(c_ln1, dh, g("ln_1.weight", "ln_1.bias"))
     dx += da
     _sum_partial_grads(tp, [grads[prefix + name] for name in SEQUENCE_PARTIAL])

@@ -62,15 +62,21 @@ def shard(name: str, full, cfg: GPTConfig, tp: int, rank: int):
     placed = tp_pieces(name, cfg, tp, rank)
     if placed is None:
         return full
-    axis, pieces = placed
     xp = array_module(full)
     out = xp.zeros(local_shape(name, full.shape, cfg, tp), full.dtype)
-    for local, start, length in pieces:
-        dst = [slice(None)] * out.ndim
-        src = [slice(None)] * out.ndim
-        dst[axis], src[axis] = slice(local, local + length), slice(start, start + length)
-        out[tuple(dst)] = full[tuple(src)]
+    for here, there in piece_indices(placed, out.ndim):
+        out[here] = full[there]
     return out
+
+
+def piece_indices(placed, ndim):
+    """(index into the local share, index into the logical tensor) of each piece of
+    `placed`, a `tp_pieces` answer."""
+    axis, pieces = placed
+    for local, start, length in pieces:
+        here, there = [slice(None)] * ndim, [slice(None)] * ndim
+        here[axis], there[axis] = slice(local, local + length), slice(start, start + length)
+        yield tuple(here), tuple(there)
 
 
 def init_rank_params(cfg: GPTConfig, seed: int, names, xp=np, dtype=np.float32, tp=1,

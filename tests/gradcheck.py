@@ -40,3 +40,21 @@ def max_relative_error(analytic, numeric):
     floor = max(1e-3 * np.abs(numeric).max(), 1e-12)
     denom = np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), floor)
     return float((np.abs(analytic - numeric) / denom).max())
+
+
+def check_gradients(forward, backward, inputs, rng, tol=1e-6, max_samples=40):
+    """Compares backward's gradients of sum(forward()[0] * R), R random, for every array in
+    `inputs` (a name -> array dict, perturbed in place) against finite differences.
+    `backward(cache, d_out)` returns a name -> gradient dict."""
+    out, cache = forward()
+    weights = rng.normal(size=np.shape(out))
+    analytic = backward(cache, weights.astype(out.dtype) if np.ndim(out) else float(weights))
+
+    def loss():
+        return float(np.sum(forward()[0] * weights))
+
+    for name, array in inputs.items():
+        idx = sample_indices(array.shape, max_samples, rng)
+        numeric = numerical_grad(loss, array, idx)
+        error = max_relative_error(analytic[name].reshape(-1)[idx], numeric)
+        assert error < tol, f"{name}: max relative error {error:.2e}"

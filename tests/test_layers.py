@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models import layers
-from tests.gradcheck import max_relative_error, numerical_grad, sample_indices
+from tests.gradcheck import check_gradients
 
 TOL = 1e-6
 B, T, C, H, V = 2, 5, 8, 2, 11
@@ -17,20 +17,7 @@ def rng():
 
 
 def check(forward, backward, inputs, rng, max_samples=40):
-    """Compares backward's gradients of sum(forward(...) * R) for every array in `inputs`
-    (a name -> array dict, perturbed in place) against finite differences."""
-    out, cache = forward()
-    weights = rng.normal(size=np.shape(out))
-    analytic = backward(cache, weights.astype(out.dtype) if np.ndim(out) else float(weights))
-
-    def loss():
-        return float(np.sum(forward()[0] * weights))
-
-    for name, array in inputs.items():
-        idx = sample_indices(array.shape, max_samples, rng)
-        numeric = numerical_grad(loss, array, idx)
-        error = max_relative_error(analytic[name].reshape(-1)[idx], numeric)
-        assert error < TOL, f"{name}: max relative error {error:.2e}"
+    check_gradients(forward, backward, inputs, rng, TOL, max_samples)
 
 
 def test_linear(rng):

@@ -7,7 +7,7 @@ import pytest
 
 from models import layers, parallel
 from models.parallel import SOLO
-from tests.gradcheck import max_relative_error, numerical_grad, sample_indices
+from tests.gradcheck import check_gradients
 
 TOL = 1e-6
 B, T, C, H = 2, 4, 8, 4
@@ -20,20 +20,7 @@ def rng():
 
 
 def check(forward, backward, inputs, rng, max_samples=40):
-    """backward's gradients of sum(forward(...) * R) for every array in `inputs` (perturbed
-    in place) against finite differences (as in test_layers)."""
-    out, cache = forward()
-    weights = rng.normal(size=np.shape(out))
-    analytic = backward(cache, weights.astype(out.dtype) if np.ndim(out) else float(weights))
-
-    def loss():
-        return float(np.sum(forward()[0] * weights))
-
-    for name, array in inputs.items():
-        idx = sample_indices(array.shape, max_samples, rng)
-        numeric = numerical_grad(loss, array, idx)
-        error = max_relative_error(analytic[name].reshape(-1)[idx], numeric)
-        assert error < TOL, f"{name}: max relative error {error:.2e}"
+    check_gradients(forward, backward, inputs, rng, TOL, max_samples)
 
 
 # ---------------------------------------------------------------- one process: SOLO

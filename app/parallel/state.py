@@ -18,12 +18,9 @@ def unshard(name, parts, cfg, tp):
         return parts[0]
     full = np.empty(gpt.param_shapes(cfg)[name], parts[0].dtype)
     for rank, part in enumerate(parts):
-        axis, pieces = sharding.tp_pieces(name, cfg, tp, rank)
-        for local, start, length in pieces:
-            dst = [slice(None)] * full.ndim
-            src = [slice(None)] * full.ndim
-            dst[axis], src[axis] = slice(start, start + length), slice(local, local + length)
-            full[tuple(dst)] = part[tuple(src)]
+        for here, there in sharding.piece_indices(sharding.tp_pieces(name, cfg, tp, rank),
+                                                  full.ndim):
+            full[there] = part[here]
     return full
 
 
