@@ -47,38 +47,43 @@ def test_bucketed_reduction_equals_allreduce(shard, overlap):
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     verdict = Verdict()
-    with verdict.guard("reduce"):
-        rng = np.random.default_rng(rank)
-        tensors = {f"t{i}": (i * 1000 + 3 * i, (i + 1) * 1000 + 3 * (i + 1)) for i in range(7)}
-        n = max(stop for _, stop in tensors.values())
-        grads = np.empty(n)
-        reducer = GradReducer(comm, grads, tensors, bucket_bytes=16_000, shard=shard,
-                              overlap=overlap, segment_bytes=4096)
-        for step in range(2):  # a reducer is reused step after step
-            grads[:] = rng.normal(size=n)
-            expected = grads.copy()
-            comm.Allreduce(MPI.IN_PLACE, expected)
-            reducer.begin_step()
-            for name in reversed(list(tensors)):  # backward order: last tensor first
-                reducer.ready([name])
-            reducer.finish()
-            for a, b in reducer.owned_ranges():
-                np.testing.assert_allclose(grads[a:b], expected[a:b], rtol=1e-12)
-        owned = reducer.owned_ranges()
-        if shard:  # the shards of all ranks tile the buffer exactly once
-            everyone = sorted(r for ranges in comm.allgather(owned) for r in ranges)
+    # Every rank reaches every collective below whatever it found: checks only record.
+    rng = np.random.default_rng(rank)
+    tensors = {f"t{i}": (i * 1000 + 3 * i, (i + 1) * 1000 + 3 * (i + 1)) for i in range(7)}
+    n = max(stop for _, stop in tensors.values())
+    grads = np.empty(n)
+    reducer = GradReducer(comm, grads, tensors, bucket_bytes=16_000, shard=shard,
+                          overlap=overlap, segment_bytes=4096)
+    for step in range(2):  # a reducer is reused step after step
+        grads[:] = rng.normal(size=n)
+        expected = grads.copy()
+        comm.Allreduce(MPI.IN_PLACE, expected)
+        reducer.begin_step()
+        for name in reversed(list(tensors)):  # backward order: last tensor first
+            reducer.ready([name])
+        reducer.finish()
+        for a, b in reducer.owned_ranges():
+            # atol: sums of p values of order 1 may cancel to ~1e-5, where another
+            # summation order than MPI's differs in the last bits
+            verdict.close(f"step {step} [{a}, {b})", grads[a:b], expected[a:b], rtol=1e-12,
+                          atol=1e-14)
+    owned = reducer.owned_ranges()
+    if shard:  # the shards of all ranks tile the buffer exactly once
+        everyone = sorted(r for ranges in comm.allgather(owned) for r in ranges)
+        with verdict.guard("shards tile the buffer"):
             assert everyone[0][0] == 0 and everyone[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(everyone, everyone[1:]))
-            params = np.full(n, -1.0)
-            for a, b in owned:
-                params[a:b] = rank
-            reducer.gather_params(params)
-            owner = np.empty(n)
-            for r, ranges in enumerate(comm.allgather(owned)):
-                for a, b in ranges:
-                    owner[a:b] = r
-            np.testing.assert_array_equal(params, owner)
-        else:
+        params = np.full(n, -1.0)
+        for a, b in owned:
+            params[a:b] = rank
+        reducer.gather_params(params)
+        owner = np.empty(n)
+        for r, ranges in enumerate(comm.allgather(owned)):
+            for a, b in ranges:
+                owner[a:b] = r
+        verdict.close("gathered parameters", params, owner, rtol=0)
+    else:
+        with verdict.guard("owned"):
             assert owned == [(0, n)]
     verdict.check(comm)
 
