@@ -1,6 +1,7 @@
 """`make bench-dp` / `python -m bench.dp`: data-parallel weak scaling of `baby`, 1 rank x 1
 thread against 2 ranks x 1 thread, each rank with the same batch (12 sequences of 64 tokens),
-ours (app.step.TrainStep over comm.reducer) against PyTorch DDP over gloo.
+ours (the step engine, app.parallel.engine.TrainStep, over comm.reducer) against PyTorch
+DDP over gloo.
 
 The driver (this process, idle while cells run) starts every cell as its own job:
 ours under `mpiexec -n N python -m bench.dp --worker ours ...`, torch as N plain processes

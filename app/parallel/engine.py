@@ -130,6 +130,8 @@ class StepEngine:
         self.interpreter = Interpreter(self)
         self.skipped = False  # the last step had a non-finite loss or norm: no update
         self.bytes_sent = {"dp": 0, "pp": 0, "tp": 0}  # by the last step, per kind
+        # per step: backwards run per chunk, last-chunk losses, lr, (loss, norm)
+        self.backwards_done, self.losses, self.lr, self.result = [], [], 0.0, (0.0, 0.0)
 
     # ----------------------------------------------------------------------- one step
 
