@@ -24,11 +24,8 @@ from comm.backend import array_module
 
 
 def ring_bytes_sent(kind: str, n: int, p: int, r: int, itemsize: int) -> int:
-    """Bytes rank r sends in a ring `kind` of n elements over p ranks: the blocks that
-    `ring.ring_schedule` sends, sized by `ring.shard_bounds` (reduce-scatter: all but block
-    r; all-gather: all but block r+1; all-reduce: both)."""
-    blocks = (ring.shard_bounds(n, p, send) for send, _, _ in ring.ring_schedule(kind, p, r))
-    return sum(hi - lo for lo, hi in blocks) * itemsize
+    """Bytes rank r sends in a ring `kind` of n elements over p ranks (`ring.sent_elements`)."""
+    return ring.sent_elements(kind, n, p, r) * itemsize
 
 
 class RingGroup:
