@@ -150,13 +150,20 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             if resume_from:
                 check_resumable(resume_from, cfg)
         keep_freed_host_memory()
+        engine = StepEngine(cfg.model_config(), cfg, Comms.of_grid(grid),
+                            schedule=layout.schedule, chunks=layout.chunks,
+                            ranges=list(layout.ranges), seed=cfg.seed, dtype=np.dtype(cfg.dtype),
+                            xp=xp, timeout=cfg.timeout,
+                            sequence_parallel=layout.sequence_parallel,
+                            recompute=layout.recompute)
+        cleanup.callback(engine.free)
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         log_path = os.path.join(run_dir, "metrics.jsonl") if is_root else None
         # Overflow ends as a non-finite loss, reported below in one line; NumPy's warnings
         # on the way there would only bury it.
         with metrics.MetricsLog(log_path, append=bool(resume_from)) as metrics_log, \
                 np.errstate(all="ignore"):
-            history = _train_loop(cfg, layout, xp, grid, data, loader, val_batches,
+            history = _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches,
                                   metrics_log, peak_gflops, log, run_dir, resume_from)
         if is_root and not history.get("stopped"):
             _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt, log)
@@ -189,13 +196,9 @@ def _finish_run(cfg, run_dir, params, tokenizer_spec, sample_prompt, log):
     log(f"done: {cfg.steps} steps; run directory {run_dir} holds {files}")
 
 
-def _train_loop(cfg, layout, xp, grid, data, loader, val_batches, metrics_log, peak_gflops,
-                log, run_dir, resume_from):
+def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metrics_log,
+                peak_gflops, log, run_dir, resume_from):
     model_cfg = cfg.model_config()
-    engine = StepEngine(model_cfg, cfg, Comms.of_grid(grid), schedule=layout.schedule,
-                        chunks=layout.chunks, ranges=list(layout.ranges), seed=cfg.seed,
-                        dtype=np.dtype(cfg.dtype), xp=xp, timeout=cfg.timeout,
-                        sequence_parallel=layout.sequence_parallel, recompute=layout.recompute)
     dp, dp_rank = grid.dp, grid.coords.dp
     tokens_per_step = cfg.batch_size * cfg.block_size
     n_params = gpt.num_params(model_cfg)  # the whole model, whatever this rank holds

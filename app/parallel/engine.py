@@ -250,6 +250,12 @@ class StepEngine:
         return ring.sent_elements("all_reduce", n, 2, self.tied.Get_rank()) * \
             self.grads.flat.itemsize
 
+    def free(self):
+        """Frees the tied-embedding communicator (the grid's own are the grid's to free)."""
+        if self.tied is not None:
+            self.tied.Free()
+            self.tied = None
+
     @property
     def trace(self):
         return self.interpreter.trace
