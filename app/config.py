@@ -58,6 +58,16 @@ class TrainConfig:
     tp: int = 1
     sequence_parallel: bool = False
     recompute: str = "none"
+    # parameter server and compression
+    mode: str = "ring"
+    servers: int = 1
+    staleness: int = 0
+    staleness_lr: bool = False
+    balance: str = "static"
+    straggler: str = ""
+    compress: str = "none"
+    compress_ratio: float = 0.01
+    compress_rank: int = 4
     timeout: float = 300.0
     # checkpoints
     save_interval: int = 0
@@ -101,6 +111,17 @@ HELP = {
                          "tensor-parallel ranks (all-gather/reduce-scatter for all-reduce)",
     "recompute": "activation recomputation: none, selective (attention core) or full "
                  "(whole blocks)",
+    "mode": "ring (all-reduce) or ps (parameter servers: ranks 0..servers-1, the rest "
+            "workers)",
+    "servers": "parameter servers in ps mode",
+    "staleness": "ps mode: clocks a worker may run ahead of the slowest (0 = synchronous)",
+    "staleness_lr": "ps mode: scale a stale gradient by 1/(1+staleness)",
+    "balance": "ps mode: static slices of the batch, or dynamic (micro-batches from a "
+               "shared counter)",
+    "straggler": "RANK:DELAY_MS: that rank sleeps DELAY_MS every step (experiments)",
+    "compress": "gradient compression: none, fp16, int8, topk or powersgd",
+    "compress_ratio": "topk: the fraction of entries sent, in (0, 1]",
+    "compress_rank": "powersgd: the rank of the approximation",
     "save_interval": "steps between checkpoints (0 = none); the last step is saved too",
     "keep": "checkpoints kept, the newest (0 = all)",
     "max_skips": "steps in a row skipped for a non-finite loss or gradient norm before "
@@ -111,12 +132,14 @@ HELP = {
 
 POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
                  "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches",
-                 "pp", "chunks", "tp")
+                 "pp", "chunks", "tp", "compress_rank", "servers")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval",
-                     "save_interval", "keep", "max_skips")
+                     "save_interval", "keep", "max_skips", "staleness")
 CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform"),
-           "recompute": ("none", "selective", "full")}
+           "recompute": ("none", "selective", "full"), "mode": ("ring", "ps"),
+           "balance": ("static", "dynamic"),
+           "compress": ("none", "fp16", "int8", "topk", "powersgd")}
 
 
 def parse_bool(text: str) -> bool:
@@ -244,6 +267,8 @@ def validate(cfg: TrainConfig):
             bad(key, "one of " + ", ".join(map(str, choices)))
     if not cfg.timeout > 0:
         bad("timeout", "a number of seconds > 0")
+    if not 0 < cfg.compress_ratio <= 1:
+        bad("compress_ratio", "a fraction in (0, 1]")
     check_config(cfg)  # the layout rules that need no world size
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "

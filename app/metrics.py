@@ -98,10 +98,11 @@ def footprint(engine) -> dict:
     """This rank's bytes: parameters, gradients (with the accumulation buffer), AdamW's
     moments, the most activations alive at once in the last step, and what it sent per
     step by kind (dp: gradient buckets; pp: activations, gradients and the tied wte; tp:
-    the layers' collectives)."""
+    the layers' collectives; ps: a worker's pushes and pull requests)."""
     grads = engine.grads.flat.nbytes + (engine.scratch.flat.nbytes if engine.scratch else 0)
     return {"params": engine.params.flat.nbytes, "grads": grads,
-            "optimizer": engine.optimizer.m.nbytes + engine.optimizer.v.nbytes,
+            "optimizer": (engine.optimizer.m.nbytes + engine.optimizer.v.nbytes
+                          if engine.optimizer else 0),  # a parameter server's worker: none
             "activations": engine.peak_activation_bytes,
             **{f"sent_{kind}": n for kind, n in engine.bytes_sent.items()}}
 
@@ -111,7 +112,8 @@ def footprint_line(engine, comm) -> str:
     everyone = comm.allgather(footprint(engine))
     most = {key: max(f[key] for f in everyone) for key in everyone[0]}
     mib = {key: value / 2 ** 20 for key, value in most.items()}
+    sent = ", ".join(f"{key[5:]} {value:.2f} MiB" for key, value in mib.items()
+                     if key.startswith("sent_"))
     return (f"memory per rank (the largest): parameters {mib['params']:.2f} MiB, gradients "
             f"{mib['grads']:.2f} MiB, optimizer {mib['optimizer']:.2f} MiB, activations at "
-            f"the peak {mib['activations']:.2f} MiB; sent per step: dp {mib['sent_dp']:.2f} "
-            f"MiB, pp {mib['sent_pp']:.2f} MiB, tp {mib['sent_tp']:.2f} MiB")
+            f"the peak {mib['activations']:.2f} MiB; sent per step: {sent}")

@@ -28,7 +28,7 @@ from app.evaluate import shared_validation_loss
 from app.failures import together
 from app.generate import sample
 from app.memory import check_fits
-from app.parallel import layout as layouts
+from app.parallel import layout as layouts, ps as parameter_server
 from app.parallel.engine import Comms, StepEngine
 from app.parallel.state import check_replicas_agree, gather_full_params, placement
 from app.slurm import check_world_matches_slurm
@@ -104,9 +104,7 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
-    is_root = comm.Get_rank() == 0
-    if not is_root:
-        log = _silent
+    is_root = comm.Get_rank() == 0  # claims the run directory
     with ExitStack() as cleanup:
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
@@ -116,12 +114,20 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             except BackendUnavailable as err:
                 raise UserError(str(err)) from None
             layout = layouts.plan(cfg, comm.Get_size())
+        is_logger = comm.Get_rank() == layout.logger
+        if not is_logger:
+            log = _silent
         with watchdog.waiting("the other ranks to build the process grid"):
-            grid = ProcessGrid(layout.dp, layout.pp, layout.tp, comm)
-        cleanup.callback(grid.free)
+            # ps mode: servers and workers each get a communicator; the workers' grid
+            role = comm.Split(int(comm.Get_rank() >= layout.servers), comm.Get_rank())
+            is_server = comm.Get_rank() < layout.servers
+            grid = None if is_server else ProcessGrid(layout.dp, layout.pp, layout.tp, role)
+        cleanup.callback(role.Free)
+        if grid is not None:
+            cleanup.callback(grid.free)
         on_node = ranks_on_this_node(comm)
         with together(comm):
-            check_fits(cfg, grid.dp, on_node)
+            check_fits(cfg, layout.dp, on_node)
             data = cleanup.enter_context(TokenData(cfg.data))
             if data.vocab_size != cfg.vocab_size:
                 raise UserError(f"data file {cfg.data} has vocab_size {data.vocab_size} but "
@@ -150,24 +156,32 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             if resume_from:
                 check_resumable(resume_from, cfg)
         keep_freed_host_memory()
-        engine = StepEngine(cfg.model_config(), cfg, Comms.of_grid(grid),
-                            schedule=layout.schedule, chunks=layout.chunks,
-                            ranges=list(layout.ranges), seed=cfg.seed, dtype=np.dtype(cfg.dtype),
-                            xp=xp, timeout=cfg.timeout,
-                            sequence_parallel=layout.sequence_parallel,
-                            recompute=layout.recompute)
-        cleanup.callback(engine.free)
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-        log_path = os.path.join(run_dir, "metrics.jsonl") if is_root else None
+        if is_server:
+            return parameter_server.serve(cfg, layout, comm, role, resume_from)
+        engine = _make_engine(cfg, layout, xp, grid, comm, resume_from)
+        cleanup.callback(engine.free)
+        log_path = os.path.join(run_dir, "metrics.jsonl") if is_logger else None
         # Overflow ends as a non-finite loss, reported below in one line; NumPy's warnings
         # on the way there would only bury it.
         with metrics.MetricsLog(log_path, append=bool(resume_from)) as metrics_log, \
                 np.errstate(all="ignore"):
             history = _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches,
                                   metrics_log, peak_gflops, log, run_dir, resume_from)
-        if is_root and not history.get("stopped"):
+        if layout.mode == "ps":
+            engine.client.stop()
+        if is_logger and not history.get("stopped"):
             _finish_run(cfg, run_dir, history["params"], data.tokenizer, sample_prompt, log)
     return history
+
+
+def _make_engine(cfg, layout, xp, grid, comm, resume_from):
+    options = dict(schedule=layout.schedule, chunks=layout.chunks, ranges=list(layout.ranges),
+                   seed=cfg.seed, dtype=np.dtype(cfg.dtype), xp=xp, timeout=cfg.timeout,
+                   sequence_parallel=layout.sequence_parallel, recompute=layout.recompute)
+    if layout.mode == "ps":
+        return parameter_server.worker_engine(cfg, layout, comm, resume_from, options)
+    return StepEngine(cfg.model_config(), cfg, Comms.of_grid(grid), **options)
 
 
 def _write_or_fail(write, path, *args):
@@ -227,9 +241,17 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
            f"overlap {'on' if cfg.overlap else 'off'}" if reducer else ""))
 
     first = 0
-    if resume_from:
+    if resume_from and engine.optimizer is None:  # ps mode: the servers loaded it
+        first = engine.clock
+    elif resume_from:
         first = load_checkpoint(resume_from, engine.params, engine.optimizer, placement(engine))
+    if resume_from:
         log(f"resumed from {resume_from} at step {first}")
+    straggler = layouts.parse_straggler(cfg.straggler)
+    straggle = straggler[1] if straggler and straggler[0] == grid.comm.Get_rank() + \
+        layout.servers else 0.0
+    dynamic = layout.mode == "ps" and cfg.balance == "dynamic"
+    staleness_seen = engine.staleness_counts() if layout.mode == "ps" else None
     history = {"loss": [], "val": {}}
     step_times, comm_waits = [], []
     started, skips = time.perf_counter(), 0
@@ -255,13 +277,15 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
             history["val"][step] = val_loss
             metrics_log.write({"step": step, "val_loss": val_loss})
             log(f"step {step:5d}/{cfg.steps} | val loss {val_loss:.4f}")
-        if dp > 1 and ((cfg.check_interval and step % cfg.check_interval == 0)
-                       or step == cfg.steps):
+        if dp > 1 and layout.mode == "ring" and (
+                (cfg.check_interval and step % cfg.check_interval == 0) or step == cfg.steps):
             check_replicas_agree(engine.params, grid.dp_comm, step)
         if step == cfg.steps:
             break
         start = time.perf_counter()
-        x, y = loader.batch(step, dp_rank, dp)
+        if straggle:
+            time.sleep(straggle)
+        x, y = loader.batch(step, 0, 1) if dynamic else loader.batch(step, dp_rank, dp)
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
         loss, norm = engine(xp.asarray(x), xp.asarray(y), lr)
         step_times.append(time.perf_counter() - start)
@@ -288,7 +312,14 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
             record, line = metrics.step_record(
                 step, cfg.steps, eta, loss, lr, norm, step_times, comm_waits, tokens_per_step,
                 flops_per_step, peak * grid.comm.Get_size(), engine.bytes_sent)
+            if staleness_seen is not None:  # pushes by staleness 0..k since the last line
+                counts = engine.staleness_counts()
+                record["staleness"] = (counts - staleness_seen).tolist()
+                staleness_seen = counts
             metrics_log.write(record)
             log(line)
     history["params"] = gather_full_params(engine, xp)
+    if staleness_seen is not None:  # the pushes the last log line had not seen yet
+        metrics_log.write({"step": cfg.steps,
+                           "staleness": (engine.staleness_counts() - staleness_seen).tolist()})
     return history

@@ -82,13 +82,17 @@ def chunk_specs(n_layer: int, n_stages: int, n_chunks: int, stage: int, ranges=N
 class StepEngine:
     def __init__(self, model_cfg, options, comms=Comms(), *, schedule="1f1b", chunks=1,
                  ranges=None, params=None, seed=0, dtype=np.float64, xp=np, timeout=None,
-                 sequence_parallel=False, recompute="none"):
+                 sequence_parallel=False, recompute="none", data_shards=None,
+                 local_optimizer=True):
         """options: a TrainConfig (micro_batches, grad_clip, betas, weight_decay, bucket_mb,
         zero, overlap). `params`: this rank's FlatParams, updated in place (default: built
-        here, with the values the whole model is initialised with)."""
+        here, with the values the whole model is initialised with). `data_shards`: the
+        slices the global batch is cut into (default dp; a parameter server's workers);
+        without `local_optimizer` the update is a subclass's (app/parallel/ps.py)."""
         self.cfg, self.options, self.comms = model_cfg, options, comms
         self.timeout, self.recompute = timeout, recompute
         self.dp, self.p, self.tp_size = _size(comms.dp), _size(comms.pp), _size(comms.tp)
+        self.shards = data_shards or self.dp
         self.stage, self.tp_rank = _rank(comms.pp), _rank(comms.tp)
         self.specs = chunk_specs(model_cfg.n_layer, self.p, chunks, self.stage, ranges)
         names = gpt.stage_param_names(model_cfg, self.specs)
@@ -115,7 +119,8 @@ class StepEngine:
         self.optimizer = AdamW(params.flat, decay_mask(params, gpt.is_decayed, xp),
                                options.beta1, options.beta2,
                                weight_decay=options.weight_decay,
-                               ranges=self.owned if options.zero else None)
+                               ranges=self.owned if options.zero else None) \
+            if local_optimizer else None
         self.mask = layers.causal_mask(xp, model_cfg.block_size, dtype)
         holds_first = any(s.first for s in self.specs)
         holds_last = any(s.last for s in self.specs)
@@ -179,7 +184,7 @@ class StepEngine:
                 # the tied wte waits for the other stage's share (reduce_grads)
                 self.reducer.ready([n for n in names if not (n == "wte" and self.tied_active)])
 
-        dloss = 1.0 / (M * self.dp)
+        dloss = 1.0 / (M * self.shards)
         return gpt.stage_backward(self.specs[chunk], cache, target,
                                   dloss if upstream is None else upstream, on_ready)
 
@@ -195,7 +200,7 @@ class StepEngine:
     def optimizer_step(self):
         M = self.options.micro_batches
         holds_loss = any(s.last for s in self.specs) and self.tp_rank == 0
-        local_loss = sum(self.losses) / (M * self.dp) if holds_loss else 0.0
+        local_loss = sum(self.losses) / (M * self.shards) if holds_loss else 0.0
         loss, sumsq = self._sum_over_grid([local_loss, self._sumsq()])
         norm = math.sqrt(sumsq)
         for a, b in self.owned:  # the optimizer reads only these elements
@@ -249,6 +254,10 @@ class StepEngine:
         n = self.grads["wte"].size
         return ring.sent_elements("all_reduce", n, 2, self.tied.Get_rank()) * \
             self.grads.flat.itemsize
+
+    def current_params(self):
+        """This rank's parameters as of now (a parameter-server worker fetches them)."""
+        return self.params
 
     def free(self):
         """Frees the tied-embedding communicator (the grid's own are the grid's to free)."""

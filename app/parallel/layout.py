@@ -27,6 +27,14 @@ class Layout:
     sequence_parallel: bool
     recompute: str
     zero: bool
+    mode: str = "ring"    # or "ps": ranks 0..servers-1 serve, the others are workers
+    servers: int = 0
+
+    @property
+    def logger(self) -> int:
+        """The rank that logs and writes metrics.jsonl and params.h5: rank 0, or in ps mode
+        the first worker (servers do not run the training loop)."""
+        return self.servers
 
     def describe(self) -> str:
         text = f"dp={self.dp} pp={self.pp} tp={self.tp} micro_batches={self.micro_batches}"
@@ -34,7 +42,24 @@ class Layout:
             text += f" schedule={self.schedule} chunks={self.chunks}"
         if self.tp > 1:
             text += f" sequence_parallel={'on' if self.sequence_parallel else 'off'}"
-        return text + f" recompute={self.recompute} zero={int(self.zero)}"
+        text += f" recompute={self.recompute} zero={int(self.zero)}"
+        if self.mode == "ps":
+            text = f"mode=ps servers={self.servers} workers={self.dp}: " + text
+        return text
+
+
+def parse_straggler(text: str):
+    """"RANK:DELAY_MS" -> (rank, seconds); "" -> None. ValueError names a bad value."""
+    if not text:
+        return None
+    try:
+        rank, delay = text.split(":")
+        rank, delay = int(rank), float(delay)
+    except ValueError:
+        raise ValueError(f"straggler {text!r}: expected RANK:DELAY_MS, e.g. 2:50") from None
+    if rank < 0 or not delay >= 0:
+        raise ValueError(f"straggler {text!r}: expected a rank >= 0 and a delay >= 0 ms")
+    return rank, delay / 1e3
 
 
 def _bad(message):
@@ -63,16 +88,56 @@ def check_config(cfg):
         _bad(f"config n_head = {cfg.n_head} is not divisible by tp = {cfg.tp}: expected whole "
              "attention heads on every tensor-parallel rank")
     # n_embd then splits too: n_embd % n_head == 0 is a rule of the model (config.validate)
+    if cfg.straggler:
+        try:
+            parse_straggler(cfg.straggler)
+        except ValueError as err:
+            _bad(f"config {err}")
     if cfg.sequence_parallel and cfg.block_size % cfg.tp:
         _bad(f"config block_size = {cfg.block_size} is not divisible by tp = {cfg.tp} with "
              "sequence_parallel: expected equal slices of the sequence")
 
 
+def _check_ps(cfg, world):
+    if cfg.mode != "ps":
+        for key, default in (("staleness", 0), ("balance", "static")):
+            if getattr(cfg, key) != default:
+                _bad(f"config {key} = {getattr(cfg, key)!r} needs mode = \"ps\": expected "
+                     f"{key} = {default!r} with the ring")
+        return
+    if cfg.servers >= world:
+        _bad(f"config servers = {cfg.servers} leaves no worker on {world} ranks: expected "
+             f"servers < world size")
+    for key in ("pp", "tp"):
+        if getattr(cfg, key) > 1:
+            _bad(f"config {key} = {getattr(cfg, key)} with mode = \"ps\": expected {key} = 1 "
+                 "(workers run whole models; use the ring for pipelines and tensor "
+                 "parallelism)")
+    if cfg.zero:
+        _bad("config zero = 1 with mode = \"ps\": expected zero = 0 (the servers already "
+             "shard the optimizer state)")
+
+
 def plan(cfg, world: int) -> Layout:
-    """The layout of `cfg` on `world` ranks (dp = 0 in the config: all that pp and tp leave)."""
+    """The layout of `cfg` on `world` ranks (dp = 0 in the config: all that pp and tp leave;
+    in ps mode the workers are the data-parallel ranks)."""
     check_config(cfg)
-    dp = cfg.dp or max(1, world // (cfg.pp * cfg.tp))
-    if dp * cfg.pp * cfg.tp != world:
+    _check_ps(cfg, world)
+    if cfg.compress != "none" and cfg.zero:
+        _bad(f"config compress = {cfg.compress!r} with zero = 1: expected compress = \"none\" "
+             "under ZeRO-1 (compressed reductions are all-reduces)")
+    if cfg.straggler:
+        rank = parse_straggler(cfg.straggler)[0]
+        if rank >= world:
+            _bad(f"config straggler = {cfg.straggler!r}: rank {rank} does not exist; expected "
+                 f"a rank below the world size {world}")
+    servers = cfg.servers if cfg.mode == "ps" else 0
+    if servers and cfg.dp and cfg.dp != world - servers:
+        _bad(f"config dp = {cfg.dp} with {servers} servers on {world} ranks: expected dp = 0 "
+             f"or {world - servers} (the workers)")
+    grid = world - servers  # the ranks that run the model: the workers in ps mode
+    dp = cfg.dp or max(1, grid // (cfg.pp * cfg.tp))
+    if dp * cfg.pp * cfg.tp != grid:
         _bad(f"world size {world} != dp*pp*tp = {dp}*{cfg.pp}*{cfg.tp} = "
              f"{dp * cfg.pp * cfg.tp}: expected the ranks to fill the grid exactly")
     rows, rem = divmod(cfg.batch_size, dp * cfg.micro_batches)
@@ -83,7 +148,7 @@ def plan(cfg, world: int) -> Layout:
     return Layout(world, dp, cfg.pp, cfg.tp, cfg.micro_batches, rows,
                   cfg.schedule if cfg.pp > 1 else "1f1b", cfg.chunks if cfg.pp > 1 else 1,
                   tuple(ranges), partition, cfg.sequence_parallel and cfg.tp > 1,
-                  cfg.recompute, bool(cfg.zero))
+                  cfg.recompute, bool(cfg.zero), cfg.mode, servers)
 
 
 def pipeline_ranges(cfg, rows_per_micro_batch: int):

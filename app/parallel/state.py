@@ -27,7 +27,7 @@ def unshard(name, parts, cfg, tp):
 def gather_full_params(engine, xp):
     """Every stage's and tensor-parallel rank's parameters put together, on every rank (for
     validation, sampling and saving params.h5)."""
-    params, comms, cfg = engine.params, engine.comms, engine.cfg
+    params, comms, cfg = engine.current_params(), engine.comms, engine.cfg
     if comms.pp is None and comms.tp is None:
         return params
     dtype = params.flat.dtype

@@ -1,0 +1,242 @@
+"""Parameter server: sharded servers, push/pull, and clocks with bounded staleness (SSP).
+
+Ranks 0..S-1 are servers, the rest workers. The flat parameter vector (and, on the app's
+side, its AdamW state) is cut into S contiguous shards by `ring.shard_bounds`; server s
+owns shard s. A training step is a *clock*:
+
+    worker w                                   server s
+    pull(c): "params for clock c"       ->     replies once version >= c - k
+    forward/backward on clock c's data
+    push(c): header + gradient shard s  ->     adds it to clock c's sum as it arrives
+                                               once every worker has pushed clock c (and
+                                               the clocks before it are applied): apply
+                                               clock c (the app's `apply`: clip by the
+                                               global norm, AdamW), version = c + 1
+
+`version` counts applied clocks. With staleness k = 0 a worker computes clock c on exactly
+the parameters of version c: bulk-synchronous (BSP), the same update as the ring. With
+k > 0 (stale synchronous parallel, Ho et al. 2013) it may compute clock c on a version as
+old as c - k, so a fast worker runs up to k clocks ahead of the slowest instead of waiting
+at every step; updates are still applied per clock, in order, so that AdamW (not additive,
+unlike SGD) sees one gradient per step. The staleness of a gradient is c - (the version it
+was computed on); `staleness_lr` scales it by 1 / (1 + staleness) before it is summed.
+
+Messages are point-to-point with tags (below): a push is a small float64 header and one
+payload message (the gradient shard, or a compressor's buffer, comm/compress.py); a pull is
+a request, answered by a header and the parameter shard. Servers take whatever arrives
+first (Iprobe on any source), so a slow worker delays only the clocks that need it.
+With `--balance dynamic`, server 0 also hands out a clock's micro-batches one at a time
+(`take`), so a faster worker computes more of them; a clock is complete once its pushes
+cover every micro-batch.
+
+Waiting polls and yields the core, under the watchdog: a lost worker or server aborts the
+job after `timeout` instead of hanging it. comm/ knows no model: the server's update is a
+callback.
+"""
+import os
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from comm import ring, watchdog
+
+TAG_PUSH, TAG_PUSH_DATA, TAG_PULL, TAG_PARAMS, TAG_PARAMS_DATA, TAG_TAKE, TAG_GIVEN, \
+    TAG_STOP = range(700, 708)
+PUSH_HEADER = 4     # clock, version used, micro-batches, loss contribution
+PARAMS_HEADER = 5   # version, and loss, norm, skipped, lr of the newest applied clock,
+                    # then how many pushes had each staleness 0..k so far
+
+
+def shard_of(n: int, servers: int, s: int):
+    """[lo, hi) of the flat parameter vector that server s owns."""
+    return ring.shard_bounds(n, servers, s)
+
+
+def _poll(test, what, timeout):
+    """Waits until test() is true, yielding the core between polls (MPICH's blocking calls
+    spin, and servers share cores with workers)."""
+    if test():
+        return
+    with watchdog.waiting(what, timeout):
+        pause = 0.0
+        while not test():
+            if pause:
+                time.sleep(pause)
+            else:
+                os.sched_yield()
+            pause = min(max(pause * 2, 1e-5), 1e-3)
+
+
+class Server:
+    """The loop of one server. `apply(clock, grad_shard, loss)` is the app's update of the
+    shard (it may talk to the other servers: every server applies every clock, in order);
+    it returns (loss, norm, skipped, lr), which workers receive with the next pull."""
+
+    def __init__(self, comm, servers: int, flat, apply, staleness=0, micro_total=None,
+                 decode=None, staleness_lr=False, start_version=0, dynamic=False,
+                 timeout=None, on_clock=None):
+        self.comm, self.servers = comm, servers
+        self.rank = comm.Get_rank()
+        self.workers = comm.Get_size() - servers
+        self.lo, self.hi = shard_of(flat.size, servers, self.rank)
+        self.flat = flat  # the parameters; this server keeps [lo, hi) up to date
+        self.apply, self.staleness, self.decode = apply, staleness, decode
+        self.micro_total, self.dynamic = micro_total, dynamic
+        self.staleness_lr, self.timeout = staleness_lr, timeout
+        self.on_clock = on_clock or (lambda clock: None)
+        self.version = start_version
+        self.info = np.zeros(PARAMS_HEADER + staleness + 1)  # sent with every pull
+        self.clocks = {}  # clock -> [gradient sum, pushes, micro-batches, loss]
+        self.pulls = []  # (worker rank, version it needs), waiting for a new enough version
+        self.given = {}  # dynamic: clock -> micro-batches handed out (server 0)
+        self.stopped = 0
+
+    def run(self):
+        """Serves until every worker has said stop."""
+        status = MPI.Status()
+        while self.stopped < self.workers:
+            _poll(lambda: self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status),
+                  f"server {self.rank}: a message from a worker (version {self.version})",
+                  self.timeout)
+            source, tag = status.Get_source(), status.Get_tag()
+            if tag == TAG_PUSH:
+                self._push(source)
+            elif tag == TAG_PULL:
+                wanted = np.empty(2, np.int64)  # clock, and whether it must be fresh
+                self.comm.Recv(wanted, source, TAG_PULL)
+                need = int(wanted[0]) - (0 if wanted[1] else self.staleness)
+                self.pulls.append((source, need))
+            elif tag == TAG_TAKE:
+                self._take(source)
+            elif tag == TAG_STOP:
+                self.comm.Recv(np.empty(0, np.int64), source, TAG_STOP)
+                self.stopped += 1
+            else:
+                raise RuntimeError(f"server {self.rank}: unexpected tag {tag} from {source}")
+            self._apply_complete_clocks()
+            self._answer_pulls()
+
+    def _push(self, source):
+        header = np.empty(PUSH_HEADER)
+        self.comm.Recv(header, source, TAG_PUSH)
+        clock, used, micro, loss = int(header[0]), int(header[1]), int(header[2]), header[3]
+        status = MPI.Status()
+        self.comm.Probe(source, TAG_PUSH_DATA, status)
+        size = self.hi - self.lo
+        if self.decode is None:
+            grad = np.empty(size, self.flat.dtype)
+            self.comm.Recv(grad, source, TAG_PUSH_DATA)
+        else:
+            payload = np.empty(status.Get_count(MPI.BYTE), np.uint8)
+            self.comm.Recv(payload, source, TAG_PUSH_DATA)
+            grad = self.decode(payload)
+        stale = clock - used
+        if not 0 <= stale <= self.staleness:
+            raise RuntimeError(f"server {self.rank}: clock {clock} computed on version {used}: "
+                               f"staleness {stale} outside [0, {self.staleness}]")
+        self.info[PARAMS_HEADER + stale] += 1
+        if self.staleness_lr and stale:
+            grad = grad / (1 + stale)
+        entry = self.clocks.setdefault(clock, [np.zeros(size, self.flat.dtype), 0, 0, 0.0])
+        entry[0] += grad
+        entry[1] += 1
+        entry[2] += micro
+        entry[3] += loss
+
+    def _take(self, source):
+        clock = np.empty(1, np.int64)
+        self.comm.Recv(clock, source, TAG_TAKE)
+        c = int(clock[0])
+        index = self.given.get(c, 0)
+        self.given[c] = index + 1
+        answer = np.array([index if index < self.micro_total else -1], np.int64)
+        self.comm.Send(answer, source, TAG_GIVEN)
+
+    def _apply_complete_clocks(self):
+        while True:
+            entry = self.clocks.get(self.version)
+            if entry is None or entry[1] < self.workers:
+                return
+            if self.micro_total is not None and entry[2] != self.micro_total:
+                raise RuntimeError(f"server {self.rank}: clock {self.version} covers "
+                                   f"{entry[2]} micro-batches, expected {self.micro_total}")
+            grad, _, _, loss = self.clocks.pop(self.version)
+            self.info[1:PARAMS_HEADER] = self.apply(self.version, grad, loss)
+            self.given.pop(self.version, None)
+            self.version += 1
+            self.info[0] = self.version
+            self.on_clock(self.version)
+
+    def _answer_pulls(self):
+        waiting = []
+        for worker, need in self.pulls:
+            if self.version >= need:
+                self.comm.Send(self.info, worker, TAG_PARAMS)
+                self.comm.Send(self.flat[self.lo:self.hi], worker, TAG_PARAMS_DATA)
+            else:
+                waiting.append((worker, need))
+        self.pulls = waiting
+
+
+class Client:
+    """A worker's side: pull the parameters for a clock, push its gradient, take
+    micro-batches (dynamic balancing), stop."""
+
+    def __init__(self, comm, servers: int, flat, staleness=0, encode=None, timeout=None):
+        self.comm, self.servers, self.flat = comm, servers, flat
+        self.encode, self.timeout = encode, timeout
+        self.bounds = [shard_of(flat.size, servers, s) for s in range(servers)]
+        self.version = 0
+        self.info = np.zeros(PARAMS_HEADER + staleness + 1)
+        self.bytes_sent = 0
+
+    def pull(self, clock, fresh=False):
+        """Fills `flat` with parameters of a version >= clock - k (>= clock if `fresh`:
+        a server then waits for the clocks before it); returns the header: version, then
+        loss, norm, skipped and lr of the newest applied clock, then the count of pushes
+        so far by staleness 0..k."""
+        wanted = np.array([clock, fresh], np.int64)
+        requests = [self.comm.Isend(wanted, s, TAG_PULL) for s in range(self.servers)]
+        headers = [np.empty_like(self.info) for _ in range(self.servers)]
+        requests += [self.comm.Irecv(h, s, TAG_PARAMS) for s, h in enumerate(headers)]
+        requests += [self.comm.Irecv(self.flat[lo:hi], s, TAG_PARAMS_DATA)
+                     for s, (lo, hi) in enumerate(self.bounds)]
+        self._wait(requests, f"the servers' parameters for clock {clock}")
+        self.bytes_sent += wanted.nbytes * self.servers
+        self.version = int(min(h[0] for h in headers))
+        self.info = headers[0]
+        return self.info
+
+    def push(self, clock, grad, loss, micro):
+        """Sends every server its shard of `grad` (computed on `self.version`)."""
+        header = np.array([clock, self.version, micro, loss], np.float64)
+        requests, sent = [], 0
+        for s, (lo, hi) in enumerate(self.bounds):
+            shard = grad[lo:hi]
+            payload = shard if self.encode is None else self.encode(s, shard)
+            requests.append(self.comm.Isend(header, s, TAG_PUSH))
+            requests.append(self.comm.Isend(payload, s, TAG_PUSH_DATA))
+            sent += header.nbytes + payload.nbytes
+        self._wait(requests, f"the servers to take the gradient of clock {clock}")
+        self.bytes_sent += sent
+
+    def take(self, clock) -> int | None:
+        """The next micro-batch of `clock` (server 0 counts), or None when all are taken."""
+        index = np.empty(1, np.int64)
+        requests = [self.comm.Isend(np.array([clock], np.int64), 0, TAG_TAKE),
+                    self.comm.Irecv(index, 0, TAG_GIVEN)]
+        self._wait(requests, f"server 0 to hand out a micro-batch of clock {clock}")
+        return None if index[0] < 0 else int(index[0])
+
+    def stop(self):
+        requests = [self.comm.Isend(np.empty(0, np.int64), s, TAG_STOP)
+                    for s in range(self.servers)]
+        self._wait(requests, "the servers to hear that this worker stops")
+
+    def reset_bytes(self) -> int:
+        sent, self.bytes_sent = self.bytes_sent, 0
+        return sent
+
+    def _wait(self, requests, what):
+        _poll(lambda: MPI.Request.Testall(requests), what, self.timeout)
