@@ -14,10 +14,21 @@ Two modes:
   (`owned_ranges()`), updates only those parameters, and `gather_params` all-gathers the
   updated parameters bucket by bucket.
 
+Compression (`compressor=`, a `comm.compress` compressor other than `none`): each bucket
+is reduced by `compressor.all_reduce(comm, key=bucket index, bucket)`, which sends only
+compressed payloads and leaves the sum of the ranks' decompressed gradients in every rank's
+bucket. Those calls block, so they all run in `finish()`, bucket by bucket in the same order
+on every rank: started from `ready` inside backward, a blocking collective could wait on a
+rank that itself waits for this one's pipeline messages. With ZeRO-1 every rank then holds
+the whole sum, uses its own blocks (`owned_ranges`) and all-gathers parameters as usual.
+A compressor keeps per-bucket state (error feedback), so give each reducer its own.
+
 The reducer knows flat offsets and names, nothing of models.
 """
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from comm import ring
 
@@ -37,10 +48,17 @@ class Bucket:
 
 class GradReducer:
     def __init__(self, comm, flat_grads, tensors: dict, bucket_bytes: int, shard=False,
-                 overlap=True, segment_bytes=ring.DEFAULT_SEGMENT_BYTES):
-        """tensors: name -> (start, stop) in `flat_grads`, covering it without gaps."""
+                 overlap=True, segment_bytes=ring.DEFAULT_SEGMENT_BYTES, compressor=None):
+        """tensors: name -> (start, stop) in `flat_grads`, covering it without gaps.
+        compressor: None (or `none`) for the plain ring, else a `comm.compress` compressor."""
         if not bucket_bytes > 0:
             raise ReducerError(f"bucket size {bucket_bytes!r} bytes: expected a number > 0")
+        if compressor is not None and compressor.name == "none":
+            compressor = None  # the plain ring, overlapped with backward
+        if compressor is not None and not isinstance(flat_grads, np.ndarray):
+            raise ReducerError(f"gradient compression ({compressor.name}) works on host "
+                               "(NumPy) gradients, not on the GPU: use device cpu or no "
+                               "compression")
         self.comm = comm
         self.size = comm.Get_size()
         self.rank = comm.Get_rank()
@@ -48,6 +66,8 @@ class GradReducer:
         self.shard = shard
         self.overlap = overlap
         self.segment_bytes = segment_bytes
+        self.compressor = compressor
+        self.compressed_bytes = 0  # sent by the compressor in the last finish()
         self.buckets = _make_buckets(tensors, max(1, int(bucket_bytes) // flat_grads.itemsize),
                                      flat_grads.size)
         self.bucket_of = {name: b for b in self.buckets for name in b.names}
@@ -63,7 +83,7 @@ class GradReducer:
         for name in names:
             bucket = self.bucket_of[name]
             bucket.pending -= 1
-            if bucket.pending == 0 and self.overlap:
+            if bucket.pending == 0 and self.overlap and self.compressor is None:
                 self._launch(bucket)
         self.progress()
 
@@ -75,6 +95,7 @@ class GradReducer:
     def finish(self):
         """Launches what is left (all of it when overlap is off) and waits for everything."""
         start = time.perf_counter()
+        self.compressed_bytes = 0
         for bucket in self.buckets:
             if bucket.request is None:
                 self._launch(bucket)
@@ -95,7 +116,12 @@ class GradReducer:
 
     def bytes_per_step(self) -> int:
         """Bytes this rank sends per step: each bucket's reduction (and, under ZeRO-1, the
-        all-gather of the updated parameters)."""
+        all-gather of the updated parameters). Compressed: the bytes the compressor sent in
+        the last finish(), plus that all-gather."""
+        if self.compressor is not None:
+            gather = sum(ring.sent_elements("all_gather", b.stop - b.start, self.size,
+                                            self.rank) for b in self.buckets) if self.shard else 0
+            return self.compressed_bytes + gather * self.flat.itemsize
         kinds = ("reduce_scatter", "all_gather") if self.shard else ("all_reduce",)
         return sum(ring.sent_elements(kind, b.stop - b.start, self.size, self.rank)
                    for b in self.buckets for kind in kinds) * self.flat.itemsize
@@ -109,8 +135,29 @@ class GradReducer:
 
     def _launch(self, bucket):
         view = self.flat[bucket.start:bucket.stop]
+        if self.compressor is not None:  # blocking: the whole sum, also under ZeRO-1
+            key = next(i for i, b in enumerate(self.buckets) if b is bucket)
+            self.compressed_bytes += self.compressor.all_reduce(self.comm, key, view,
+                                                                self.segment_bytes)
+            bucket.request = _DONE
+            return
         collective = ring.ireduce_scatter if self.shard else ring.iall_reduce
         bucket.request = collective(self.comm, view, self.segment_bytes)
+
+
+class _Done:
+    """The request of a bucket reduced by a blocking (compressed) collective."""
+
+    done = True
+
+    def test(self):
+        return True
+
+    def wait(self):
+        return None
+
+
+_DONE = _Done()
 
 
 def _make_buckets(tensors: dict, max_elements: int, size: int):
