@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 import tomllib
 import zlib
 from pathlib import Path
@@ -170,7 +171,7 @@ def list_checkpoints(run_dir) -> list:
 
 
 def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, moment_names,
-                    meta: dict, keep: int = 0, placement=None) -> Path:
+                    meta: dict, keep: int = 0, placement=None, param_ranges=None) -> Path:
     """Writes this rank's share of the training state; rank 0 binds the shares and keeps
     the newest `keep` checkpoints (0: all). Collective over `comm`.
 
@@ -178,7 +179,9 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
     param_names, moment_names: the tensors whose values, and moments, this rank writes;
     meta: "config" (TOML), "layout", "shapes" (logical, every tensor), "dtype", "tokenizer";
     placement: name -> where a tensor-parallel share sits in the logical tensor
-    (models.sharding.tp_pieces; missing or None: the whole tensor)."""
+    (models.sharding.tp_pieces; missing or None: the whole tensor); param_ranges: the flat
+    ranges of `params` this rank writes values of (default all; a parameter server: its
+    shard); optimizer None: no moments here (a parameter server's worker)."""
     where = placement or {}
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp"
@@ -188,12 +191,15 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
         tmp.mkdir(parents=True)
     with watchdog.waiting("rank 0 to create the checkpoint directory"):
         comm.Barrier()
-    buffers = [("param", params.flat, [(0, params.size)], param_names),
-               ("m", optimizer.m, optimizer.ranges, moment_names),
-               ("v", optimizer.v, optimizer.ranges, moment_names)]
+    buffers = [("param", params.flat, param_ranges or [(0, params.size)], param_names)]
+    if optimizer is not None:
+        buffers += [("m", optimizer.m, optimizer.ranges, moment_names),
+                    ("v", optimizer.v, optimizer.ranges, moment_names)]
     file_name, listing = f"rank_{rank:05d}.h5", []
     for kind, buf, ranges, names in buffers:
         flat = to_host(buf)
+        if kind == "param" and param_ranges:  # packed like the moments' ranges
+            flat = np.concatenate([flat[a:b] for a, b in param_ranges])
         for name, lo, hi, at in _pieces(params.shapes, ranges, set(names)):
             for first, start, shape in boxes(lo, hi, params.shapes[name]):
                 at_box = at + first - lo
@@ -360,24 +366,38 @@ def read_checkpoint_params(path) -> tuple[dict, dict]:
     return manifest, params
 
 
-def save_training_state(cfg, layout, engine, grid, run_dir, step, tokenizer, log):
-    """A checkpoint of step `step` from every rank of the grid: each writes what it alone
-    owns (app/parallel/state.py), as logical tensors; logs the path and time."""
-    values, moments = checkpoint_names(engine, cfg.zero, grid.coords.dp)
+def training_meta(cfg, layout, tokenizer) -> dict:
+    """What a checkpoint's manifest says of the run (save_checkpoint's `meta`)."""
     model_cfg = cfg.model_config()
-    meta = {"config": cfg.to_toml(), "dtype": cfg.dtype, "tokenizer": tokenizer,
+    return {"config": cfg.to_toml(), "dtype": cfg.dtype, "tokenizer": tokenizer,
             "shapes": param_shapes(model_cfg),
             "layout": {"world": layout.world, "dp": layout.dp, "pp": layout.pp,
                        "tp": layout.tp, "zero": cfg.zero, "schedule": layout.schedule,
                        "chunks": layout.chunks, "micro_batches": layout.micro_batches,
                        "sequence_parallel": layout.sequence_parallel,
-                       "padded_vocab": padded_vocab(model_cfg, layout.tp)}}
+                       "padded_vocab": padded_vocab(model_cfg, layout.tp),
+                       "mode": layout.mode, "servers": layout.servers}}
+
+
+def save_training_state(cfg, layout, engine, grid, run_dir, step, tokenizer, log):
+    """A checkpoint of step `step` from every rank of the grid: each writes what it alone
+    owns (app/parallel/state.py), as logical tensors; logs the path and time."""
+    values, moments = checkpoint_names(engine, cfg.zero, grid.coords.dp)
+    with saving(run_dir, step, cfg.steps, log):
+        save_checkpoint(grid.comm, run_dir, step, engine.params, engine.optimizer, values,
+                        moments, training_meta(cfg, layout, tokenizer), cfg.keep,
+                        placement(engine))
+
+
+@contextmanager
+def saving(run_dir, step, steps, log):
+    """Times a save and logs it; a failed write is the user's to fix (one line)."""
     start = time.perf_counter()
     try:
-        path = save_checkpoint(grid.comm, run_dir, step, engine.params, engine.optimizer,
-                               values, moments, meta, cfg.keep, placement(engine))
+        yield
     except OSError as err:
         raise UserError(f"cannot write a checkpoint of step {step} in {run_dir} "
                         f"({err.strerror or err}): expected a writable run directory with "
                         "free space") from None
-    log(f"step {step:5d}/{cfg.steps} | saved {path} in {time.perf_counter() - start:.2f} s")
+    log(f"step {step:5d}/{steps} | saved {checkpoint_dir(run_dir, step)} in "
+        f"{time.perf_counter() - start:.2f} s")

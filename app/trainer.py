@@ -158,7 +158,8 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         keep_freed_host_memory()
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         if is_server:
-            return parameter_server.serve(cfg, layout, comm, role, resume_from)
+            return parameter_server.serve(cfg, layout, comm, role, run_dir, data.tokenizer,
+                                          resume_from)
         engine = _make_engine(cfg, layout, xp, grid, comm, resume_from)
         cleanup.callback(engine.free)
         log_path = os.path.join(run_dir, "metrics.jsonl") if is_logger else None
@@ -260,7 +261,11 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
         stopping = step < cfg.steps and preempt.stop_requested(grid.comm)
         if step > first and (stopping or cfg.save_interval and (
                 step % cfg.save_interval == 0 or step == cfg.steps)):
-            save_training_state(cfg, layout, engine, grid, run_dir, step, data.tokenizer, log)
+            if layout.mode == "ps":  # the servers hold the state: a meeting at this clock
+                engine.save(cfg, layout, run_dir, step, data.tokenizer, log)
+            else:
+                save_training_state(cfg, layout, engine, grid, run_dir, step, data.tokenizer,
+                                    log)
         if stopping:
             history["stopped"] = preempt.stop_signal()
             metrics_log.write({"step": step, "stopped": history["stopped"]})

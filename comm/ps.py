@@ -25,6 +25,8 @@ Messages are point-to-point with tags (below): a push is a small float64 header 
 payload message (the gradient shard, or a compressor's buffer, comm/compress.py); a pull is
 a request, answered by a header and the parameter shard. Servers take whatever arrives
 first (Iprobe on any source), so a slow worker delays only the clocks that need it.
+`sync(c)` meets every rank at clock c: once all workers asked and c clocks are applied, a
+server calls `on_sync(c)`, a collective the workers join (a checkpoint of version c).
 With `--balance dynamic`, server 0 also hands out a clock's micro-batches one at a time
 (`take`), so a faster worker computes more of them; a clock is complete once its pushes
 cover every micro-batch.
@@ -42,7 +44,7 @@ from mpi4py import MPI
 from comm import ring, watchdog
 
 TAG_PUSH, TAG_PUSH_DATA, TAG_PULL, TAG_PARAMS, TAG_PARAMS_DATA, TAG_TAKE, TAG_GIVEN, \
-    TAG_STOP = range(700, 708)
+    TAG_STOP, TAG_SYNC = range(700, 709)
 PUSH_HEADER = 4     # clock, version used, micro-batches, loss contribution
 PARAMS_HEADER = 5   # version, and loss, norm, skipped, lr of the newest applied clock,
                     # then how many pushes had each staleness 0..k so far
@@ -75,7 +77,7 @@ class Server:
 
     def __init__(self, comm, servers: int, flat, apply, staleness=0, micro_total=None,
                  decode=None, staleness_lr=False, start_version=0, dynamic=False,
-                 timeout=None, on_clock=None):
+                 timeout=None, on_sync=None):
         self.comm, self.servers = comm, servers
         self.rank = comm.Get_rank()
         self.workers = comm.Get_size() - servers
@@ -84,9 +86,11 @@ class Server:
         self.apply, self.staleness, self.decode = apply, staleness, decode
         self.micro_total, self.dynamic = micro_total, dynamic
         self.staleness_lr, self.timeout = staleness_lr, timeout
-        self.on_clock = on_clock or (lambda clock: None)
+        self.on_sync = on_sync or (lambda clock: None)
+        self.syncs = {}  # clock -> workers that asked to meet there
         self.version = start_version
         self.info = np.zeros(PARAMS_HEADER + staleness + 1)  # sent with every pull
+        self.info[0] = start_version
         self.clocks = {}  # clock -> [gradient sum, pushes, micro-batches, loss]
         self.pulls = []  # (worker rank, version it needs), waiting for a new enough version
         self.given = {}  # dynamic: clock -> micro-batches handed out (server 0)
@@ -109,6 +113,10 @@ class Server:
                 self.pulls.append((source, need))
             elif tag == TAG_TAKE:
                 self._take(source)
+            elif tag == TAG_SYNC:
+                clock = np.empty(1, np.int64)
+                self.comm.Recv(clock, source, TAG_SYNC)
+                self.syncs[int(clock[0])] = self.syncs.get(int(clock[0]), 0) + 1
             elif tag == TAG_STOP:
                 self.comm.Recv(np.empty(0, np.int64), source, TAG_STOP)
                 self.stopped += 1
@@ -116,6 +124,9 @@ class Server:
                 raise RuntimeError(f"server {self.rank}: unexpected tag {tag} from {source}")
             self._apply_complete_clocks()
             self._answer_pulls()
+            if self.syncs.get(self.version) == self.workers:  # nobody can push beyond it
+                del self.syncs[self.version]
+                self.on_sync(self.version)
 
     def _push(self, source):
         header = np.empty(PUSH_HEADER)
@@ -166,7 +177,6 @@ class Server:
             self.given.pop(self.version, None)
             self.version += 1
             self.info[0] = self.version
-            self.on_clock(self.version)
 
     def _answer_pulls(self):
         waiting = []
@@ -228,6 +238,13 @@ class Client:
                     self.comm.Irecv(index, 0, TAG_GIVEN)]
         self._wait(requests, f"server 0 to hand out a micro-batch of clock {clock}")
         return None if index[0] < 0 else int(index[0])
+
+    def sync(self, clock):
+        """Asks every server to meet at clock `clock` (see `Server.on_sync`); the caller then
+        joins the collective the servers start."""
+        message = np.array([clock], np.int64)
+        requests = [self.comm.Isend(message, s, TAG_SYNC) for s in range(self.servers)]
+        self._wait(requests, f"the servers to hear of the meeting at clock {clock}")
 
     def stop(self):
         requests = [self.comm.Isend(np.empty(0, np.int64), s, TAG_STOP)

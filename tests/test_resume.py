@@ -1,5 +1,6 @@
 """Resume from checkpoints in new `mpiexec` jobs: bit-exact in the same layout, and equal to
-float tolerance in another layout (dp, pp, tp, schedule, ZeRO-1, sequence parallelism).
+float tolerance in another layout (dp, pp, tp, schedule, ZeRO-1, sequence parallelism, the
+parameter server).
 
 Each case runs real jobs under `mpiexec -n 4` (or one process): an uninterrupted run of 10
 steps that saves at step 5, then a new job that resumes from that checkpoint."""
@@ -27,6 +28,7 @@ LAYOUTS = {
                         "--micro-batches", "4"],
     "one-process": ["--micro-batches", "2"],
     "tp4-sp": ["--tp", "4", "--sequence-parallel", "--micro-batches", "2"],
+    "ps2": ["--mode", "ps", "--servers", "2", "--micro-batches", "2"],
 }
 RANKS = {"one-process": 1}
 
@@ -71,7 +73,7 @@ def straight(data, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("layout", ["dp4-zero", "dp2-pp2"])
+@pytest.mark.parametrize("layout", ["dp4-zero", "dp2-pp2", "ps2"])
 def test_resume_in_the_same_layout_is_bit_exact(layout, data, straight, tmp_path):
     whole = straight(layout)
     train(layout, data, tmp_path / "resumed", "--resume",
@@ -89,7 +91,9 @@ def test_resume_in_the_same_layout_is_bit_exact(layout, data, straight, tmp_path
                                             ("dp2-pp2", "one-process"),
                                             ("dp4-zero", "dp2-pp2"),
                                             ("tp4-sp", "dp2-pp2"),
-                                            ("dp2-pp2", "tp4-sp")])
+                                            ("dp2-pp2", "tp4-sp"),
+                                            ("ps2", "dp4-zero"),
+                                            ("dp2-pp2", "ps2")])
 def test_resume_in_another_layout_continues_the_same_run(saved, resumed, data, straight,
                                                          tmp_path):
     whole = straight(saved)

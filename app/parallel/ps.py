@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-from app.checkpoint import load_checkpoint, read_manifest
+from app.checkpoint import (load_checkpoint, read_manifest, save_checkpoint, saving,
+                            training_meta)
 from app.parallel.engine import Comms, StepEngine
 from comm import ps, ring, watchdog
 from models import gpt
@@ -108,13 +109,19 @@ class WorkerEngine(StepEngine):
         """Pushes applied or waiting so far, by staleness 0..k (server 0's count)."""
         return self.client.info[ps.PARAMS_HEADER:].astype(int)
 
+    def save(self, cfg, layout, run_dir, step, tokenizer, log):
+        """Meets the servers at clock `step` and joins their checkpoint of it."""
+        self.client.sync(step)
+        save_state(cfg, layout, self.client.comm, run_dir, step, tokenizer, self.params, None,
+                   None, log)
+
     def current_params(self):
         """Waits for every clock before the next one: the parameters the ring would hold."""
         self.client.pull(self.clock, fresh=True)
         return self.params
 
 
-def serve(cfg, layout, comm, servers_comm, resume_from):
+def serve(cfg, layout, comm, servers_comm, run_dir, tokenizer, resume_from):
     """A server's whole job: its shard of the model, until every worker stops. Returns the
     trainer's history (no losses: the workers report them)."""
     model_cfg = cfg.model_config()
@@ -122,11 +129,27 @@ def serve(cfg, layout, comm, servers_comm, resume_from):
     state = ServerState(cfg, servers_comm, params, cfg.timeout)
     first = load_checkpoint(resume_from, params, state.optimizer) if resume_from else 0
     micro_total = layout.dp * layout.micro_batches
+
+    def save(clock):  # the workers join: a checkpoint of version `clock`
+        save_state(cfg, layout, comm, run_dir, clock, tokenizer, params, state.optimizer,
+                   [(state.lo, state.hi)])
+
     server = ps.Server(comm, layout.servers, params.flat, state.apply, cfg.staleness,
                        micro_total, staleness_lr=cfg.staleness_lr, start_version=first,
-                       dynamic=cfg.balance == "dynamic", timeout=cfg.timeout)
+                       dynamic=cfg.balance == "dynamic", timeout=cfg.timeout, on_sync=save)
     server.run()
-    return {"loss": [], "val": {}, "params": None, "server": server}
+    return {"loss": [], "val": {}, "params": None}
+
+
+def save_state(cfg, layout, comm, run_dir, step, tokenizer, params, optimizer, ranges,
+               log=lambda line: None):
+    """A checkpoint of clock `step`, collective over servers and workers: each server writes
+    its shard's values and moments; workers write nothing (the servers hold the truth)."""
+    names = list(params.shapes) if optimizer is not None else []
+    with saving(run_dir, step, cfg.steps, log):
+        save_checkpoint(comm, run_dir, step, params, optimizer, names, names,
+                        training_meta(cfg, layout, tokenizer), cfg.keep,
+                        param_ranges=ranges)
 
 
 def worker_engine(cfg, layout, comm, resume_from, options):
