@@ -34,6 +34,7 @@ from app.parallel.state import check_replicas_agree, gather_full_params, placeme
 from app.slurm import check_world_matches_slurm
 from app.tokenizer import get_tokenizer
 from comm import watchdog
+from comm.compress import make_compressor
 from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
 from comm.grid import ProcessGrid
 from models import gpt, sharding
@@ -182,7 +183,15 @@ def _make_engine(cfg, layout, xp, grid, comm, resume_from):
                    sequence_parallel=layout.sequence_parallel, recompute=layout.recompute)
     if layout.mode == "ps":
         return parameter_server.worker_engine(cfg, layout, comm, resume_from, options)
-    return StepEngine(cfg.model_config(), cfg, Comms.of_grid(grid), **options)
+    return StepEngine(cfg.model_config(), cfg, Comms.of_grid(grid), compressor=compressor(cfg),
+                      **options)
+
+
+def compressor(cfg):
+    """The gradient compressor of the config (comm/compress.py), or None."""
+    if cfg.compress == "none":
+        return None
+    return make_compressor(cfg.compress, cfg.compress_ratio, cfg.compress_rank)
 
 
 def _write_or_fail(write, path, *args):

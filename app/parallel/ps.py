@@ -21,6 +21,7 @@ from app.checkpoint import (load_checkpoint, read_manifest, save_checkpoint, sav
                             training_meta)
 from app.parallel.engine import Comms, StepEngine
 from comm import ps, ring, watchdog
+from comm.compress import make_compressor
 from models import gpt
 from models.optim import AdamW, clip_by_global_norm, decay_mask, lr_at
 
@@ -130,12 +131,20 @@ def serve(cfg, layout, comm, servers_comm, run_dir, tokenizer, resume_from):
     first = load_checkpoint(resume_from, params, state.optimizer) if resume_from else 0
     micro_total = layout.dp * layout.micro_batches
 
+    decode = None
+    if cfg.compress != "none":  # decoding keeps no state: any instance of the method does
+        method = make_compressor(cfg.compress, cfg.compress_ratio, cfg.compress_rank)
+
+        def decode(buffer):
+            return method.decompress(method.from_buffer(buffer))
+
     def save(clock):  # the workers join: a checkpoint of version `clock`
         save_state(cfg, layout, comm, run_dir, clock, tokenizer, params, state.optimizer,
                    [(state.lo, state.hi)])
 
     server = ps.Server(comm, layout.servers, params.flat, state.apply, cfg.staleness,
-                       micro_total, staleness_lr=cfg.staleness_lr, start_version=first,
+                       micro_total, decode=decode, staleness_lr=cfg.staleness_lr,
+                       start_version=first,
                        dynamic=cfg.balance == "dynamic", timeout=cfg.timeout, on_sync=save)
     server.run()
     return {"loss": [], "val": {}, "params": None}
@@ -156,6 +165,13 @@ def worker_engine(cfg, layout, comm, resume_from, options):
     """The step engine of a worker, holding the parameters of the clock it starts at."""
     first = read_manifest(resume_from)["step"] if resume_from else 0
     params = gpt.init_params(cfg.model_config(), cfg.seed, np, np.dtype(cfg.dtype))
-    client = ps.Client(comm, layout.servers, params.flat, cfg.staleness, timeout=cfg.timeout)
+    encode = None
+    if cfg.compress != "none":  # error feedback per server shard (the key)
+        method = make_compressor(cfg.compress, cfg.compress_ratio, cfg.compress_rank)
+
+        def encode(server, shard):
+            return method.to_buffer(method.compress(server, shard))
+    client = ps.Client(comm, layout.servers, params.flat, cfg.staleness, encode,
+                       timeout=cfg.timeout)
     return WorkerEngine(cfg.model_config(), cfg, client, layout.dp, first, cfg.balance,
                         params=params, **{k: v for k, v in options.items() if k != "dtype"})
