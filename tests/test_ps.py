@@ -3,6 +3,10 @@ asynchronous mode at staleness 0, equal the single process on the same global ba
 (float64, 5 steps, rtol 1e-5), through the whole trainer on the 4 ranks of `mpiexec -n 4`;
 a stale run stays within its bound; bad settings are one line on every rank."""
 import json
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ from app.errors import UserError
 from app.parallel.layout import plan
 from app.prepare import prepare
 from app.trainer import train
-from app_util import FAST, app, assert_user_error
+from app_util import ENV, FAST, ROOT, app, assert_user_error, command
 from tests.mpi_util import Verdict, groups_of, shared_tmpdir, skip_unless_ranks
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -133,3 +137,49 @@ def test_bad_settings_end_every_rank_with_one_line(flags, fragment, tiny_h5, tmp
     result = app("train", *FAST, "--data", tiny_h5, "--out", tmp_path / "run", *flags, n=4,
                  timeout=60)
     assert_user_error(result, fragment)
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", [["--mode", "ps", "--servers", "1"], ["--mode", "ring"]])
+def test_top_k_sends_a_fraction_of_the_bytes(mode, tiny_h5, tmp_path):
+    """The same job with --compress topk (ρ = 0.01) and without: a worker's bytes per step,
+    from metrics.jsonl (a parameter server's push is one payload per shard; the ring gathers
+    every rank's, so it saves less)."""
+    sent = {}
+    for compress in ("none", "topk"):
+        run = tmp_path / compress
+        result = app("train", "--config", "baby", "--steps", "3", "--log-interval", "1",
+                     "--sample-tokens", "0", "--eval-windows", "2", "--peak-gflops", "100",
+                     "--data", tiny_h5, "--out", run, "--compress", compress, *mode, n=4,
+                     timeout=120)
+        assert result.returncode == 0, result.stderr
+        steps = [r for r in read_metrics(run) if "bytes_sent" in r]
+        sent[compress] = sum(steps[-1]["bytes_sent"].values())
+    ratio = sent["none"] / sent["topk"]
+    assert ratio > (50 if mode[1] == "ps" else 20), sent  # ring: (p-1) gathered payloads
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the ranks")
+@pytest.mark.parametrize("victim", [0, 2], ids=["server", "worker"])
+def test_a_lost_server_or_worker_ends_the_job(victim, tiny_h5, tmp_path):
+    from tests.test_checkpoint_faults import rank_pids
+    run = tmp_path / "run"
+    job = subprocess.Popen(
+        command(4, "train", "--config", "tiny", "--steps", "100000", "--log-interval", "1",
+                "--sample-tokens", "0", "--peak-gflops", "100", "--data", tiny_h5, "--out",
+                run, "--mode", "ps", "--servers", "2", "--timeout", "20"),
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in job.stdout:
+            if "| loss" in line:
+                break
+        pids = rank_pids(str(run))  # in rank order: started in order by mpiexec
+        os.kill(pids[victim], signal.SIGKILL)
+        job.wait(timeout=60)  # the watchdog's 20 s at the most, or mpiexec's own cleanup
+    finally:
+        job.kill()
+        job.communicate()
+    assert job.returncode != 0
