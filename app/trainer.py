@@ -336,4 +336,10 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
     if staleness_seen is not None:  # the pushes the last log line had not seen yet
         metrics_log.write({"step": cfg.steps,
                            "staleness": (engine.staleness_counts() - staleness_seen).tolist()})
+    if dynamic:  # who computed how much
+        with watchdog.waiting("the other workers' micro-batch counts"):
+            shares = grid.comm.allgather(engine.micro_done)
+        metrics_log.write({"step": cfg.steps, "micro_batches_per_worker": shares})
+        log("dynamic balancing: micro-batches per worker " + ", ".join(
+            f"{n} ({100 * n / max(1, sum(shares)):.0f}%)" for n in shares))
     return history
