@@ -76,15 +76,15 @@ class Server:
     it returns (loss, norm, skipped, lr), which workers receive with the next pull."""
 
     def __init__(self, comm, servers: int, flat, apply, staleness=0, micro_total=None,
-                 decode=None, staleness_lr=False, start_version=0, dynamic=False,
-                 timeout=None, on_sync=None):
+                 decode=None, staleness_lr=False, start_version=0, timeout=None,
+                 on_sync=None):
         self.comm, self.servers = comm, servers
         self.rank = comm.Get_rank()
         self.workers = comm.Get_size() - servers
         self.lo, self.hi = shard_of(flat.size, servers, self.rank)
         self.flat = flat  # the parameters; this server keeps [lo, hi) up to date
         self.apply, self.staleness, self.decode = apply, staleness, decode
-        self.micro_total, self.dynamic = micro_total, dynamic
+        self.micro_total = micro_total
         self.staleness_lr, self.timeout = staleness_lr, timeout
         self.on_sync = on_sync or (lambda clock: None)
         self.syncs = {}  # clock -> workers that asked to meet there

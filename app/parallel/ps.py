@@ -144,8 +144,7 @@ def serve(cfg, layout, comm, servers_comm, run_dir, tokenizer, resume_from):
 
     server = ps.Server(comm, layout.servers, params.flat, state.apply, cfg.staleness,
                        micro_total, decode=decode, staleness_lr=cfg.staleness_lr,
-                       start_version=first,
-                       dynamic=cfg.balance == "dynamic", timeout=cfg.timeout, on_sync=save)
+                       start_version=first, timeout=cfg.timeout, on_sync=save)
     server.run()
     return {"loss": [], "val": {}, "params": None}
 
