@@ -44,3 +44,26 @@ def test_driver_prints_the_table_and_targets(tiny_h5):
     assert "async k=2 (c)" in out
     assert "not measured (e-ring-topk" in out  # the ring's top-k case was not run
     assert "literature: DGC" in out
+
+
+def test_targets_judge_the_straggler_on_wall_clock_throughput(capsys):
+    from bench.ps import check_targets
+
+    def row(name, tok_s, run_tok_s, val_loss=2.0, size=1000):
+        return {"name": name, "failure": None, "tok_s": tok_s, "run_tok_s": run_tok_s,
+                "bytes": size, "val_loss": val_loss}
+
+    # async's logged rate (a fast worker's own step) beats sync; its wall-clock rate does not
+    check_targets([row("b", 0, 0), row("c", 0, 0, val_loss=2.1),
+                   row("d-sync", 100, 70), row("d-async", 200, 60), row("d-dynamic", 90, 65)])
+    out = capsys.readouterr().out
+    assert "FAIL  straggler: async (d-async) beats sync (d-sync) in tok/s wall: 60 vs 70" in out
+    assert "FAIL  straggler: dynamic (d-dynamic) beats async and sync in tok/s wall: 65 vs 60 " \
+        "and 70" in out
+    assert "FAIL  async k=2 (c): final val loss within 3% of sync (b): 2.1000 vs 2.0000" in out
+    check_targets([row("a", 0, 0, size=5000), row("e-ring-topk", 0, 0, 2.01, size=99),
+                   row("d-sync", 1, 1), row("d-async", 1, 2), row("d-dynamic", 1, 3)])
+    out = capsys.readouterr().out
+    assert "PASS  topk 0.01, ring: >= 50x fewer bytes than a" in out and "50.5x fewer" in out
+    assert "PASS  straggler: async" in out and "PASS  straggler: dynamic" in out
+    assert "topk 0.01, ps: >= 50x fewer bytes than b, val loss within 2% of b: not measured" in out
