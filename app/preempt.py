@@ -96,6 +96,17 @@ def stop_requested(comm=None) -> bool:
     return _agreed != 0
 
 
+def pending() -> int:
+    """The signal number this process received (0: none), to pass on to whoever agrees."""
+    return _received
+
+
+def adopt(signum: int):
+    """Takes a stop agreed elsewhere (by the parameter servers) as this rank's agreement."""
+    global _agreed
+    _agreed = signum
+
+
 def stop_signal():
     """The signal agreed on by the last stop_requested() ("SIGTERM" if any rank got one,
     else "SIGUSR1"), or None."""

@@ -267,7 +267,8 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
     started, skips = time.perf_counter(), 0
     for step in range(first, cfg.steps + 1):
         # SIGTERM/SIGUSR1 on any rank (app/preempt.py): every rank stops at this same step
-        stopping = step < cfg.steps and preempt.stop_requested(grid.comm)
+        stopping = step < cfg.steps and (engine.stop_requested(step) if layout.mode == "ps"
+                                          else preempt.stop_requested(grid.comm))
         if step > first and (stopping or cfg.save_interval and (
                 step % cfg.save_interval == 0 or step == cfg.steps)):
             if layout.mode == "ps":  # the servers hold the state: a meeting at this clock

@@ -25,6 +25,11 @@ Messages are point-to-point with tags (below): a push is a small float64 header 
 payload message (the gradient shard, or a compressor's buffer, comm/compress.py); a pull is
 a request, answered by a header and the parameter shard. Servers take whatever arrives
 first (Iprobe on any source), so a slow worker delays only the clocks that need it.
+A push may carry a stop flag (a preemption signal on that worker): the servers then name
+the clock c + k + 1 at which every worker stops. No worker can have started it yet (none
+is more than k ahead of the pusher of c), and each learns of it with the pull that lets it
+start that clock, so all stop at one clock without a collective at every step, which
+would undo the staleness.
 `sync(c)` meets every rank at clock c: once all workers asked and c clocks are applied, a
 server calls `on_sync(c)`, a collective the workers join (a checkpoint of version c).
 With `--balance dynamic`, server 0 also hands out a clock's micro-batches one at a time
@@ -45,9 +50,10 @@ from comm import ring, watchdog
 
 TAG_PUSH, TAG_PUSH_DATA, TAG_PULL, TAG_PARAMS, TAG_PARAMS_DATA, TAG_TAKE, TAG_GIVEN, \
     TAG_STOP, TAG_SYNC = range(700, 709)
-PUSH_HEADER = 4     # clock, version used, micro-batches, loss contribution
-PARAMS_HEADER = 5   # version, and loss, norm, skipped, lr of the newest applied clock,
-                    # then how many pushes had each staleness 0..k so far
+PUSH_HEADER = 5     # clock, version used, micro-batches, loss contribution, stop flag
+PARAMS_HEADER = 7   # version; loss, norm, skipped, lr of the newest applied clock; the clock
+                    # at which every worker stops (-1: none) and why; then how many pushes
+                    # had each staleness 0..k so far
 
 
 def shard_of(n: int, servers: int, s: int):
@@ -91,6 +97,8 @@ class Server:
         self.version = start_version
         self.info = np.zeros(PARAMS_HEADER + staleness + 1)  # sent with every pull
         self.info[0] = start_version
+        self.info[5] = -1  # no stop named yet
+        self.info[1:3] = np.nan  # loss and norm: no clock applied yet
         self.clocks = {}  # clock -> [gradient sum, pushes, micro-batches, loss]
         self.pulls = []  # (worker rank, version it needs), waiting for a new enough version
         self.given = {}  # dynamic: clock -> micro-batches handed out (server 0)
@@ -132,6 +140,8 @@ class Server:
         header = np.empty(PUSH_HEADER)
         self.comm.Recv(header, source, TAG_PUSH)
         clock, used, micro, loss = int(header[0]), int(header[1]), int(header[2]), header[3]
+        if header[4] and self.info[5] < 0:  # the first stop flag names the stopping clock
+            self.info[5], self.info[6] = clock + self.staleness + 1, header[4]
         status = MPI.Status()
         self.comm.Probe(source, TAG_PUSH_DATA, status)
         size = self.hi - self.lo
@@ -173,7 +183,7 @@ class Server:
                 raise RuntimeError(f"server {self.rank}: clock {self.version} covers "
                                    f"{entry[2]} micro-batches, expected {self.micro_total}")
             grad, _, _, loss = self.clocks.pop(self.version)
-            self.info[1:PARAMS_HEADER] = self.apply(self.version, grad, loss)
+            self.info[1:5] = self.apply(self.version, grad, loss)  # loss, norm, skipped, lr
             self.given.pop(self.version, None)
             self.version += 1
             self.info[0] = self.version
@@ -203,9 +213,7 @@ class Client:
 
     def pull(self, clock, fresh=False):
         """Fills `flat` with parameters of a version >= clock - k (>= clock if `fresh`:
-        a server then waits for the clocks before it); returns the header: version, then
-        loss, norm, skipped and lr of the newest applied clock, then the count of pushes
-        so far by staleness 0..k."""
+        a server then waits for the clocks before it); returns the header (PARAMS_HEADER)."""
         wanted = np.array([clock, fresh], np.int64)
         requests = [self.comm.Isend(wanted, s, TAG_PULL) for s in range(self.servers)]
         headers = [np.empty_like(self.info) for _ in range(self.servers)]
@@ -218,9 +226,10 @@ class Client:
         self.info = headers[0]
         return self.info
 
-    def push(self, clock, grad, loss, micro):
-        """Sends every server its shard of `grad` (computed on `self.version`)."""
-        header = np.array([clock, self.version, micro, loss], np.float64)
+    def push(self, clock, grad, loss, micro, stop_flag=0):
+        """Sends every server its shard of `grad` (computed on `self.version`); a nonzero
+        `stop_flag` asks every worker to stop (see the module docstring)."""
+        header = np.array([clock, self.version, micro, loss, stop_flag], np.float64)
         requests, sent = [], 0
         for s, (lo, hi) in enumerate(self.bounds):
             shard = grad[lo:hi]

@@ -173,20 +173,22 @@ def test_a_checkpoint_in_any_layout_reads_as_whole_parameters(layout, straight):
     assert result.returncode == 0 and result.stdout.startswith("val loss "), result.stderr
 
 
-def test_sigterm_to_one_rank_checkpoints_every_rank_and_the_resume_is_bit_exact(data,
-                                                                               tmp_path):
-    """SIGTERM reaches one rank only, mid-run: all ranks agree at the next step boundary,
-    save, and exit 75 ("requeue me"); `--resume auto` then finishes the run bit for bit as
-    an uninterrupted one."""
+@pytest.mark.parametrize("layout, victim", [("dp2-pp2", 2), ("ps2", 3)],
+                         ids=["ring", "parameter-server-worker"])
+def test_sigterm_to_one_rank_checkpoints_every_rank_and_the_resume_is_bit_exact(layout, victim,
+                                                                               data, tmp_path):
+    """SIGTERM reaches one rank only, mid-run: all ranks agree on a step (at the next step
+    boundary; in ps mode the servers name it), save, and exit 75 ("requeue me"); `--resume
+    auto` then finishes the run bit for bit as an uninterrupted one."""
     import signal
     import subprocess
     from app.preempt import REQUEUE_EXIT_CODE
     from app_util import command, ENV, ROOT
     from test_checkpoint_faults import rank_pids
     longer = ["--steps", "200", "--save-interval", "0"]
-    train("dp2-pp2", data, tmp_path / "whole", *longer)
+    train(layout, data, tmp_path / "whole", *longer)
     run = tmp_path / "run"
-    job = subprocess.Popen(command(4, "train", "--config", "tiny", *MODEL, *LAYOUTS["dp2-pp2"],
+    job = subprocess.Popen(command(4, "train", "--config", "tiny", *MODEL, *LAYOUTS[layout],
                                    *longer, "--data", data, "--out", run),
                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
@@ -194,13 +196,13 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_and_the_resume_is_bit_exact(
         for line in job.stdout:
             if line.startswith("step    20/"):
                 break
-        os.kill(rank_pids(str(run))[2], signal.SIGTERM)  # one rank of the four
+        os.kill(rank_pids(str(run))[victim], signal.SIGTERM)  # one rank of the four
         out, err = job.communicate(timeout=60)
     finally:
         job.kill()
     assert job.returncode == REQUEUE_EXIT_CODE, err
     assert "stopped by SIGTERM: checkpoint of step" in out, out
-    train("dp2-pp2", data, run, *longer, "--resume", "auto")
+    train(layout, data, run, *longer, "--resume", "auto")
     losses, params = results(run)
     ref_losses, ref_params = results(tmp_path / "whole")
     assert losses == ref_losses

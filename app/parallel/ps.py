@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from app import preempt
 from app.checkpoint import (load_checkpoint, read_manifest, save_checkpoint, saving,
                             training_meta)
 from app.parallel.engine import Comms, StepEngine
@@ -100,11 +101,20 @@ class WorkerEngine(StepEngine):
         self._push_and_pull(sum(self.losses) / (M * self.shards), taken)
 
     def _push_and_pull(self, loss, micro):
-        self.client.push(self.clock, self.grads.flat, loss, micro)
+        self.client.push(self.clock, self.grads.flat, loss, micro, preempt.pending())
         self.clock += 1
         info = self.client.pull(self.clock)
         self.skipped = bool(info[3])
         self.result = (float(info[1]), float(info[2]))
+
+    def stop_requested(self, step) -> bool:
+        """Whether every worker stops at `step` (a preemption signal on any worker, agreed
+        by the servers: comm/ps.py); no collective, so the staleness survives."""
+        stop_at, signum = int(self.client.info[5]), int(self.client.info[6])
+        if 0 <= stop_at <= step:
+            preempt.adopt(signum)
+            return True
+        return False
 
     def staleness_counts(self):
         """Pushes applied or waiting so far, by staleness 0..k (server 0's count)."""
