@@ -68,6 +68,7 @@ class TrainConfig:
     compress: str = "none"
     compress_ratio: float = 0.01
     compress_rank: int = 4
+    compress_warmup: int = 0
     timeout: float = 300.0
     # checkpoints
     save_interval: int = 0
@@ -122,6 +123,8 @@ HELP = {
     "compress": "gradient compression: none, fp16, int8, topk or powersgd",
     "compress_ratio": "topk: the fraction of entries sent, in (0, 1]",
     "compress_rank": "powersgd: the rank of the approximation",
+    "compress_warmup": "topk: steps over which the ratio falls from 1 to compress_ratio, "
+                       "exponentially (DGC's warm-up; 0 = none)",
     "save_interval": "steps between checkpoints (0 = none); the last step is saved too",
     "keep": "checkpoints kept, the newest (0 = all)",
     "max_skips": "steps in a row skipped for a non-finite loss or gradient norm before "
@@ -134,7 +137,7 @@ POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bat
                  "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches",
                  "pp", "chunks", "tp", "compress_rank", "servers")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval",
-                     "save_interval", "keep", "max_skips", "staleness")
+                     "save_interval", "keep", "max_skips", "staleness", "compress_warmup")
 CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform"),
            "recompute": ("none", "selective", "full"), "mode": ("ring", "ps"),

@@ -187,6 +187,12 @@ def _make_engine(cfg, layout, xp, grid, comm, resume_from):
                       **options)
 
 
+def topk_ratio_at(step, ratio, warmup):
+    """DGC's warm-up: the kept fraction falls exponentially from 1 to `ratio` over `warmup`
+    steps, so the first, largest updates are not the sparsest."""
+    return ratio if step >= warmup else ratio ** (step / warmup)
+
+
 def compressor(cfg):
     """The gradient compressor of the config (comm/compress.py), or None."""
     if cfg.compress == "none":
@@ -302,6 +308,9 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
             time.sleep(straggle)
         x, y = loader.batch(step, 0, 1) if dynamic else loader.batch(step, dp_rank, dp)
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+        if cfg.compress == "topk" and engine.compressor is not None:
+            engine.compressor.ratio = topk_ratio_at(step, cfg.compress_ratio,
+                                                    cfg.compress_warmup)
         loss, norm = engine(xp.asarray(x), xp.asarray(y), lr)
         step_times.append(time.perf_counter() - start)
         if reducer:

@@ -179,6 +179,7 @@ def test_to_toml_round_trips_every_field_changed():
         "tp": 2, "sequence_parallel": True, "recompute": "selective",
         "mode": "ps", "servers": 2, "staleness": 1, "staleness_lr": True, "balance": "dynamic",
         "straggler": "1:5", "compress": "topk", "compress_ratio": 0.5, "compress_rank": 2,
+        "compress_warmup": 7,
     }
     assert set(values) == set(field_names())  # the test covers every key
     cfg = make_config(dict(values))

@@ -109,6 +109,7 @@ class StepEngine:
                                     self.stage)
         group = RingGroup(comms.tp) if comms.tp is not None else parallel.SOLO
         self.tp = parallel.TensorParallel(group, sequence_parallel and self.tp_size > 1)
+        self.compressor = compressor  # the trainer warms top-k's ratio up
         self.reducer = None
         if self.dp > 1:
             tensors = {name: (params.offsets[name], params.offsets[name] + view.size)

@@ -174,7 +174,7 @@ def worker_engine(cfg, layout, comm, resume_from, options):
     """The step engine of a worker, holding the parameters of the clock it starts at."""
     first = read_manifest(resume_from)["step"] if resume_from else 0
     params = gpt.init_params(cfg.model_config(), cfg.seed, np, np.dtype(cfg.dtype))
-    encode = None
+    encode = method = None
     if cfg.compress != "none":  # error feedback per server shard (the key)
         method = make_compressor(cfg.compress, cfg.compress_ratio, cfg.compress_rank)
 
@@ -183,4 +183,5 @@ def worker_engine(cfg, layout, comm, resume_from, options):
     client = ps.Client(comm, layout.servers, params.flat, cfg.staleness, encode,
                        timeout=cfg.timeout)
     return WorkerEngine(cfg.model_config(), cfg, client, layout.dp, first, cfg.balance,
-                        params=params, **{k: v for k, v in options.items() if k != "dtype"})
+                        params=params, compressor=method,
+                        **{k: v for k, v in options.items() if k != "dtype"})
