@@ -116,7 +116,8 @@ HELP = {
             "workers)",
     "servers": "parameter servers in ps mode",
     "staleness": "ps mode: clocks a worker may run ahead of the slowest (0 = synchronous)",
-    "staleness_lr": "ps mode: scale a stale gradient by 1/(1+staleness)",
+    "staleness_lr": "ps mode: scale a step's learning rate by the mean 1/(1+staleness) of "
+                    "its gradients",
     "balance": "ps mode: static slices of the batch, or dynamic (micro-batches from a "
                "shared counter)",
     "straggler": "RANK:DELAY_MS: that rank sleeps DELAY_MS every step (experiments)",

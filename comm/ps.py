@@ -19,7 +19,9 @@ k > 0 (stale synchronous parallel, Ho et al. 2013) it may compute clock c on a v
 old as c - k, so a fast worker runs up to k clocks ahead of the slowest instead of waiting
 at every step; updates are still applied per clock, in order, so that AdamW (not additive,
 unlike SGD) sees one gradient per step. The staleness of a gradient is c - (the version it
-was computed on); `staleness_lr` scales it by 1 / (1 + staleness) before it is summed.
+was computed on); with `staleness_lr` a clock's learning rate is scaled by the mean of
+1 / (1 + staleness) over its pushes (scaling the gradient itself would do nothing: AdamW
+divides it out).
 
 Messages are point-to-point with tags (below): a push is a small float64 header and one
 payload message (the gradient shard, or a compressor's buffer, comm/compress.py); a pull is
@@ -77,9 +79,10 @@ def _poll(test, what, timeout):
 
 
 class Server:
-    """The loop of one server. `apply(clock, grad_shard, loss)` is the app's update of the
-    shard (it may talk to the other servers: every server applies every clock, in order);
-    it returns (loss, norm, skipped, lr), which workers receive with the next pull."""
+    """The loop of one server. `apply(clock, grad_shard, loss, lr_scale)` is the app's
+    update of the shard (it may talk to the other servers: every server applies every
+    clock, in order); it returns (loss, norm, skipped, lr), which workers receive with the
+    next pull."""
 
     def __init__(self, comm, servers: int, flat, apply, staleness=0, micro_total=None,
                  decode=None, staleness_lr=False, start_version=0, timeout=None,
@@ -157,13 +160,12 @@ class Server:
             raise RuntimeError(f"server {self.rank}: clock {clock} computed on version {used}: "
                                f"staleness {stale} outside [0, {self.staleness}]")
         self.info[PARAMS_HEADER + stale] += 1
-        if self.staleness_lr and stale:
-            grad = grad / (1 + stale)
-        entry = self.clocks.setdefault(clock, [np.zeros(size, self.flat.dtype), 0, 0, 0.0])
+        entry = self.clocks.setdefault(clock, [np.zeros(size, self.flat.dtype), 0, 0, 0.0, 0.0])
         entry[0] += grad
         entry[1] += 1
         entry[2] += micro
         entry[3] += loss
+        entry[4] += 1 / (1 + stale) if self.staleness_lr else 1.0
 
     def _take(self, source):
         clock = np.empty(1, np.int64)
@@ -182,8 +184,9 @@ class Server:
             if self.micro_total is not None and entry[2] != self.micro_total:
                 raise RuntimeError(f"server {self.rank}: clock {self.version} covers "
                                    f"{entry[2]} micro-batches, expected {self.micro_total}")
-            grad, _, _, loss = self.clocks.pop(self.version)
-            self.info[1:5] = self.apply(self.version, grad, loss)  # loss, norm, skipped, lr
+            grad, pushes, _, loss, lr_scale = self.clocks.pop(self.version)
+            # loss, norm, skipped, lr
+            self.info[1:5] = self.apply(self.version, grad, loss, lr_scale / pushes)
             self.given.pop(self.version, None)
             self.version += 1
             self.info[0] = self.version

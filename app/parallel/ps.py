@@ -40,13 +40,14 @@ class ServerState:
                                cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay,
                                ranges=[(self.lo, self.hi)])
 
-    def apply(self, clock, grad_shard, loss):
+    def apply(self, clock, grad_shard, loss, lr_scale=1.0):
         """-> (loss, norm, skipped, lr) of the clock."""
         sums = np.array([float(np.vdot(grad_shard, grad_shard))])
         with watchdog.waiting("the other servers' gradient norms", self.timeout):
             ring.all_reduce(self.comm, sums)
         norm = math.sqrt(sums[0])
-        lr = lr_at(clock, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps, self.cfg.steps)
+        lr = lr_scale * lr_at(clock, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps,
+                              self.cfg.steps)
         skipped = not (math.isfinite(loss) and math.isfinite(norm))
         if not skipped:
             shard = self.grads[self.lo:self.hi]
