@@ -102,7 +102,7 @@ class Server:
         self.info[0] = start_version
         self.info[5] = -1  # no stop named yet
         self.info[1:3] = np.nan  # loss and norm: no clock applied yet
-        self.clocks = {}  # clock -> [gradient sum, pushes, micro-batches, loss]
+        self.clocks = {}  # clock -> {worker: (gradient, micro-batches, loss, lr scale)}
         self.pulls = []  # (worker rank, version it needs), waiting for a new enough version
         self.given = {}  # dynamic: clock -> micro-batches handed out (server 0)
         self.stopped = 0
@@ -160,12 +160,10 @@ class Server:
             raise RuntimeError(f"server {self.rank}: clock {clock} computed on version {used}: "
                                f"staleness {stale} outside [0, {self.staleness}]")
         self.info[PARAMS_HEADER + stale] += 1
-        entry = self.clocks.setdefault(clock, [np.zeros(size, self.flat.dtype), 0, 0, 0.0, 0.0])
-        entry[0] += grad
-        entry[1] += 1
-        entry[2] += micro
-        entry[3] += loss
-        entry[4] += 1 / (1 + stale) if self.staleness_lr else 1.0
+        # kept per worker and summed in rank order once all are in: the same bits whatever
+        # order they arrived in, so runs and resumes are reproducible
+        scale = 1 / (1 + stale) if self.staleness_lr else 1.0
+        self.clocks.setdefault(clock, {})[source] = (grad, micro, loss, scale)
 
     def _take(self, source):
         clock = np.empty(1, np.int64)
@@ -178,15 +176,20 @@ class Server:
 
     def _apply_complete_clocks(self):
         while True:
-            entry = self.clocks.get(self.version)
-            if entry is None or entry[1] < self.workers:
+            pushes = self.clocks.get(self.version, {})
+            if len(pushes) < self.workers:
                 return
-            if self.micro_total is not None and entry[2] != self.micro_total:
+            grads, micro, losses, scales = zip(*(pushes[w] for w in sorted(pushes)))
+            if self.micro_total is not None and sum(micro) != self.micro_total:
                 raise RuntimeError(f"server {self.rank}: clock {self.version} covers "
-                                   f"{entry[2]} micro-batches, expected {self.micro_total}")
-            grad, pushes, _, loss, lr_scale = self.clocks.pop(self.version)
+                                   f"{sum(micro)} micro-batches, expected {self.micro_total}")
+            del self.clocks[self.version]
+            grad = grads[0]
+            for other in grads[1:]:
+                grad += other
             # loss, norm, skipped, lr
-            self.info[1:5] = self.apply(self.version, grad, loss, lr_scale / pushes)
+            self.info[1:5] = self.apply(self.version, grad, sum(losses),
+                                        sum(scales) / len(scales))
             self.given.pop(self.version, None)
             self.version += 1
             self.info[0] = self.version
