@@ -11,7 +11,10 @@ import pytest
 from mpi4py import MPI
 
 ROOT = Path(__file__).resolve().parents[1]
+# One BLAS thread per rank and MPICH ranks that yield when idle, as `make` sets them.
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+       "MPIR_CVAR_POLLS_BEFORE_YIELD": os.environ.get("MPIR_CVAR_POLLS_BEFORE_YIELD", "10"),
+       "MPIR_CVAR_POSIX_POLL_FREQUENCY": os.environ.get("MPIR_CVAR_POSIX_POLL_FREQUENCY", "10"),
        "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 

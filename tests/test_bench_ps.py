@@ -1,16 +1,12 @@
 """bench/ps.py: the whole driver on `tiny` for a few steps (it starts its own `mpiexec -n 4`
 training jobs: ring, ps sync, ps async and ps with top-k), and its case selection."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from app_util import ENV, MPIEXEC, ROOT
 from bench.ps import NAMES, select
-
-ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
 def test_cases_select_by_name_and_prefix():
@@ -25,14 +21,11 @@ def test_cases_select_by_name_and_prefix():
 def test_driver_prints_the_table_and_targets(tiny_h5):
     if not MPIEXEC.exists():
         pytest.skip(f"no mpiexec beside {sys.executable}")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "MPIR_CVAR_POLLS_BEFORE_YIELD": "10", "MPIR_CVAR_POSIX_POLL_FREQUENCY": "10",
-           "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "bench.ps", "--config", "tiny", "--steps", "4",
          "--data", str(tiny_h5), "--eval-windows", "2", "--cases", "a,b,c,e-ps-topk",
          "--timeout", "40"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "tok/s log" in out and "bytes/step" in out and "val loss" in out

@@ -1,16 +1,12 @@
 """bench/tp.py: the whole driver on `tiny` (it starts its own mpiexec jobs on 1, 2 and 4
 ranks), and its byte count against the formula where that can be done by hand."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from app_util import ENV, MPIEXEC, ROOT
 from bench.tp import expected_bytes
-
-ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
 def test_expected_bytes_follow_megatrons_count():
@@ -33,13 +29,10 @@ def test_expected_bytes_follow_megatrons_count():
 def test_driver_prints_the_tables():
     if not MPIEXEC.exists():
         pytest.skip(f"no mpiexec beside {sys.executable}")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "MPIR_CVAR_POLLS_BEFORE_YIELD": "10", "MPIR_CVAR_POSIX_POLL_FREQUENCY": "10",
-           "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "bench.tp", "--config", "tiny", "--steps", "2", "--warmup", "1",
          "--n-head", "4", "--batch-size", "4", "--reruns", "0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "ms/step" in out and "meas/(l+o)" in out
