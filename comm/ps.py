@@ -34,9 +34,9 @@ start that clock, so all stop at one clock without a collective at every step, w
 would undo the staleness.
 `sync(c)` meets every rank at clock c: once all workers asked and c clocks are applied, a
 server calls `on_sync(c)`, a collective the workers join (a checkpoint of version c).
-With `--balance dynamic`, server 0 also hands out a clock's micro-batches one at a time
-(`take`), so a faster worker computes more of them; a clock is complete once its pushes
-cover every micro-batch.
+With `--balance dynamic`, server 0 also hands out a clock's micro-batches (`take`: a few
+at a time, fewer as they run out), so a faster worker computes more of them; a clock is
+complete once its pushes cover every micro-batch.
 
 Waiting polls and yields the core, under the watchdog: a lost worker or server aborts the
 job after `timeout` instead of hanging it. comm/ knows no model: the server's update is a
@@ -166,13 +166,17 @@ class Server:
         self.clocks.setdefault(clock, {})[source] = (grad, micro, loss, scale)
 
     def _take(self, source):
+        """Guided self-scheduling: a share of what is left, half of it split among the
+        workers (at least one), so that early requests take several micro-batches and the
+        last ones single ones: few round trips, and the end still balanced."""
         clock = np.empty(1, np.int64)
         self.comm.Recv(clock, source, TAG_TAKE)
         c = int(clock[0])
-        index = self.given.get(c, 0)
-        self.given[c] = index + 1
-        answer = np.array([index if index < self.micro_total else -1], np.int64)
-        self.comm.Send(answer, source, TAG_GIVEN)
+        start = self.given.get(c, 0)
+        count = max(1, (self.micro_total - start) // (2 * self.workers))
+        count = min(count, self.micro_total - start)
+        self.given[c] = start + count
+        self.comm.Send(np.array([start, count], np.int64), source, TAG_GIVEN)
 
     def _apply_complete_clocks(self):
         while True:
@@ -246,13 +250,13 @@ class Client:
         self._wait(requests, f"the servers to take the gradient of clock {clock}")
         self.bytes_sent += sent
 
-    def take(self, clock) -> int | None:
-        """The next micro-batch of `clock` (server 0 counts), or None when all are taken."""
-        index = np.empty(1, np.int64)
+    def take(self, clock) -> range:
+        """The next micro-batches of `clock` (server 0 counts); empty when all are taken."""
+        index = np.empty(2, np.int64)
         requests = [self.comm.Isend(np.array([clock], np.int64), 0, TAG_TAKE),
                     self.comm.Irecv(index, 0, TAG_GIVEN)]
         self._wait(requests, f"server 0 to hand out a micro-batch of clock {clock}")
-        return None if index[0] < 0 else int(index[0])
+        return range(int(index[0]), int(index[0] + index[1]))
 
     def sync(self, clock):
         """Asks every server to meet at clock `clock` (see `Server.on_sync`); the caller then

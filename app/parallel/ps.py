@@ -11,7 +11,7 @@ alone (as under ZeRO-1). It applies a clock when every worker has pushed it:
 A worker is the step engine without its optimizer: its program ends in `OptimizerStep`,
 which here pushes the gradient and pulls the parameters for the next clock. It runs on its
 slice of the global batch (`BatchLoader`, the workers as the data-parallel ranks), or, with
-`--balance dynamic`, on micro-batches it takes one at a time from server 0.
+`--balance dynamic`, on micro-batches it takes a few at a time from server 0.
 """
 import math
 
@@ -85,17 +85,18 @@ class WorkerEngine(StepEngine):
         self._push_and_pull(sum(self.losses) / (M * self.shards), M)
 
     def _dynamic_step(self, x, y):
-        """Micro-batches of the global batch, taken one at a time until none is left."""
+        """Micro-batches of the global batch, taken from server 0 until none is left."""
         M = self.options.micro_batches
         rows = x.shape[0] // (M * self.shards)
         self.backwards_done, self.losses = [0], []
         taken = 0
-        while (index := self.client.take(self.clock)) is not None:
-            part = slice(index * rows, (index + 1) * rows)
-            loss, cache = self.forward(0, x[part], y[part])
-            self.record_loss(loss)
-            self.backward(0, cache, None)
-            taken += 1
+        while taking := self.client.take(self.clock):
+            for index in taking:
+                part = slice(index * rows, (index + 1) * rows)
+                loss, cache = self.forward(0, x[part], y[part])
+                self.record_loss(loss)
+                self.backward(0, cache, None)
+                taken += 1
         if not taken:
             self.grads.flat[...] = 0
         self.micro_done += taken
