@@ -122,7 +122,6 @@ def init_params(cfg: GPTConfig, seed: int, xp=np, dtype=np.float32) -> FlatParam
 
 
 UNSPLIT = parallel.TensorParallel()
-RECOMPUTE = ("none", "selective", "full")
 
 
 # --------------------------------------------------------------------------- forward/backward

@@ -104,7 +104,6 @@ class StepEngine:
         self.params = params
         self.grads = params.like()
         self.scratch = params.like() if options.micro_batches > 1 else None
-        self.chunk_names = [gpt.stage_param_names(model_cfg, [s]) for s in self.specs]
         self.program = make_program(schedule, self.p, options.micro_batches, chunks,
                                     self.stage)
         group = RingGroup(comms.tp) if comms.tp is not None else parallel.SOLO

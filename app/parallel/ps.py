@@ -32,7 +32,6 @@ class ServerState:
 
     def __init__(self, cfg, servers_comm, params, timeout=None):
         self.cfg, self.comm, self.timeout = cfg, servers_comm, timeout
-        self.params = params
         n = params.size
         self.lo, self.hi = ps.shard_of(n, servers_comm.Get_size(), servers_comm.Get_rank())
         self.grads = np.zeros(n, params.flat.dtype)
