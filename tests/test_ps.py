@@ -109,6 +109,50 @@ def test_stale_gradients_stay_within_the_bound_and_are_counted(corpus):
     verdict.check(world)
 
 
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("predict", [True, False], ids=["predicted", "as stored"])
+def test_a_stale_pull_is_moved_on_by_the_last_update(predict):
+    """1 server + 2 workers, k=2, an update of minus the summed gradient. Clock 0 moves the
+    parameters from 0 to -2; worker 1 then pulls clock 2 while clock 1 waits for worker 2:
+    version 1, one clock behind, so with prediction it gets -2 + (-2) = -4, the value clock 1
+    will indeed give; then worker 2's fresh pull of clock 2 gets the stored -4 either way."""
+    from comm import ps
+    skip_unless_ranks(3, "1 server + 2 workers")
+    world, verdict = MPI.COMM_WORLD, Verdict()
+    group = groups_of(world, 3)
+    if group is not None:
+        flat = np.zeros(8)
+        rank = group.Get_rank()
+        with verdict.guard(f"rank {rank}"):
+            if rank == 0:
+                def apply(clock, grad, loss, scale):
+                    flat[:] -= grad
+                    return loss, 0.0, 0.0, 1.0
+                ps.Server(group, 1, flat, apply, staleness=2, predict=predict,
+                          timeout=60).run()
+            else:
+                client = ps.Client(group, 1, flat, staleness=2, timeout=60)
+                client.pull(0)
+                client.push(0, np.ones(8), 0.0, 1)
+                client.pull(1, fresh=True)
+                np.testing.assert_array_equal(flat, -2.0)  # fresh: never predicted
+                if rank == 1:
+                    client.push(1, np.ones(8), 0.0, 1)
+                    client.pull(2)
+                    assert client.version == 1, client.version
+                    np.testing.assert_array_equal(flat, -4.0 if predict else -2.0)
+                    group.send(None, 2, tag=999)  # now worker 2 may finish clock 1
+                else:
+                    group.recv(source=1, tag=999)
+                    client.push(1, np.ones(8), 0.0, 1)
+                    client.pull(2, fresh=True)
+                    assert client.version == 2, client.version
+                    np.testing.assert_array_equal(flat, -4.0)
+                client.stop()
+        group.Free()
+    verdict.check(world)
+
+
 @pytest.mark.parametrize("values, message", [
     (dict(mode="ps", servers=4), "config servers = 4 leaves no worker on 4 ranks"),
     (dict(mode="ps", servers=1, tp=2), 'config tp = 2 with mode = "ps": expected tp = 1'),

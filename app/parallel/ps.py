@@ -155,6 +155,7 @@ def serve(cfg, layout, comm, servers_comm, run_dir, tokenizer, resume_from):
 
     server = ps.Server(comm, layout.servers, params.flat, state.apply, cfg.staleness,
                        micro_total, decode=decode, staleness_lr=cfg.staleness_lr,
+                       predict=cfg.staleness_predict,
                        start_version=first, timeout=cfg.timeout, on_sync=save)
     server.run()
     return {"loss": [], "val": {}, "params": None}
