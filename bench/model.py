@@ -50,14 +50,14 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     if use_torch:
         import torch
 
-        from bench.torch_gpt import TorchGPT, make_optimizer, train_step
+        from bench import torch_gpt  # a module: its train_step must not shadow ours
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         torch.manual_seed(0)
-        model = TorchGPT(mcfg, host_init)
-        topt = make_optimizer(model, gpt.is_decayed, cfg.lr, (cfg.beta1, cfg.beta2),
+        model = torch_gpt.TorchGPT(mcfg, host_init)
+        topt = torch_gpt.make_optimizer(model, gpt.is_decayed, cfg.lr, (cfg.beta1, cfg.beta2),
                               cfg.weight_decay)
         tb = [(torch.from_numpy(b[0]), torch.from_numpy(b[1])) for b in batches]
-        runners["torch"] = lambda i: train_step(model, topt, *tb[i], cfg.grad_clip)
+        runners["torch"] = lambda i: torch_gpt.train_step(model, topt, *tb[i], cfg.grad_clip)
         first_loss["torch"] = runners["torch"](0)
 
     times = {name: [] for name in runners}
