@@ -1,0 +1,94 @@
+"""bench/report.py: the whole driver on `tiny` (it starts its own `mpiexec` training jobs on
+1 and 2 ranks, one per mode and scaling kind), its arithmetic and its option errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app_util import ENV, MPIEXEC, ROOT
+from bench.report import (MODES, global_batch, main, micro_batches, mode_overrides, scaling,
+                          split_step)
+
+SCHEMA = {"model": str, "mode": str, "dp": int, "tp": int, "pp": int, "schedule": str,
+          "chunks": int, "micro_batches": int, "zero": int, "servers": int, "staleness": int,
+          "ranks": int, "batch_size": int, "block_size": int, "tokens_per_s": float,
+          "step_ms": float, "exposed_comm_ms": (float, type(None)),
+          "bytes_per_rank_step": (float, int, type(None)),
+          "peak_mem_bytes": (float, type(None)), "oversubscribed": bool}
+
+
+def test_speedup_and_efficiency():
+    assert scaling(20000.0, 10000.0, 2) == (2.0, 1.0)
+    assert scaling(15000.0, 10000.0, 4) == (1.5, 0.375)
+    assert scaling(9000.0, 10000.0, 1) == pytest.approx((0.9, 0.9))
+
+
+def test_step_split():
+    # ring dp: the logged wait is the exposed communication, the rest of the step compute
+    assert split_step(10.0, 4.0, 0.0, 1.5) == (8.5, 0.0, 1.5, "logged")
+    # elsewhere: ideal compute 4 ms, a 20% bubble adds 1 ms, the other 5 ms are residual
+    assert split_step(10.0, 4.0, 0.2, None) == pytest.approx((4.0, 1.0, 5.0, "residual"))
+    # faster than the ideal share (caches): nothing left over, never negative
+    assert split_step(3.0, 4.0, 0.2, None) == (3.0, 0.0, 0.0, "residual")
+
+
+def test_layouts_and_batches():
+    assert micro_batches(12, 2) == 4 and micro_batches(12, 4) == 6 and micro_batches(6, 2) == 3
+    assert mode_overrides("pp", 2, 12) == {"pp": 2, "micro_batches": 4}
+    assert mode_overrides("dp-pp", 2, 12) is None  # dp=2 x pp=2 needs 4 ranks
+    assert mode_overrides("dp-pp", 4, 12) == {"pp": 2, "micro_batches": 3}
+    assert mode_overrides("ps-async", 4, 12) == {"mode": "ps", "servers": 1, "staleness": 2}
+    assert global_batch("strong", "ps", 4, 12, 3) == 12
+    assert global_batch("weak", "dp", 4, 12, 3) == 12
+    assert global_batch("weak", "ps", 4, 12, 3) == 9  # 3 workers
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "dp,xp"], "error: --modes: 'xp' is not one of dp, "),
+    (["--ranks", "1,two"], "error: --ranks: 'two' is not a positive integer"),
+    (["--steps", "1"], "error: --steps: '1': expected one integer >= 2"),
+    (["--configs", "huge"], "error: --configs: config 'huge' not found"),
+])
+def test_bad_values_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        main(argv)
+
+
+def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.report", "--configs", "tiny", "--ranks", "1,2",
+         "--steps", "2", "--data", str(tiny_h5), "--out", str(out), "--timeout", "40"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (out / "report.md").read_text()
+    for kind in ("strong", "weak"):
+        section = report.split(f"## `tiny`: {kind} scaling")[1].split("##")[0]
+        modes = [line.split("|")[1].strip() for line in section.splitlines()
+                 if line.startswith("| ") and not line.startswith("| mode")]
+        assert modes == ["single"] + [m for m in MODES if m != "dp-pp"], section
+        assert "FAILED" not in section and "skipped" not in section
+    measured = json.loads((out / "measurements.json").read_text())
+    assert len(measured) == 14  # 7 rows in each table, none shared at 2 ranks
+    for entry in measured:
+        for key, types in SCHEMA.items():
+            assert isinstance(entry[key], types), (key, entry)
+        assert entry["oversubscribed"] == (entry["ranks"] > os.cpu_count())
+        assert entry["tokens_per_s"] > 0 and entry["peak_mem_bytes"] > 0
+    by_layout = {(e["mode"], e["ranks"], e["pp"], e["tp"], e["zero"], e["staleness"],
+                  e["batch_size"]) for e in measured}
+    assert ("ps", 2, 1, 1, 0, 2, 3) in by_layout  # weak ps-async: 1 worker x 3 sequences
+    assert ("ring", 2, 2, 1, 0, 0, 12) in by_layout  # strong pp
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plots: matplotlib is not installed" in report
+        pytest.skip("report.md and measurements.json checked; matplotlib is not installed, "
+                    "so there are no PNGs to check")
+    for name in ("speedup_tiny.png", "step_time_tiny.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
