@@ -1,62 +1,51 @@
 """`make report` / `python -m bench.report`: strong and weak scaling of every parallel mode.
 
-For each config (`baby` and `small` by default) it measures strong scaling (a fixed global
-batch, 12 sequences: it splits evenly over 1, 2, 3 and 4 data-parallel ranks, so also over
-a parameter server's 3 workers) and weak scaling (a fixed batch per rank, 3 sequences: the
-global batch grows with the ranks, in ps mode with the workers) on 1, 2 and 4 ranks:
+For each config (`baby` and `small` by default), on 1, 2 and 4 ranks: strong scaling (a
+global batch of 12 sequences, which splits over 1 to 4 data-parallel ranks and over 3
+parameter-server workers) and weak scaling (3 sequences per rank, per worker in ps mode),
+in every mode:
 
-    dp        ring data parallelism, dp = ranks
-    zero      dp with ZeRO-1
-    pp        1F1B pipeline, pp = ranks (micro-batches: the most, up to 2 pp, that divide
-              the batch evenly)
+    dp        ring data parallelism, dp = ranks      dp-pp     dp = 2 x pp = ranks / 2
+    zero      dp with ZeRO-1                         ps        1 server + ranks - 1 workers
+    pp        1F1B, pp = ranks                       ps-async  ps with staleness 2
     tp        Megatron tensor parallelism, tp = ranks
-    dp-pp     dp = 2 x pp = ranks / 2 (4 ranks and up)
-    ps        parameter server, synchronous: 1 server + ranks - 1 workers
-    ps-async  ps with bounded staleness 2
 
-Each configuration is its own job, `mpiexec -n R python -m app train --config C --data D
---steps S ...` with one BLAS thread per rank and MPICH ranks that yield, validation only at
-the first and last step, no sample, no checkpoints, a log line every step and
---peak-gflops 100 (no GEMM probe). A layout that the trainer's rules refuse (6 heads on
-tp = 4) is listed as skipped, with the trainer's reason. A job that weak and strong scaling
-share (the same layout and global batch: 4 ranks with the defaults) runs once.
-
-Where each number comes from:
+Every configuration is its own job, `mpiexec -n R python -m app train --config C --data D
+--steps S ...`: one BLAS thread per rank, MPICH ranks that yield, validation only at the
+first and last step, no sample, no checkpoints, a log line every step, --peak-gflops 100
+(no GEMM probe). A layout the trainer's rules refuse (6 heads on tp = 4) is listed as
+skipped with the trainer's reason; a job that both kinds share runs once.
 
 - tok/s: the global batch's tokens per step over the wall time between the logging rank's
-  step-0 and last step log lines as they reach this driver (steps 1..S-1; set-up and
-  validation are outside it); in ps mode the logging rank is the first worker. step ms is
-  the same rate inverted.
-- speedup: tok/s over the 1-rank run of the same config and scaling kind (the strong
-  global batch, or the weak per-rank batch); efficiency: speedup / ranks, a parameter
-  server counted as a rank.
-- compute, bubble, exposed comm split one step. For ring data parallelism without ZeRO,
-  the only communication is the gradient buckets' all-reduce, and the trainer logs the
-  wait for it that backward did not hide (`comm_wait_ms`, rank 0's median): exposed comm
-  is that wait and compute the rest. Pipeline transfers, tensor-parallel collectives,
-  ZeRO-1's parameter all-gather and parameter-server pushes and pulls are not timed by the
-  trainer, so there compute is the ideal share of the 1-rank step (this rank's share of
-  the tokens at the 1-rank rate), the bubble comes from the pipeline simulator
-  (app/parallel/schedules.py `simulate` on the layout's 1F1B programs, stage costs from
-  the partition's FLOP model), and exposed comm is what remains of the step (marked ~): it
-  also holds what else a split costs (smaller GEMMs, two ranks sharing memory bandwidth,
-  Python per message).
+  step-0 and last step lines as they reach this driver (steps 1..S-1: set-up and
+  validation are outside it); in ps mode the logging rank is the first worker, which may
+  end up to 2 steps (the staleness) ahead of the slowest: with 3 async workers the rate
+  may overstate the job's by up to 2/(S-1). step ms: the same rate, inverted.
+- speedup: tok/s over the 1-rank run of the same table (the same config and strong batch,
+  or per-rank batch); efficiency: speedup / ranks, a parameter server counted as a rank.
+- One step split: compute is the ideal share of the 1-rank step (this rank's share of the
+  tokens at the 1-rank rate), the bubble the pipeline simulator's (app/parallel/
+  schedules.py `simulate` on the layout's 1F1B programs, stage costs from the partition's
+  FLOP model). Ring data parallelism without ZeRO communicates only in the gradient
+  buckets, and the trainer logs the wait for them that backward did not hide (rank 0's
+  `comm_wait_ms`, the median): that is exposed comm, and other is the rest (ranks sharing
+  memory bandwidth, smaller GEMMs). The trainer does not time pipeline transfers,
+  tensor-parallel collectives, ZeRO-1's parameter all-gather or parameter-server pushes and
+  pulls: there exposed comm is all the rest of the step (marked ~), an upper bound.
 - MiB sent: per rank and step, the mean over the logged steps of the logging rank's
   `bytes_sent` (rank 0; in ps mode the first worker's pushes and pull requests).
 - state MiB: the trainer's footprint line (parameters, gradients, AdamW's moments and the
-  activations alive at the peak, each the largest over the ranks; a parameter server's
-  own state is not in it). RSS MiB: the peak resident memory (VmHWM) of the largest rank,
-  servers included, read from /proc every quarter second while the job runs (Python, NumPy
-  and MPI are about 100 MiB of it).
-- load: cores' worth of CPU other processes used meanwhile (bench.dp.LoadMeter).
+  peak activations, each the largest over the ranks; a server's state is not in it). RSS
+  MiB: the largest rank's peak resident memory (VmHWM, servers included, from /proc every
+  quarter second; Python, NumPy and MPI are about 60-70 MiB of it).
+- load: cores' worth of CPU that other processes used meanwhile (bench.dp.LoadMeter).
 
-Rows with more ranks than cores (4 on a 2-core machine) are marked oversubscribed: they
-measure the machine's time-sharing more than the method and are not scaling results.
+Rows with more ranks than cores (4 on 2 cores) are marked oversubscribed: they measure
+time-sharing more than the method and are not scaling results.
 
-Output, under --out (runs/report/): report.md (a table per config and scaling kind),
-measurements.json (one dict per measured configuration, read by the cost model), and
-with matplotlib (an optional, benchmark-only dependency) speedup_CONFIG.png and
-step_time_CONFIG.png (bench/report_plots.py).
+Output under --out (runs/report/): report.md (a table per config and kind),
+measurements.json (one dict per measured configuration, for the cost model) and, with
+matplotlib (optional, benchmark-only), speedup_C.png and step_time_C.png (report_plots.py).
 """
 import argparse
 import json
@@ -83,8 +72,13 @@ from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 MODES = ["dp", "zero", "pp", "tp", "dp-pp", "ps", "ps-async"]
 KINDS = ("strong", "weak")
 STALENESS = 2
-STEPS = {"baby": 60, "small": 8}  # a whole `make report` in about 10 minutes on 2 cores
+STEPS = {"baby": 60, "small": 10}  # a whole `make report` in about 10 minutes on 2 cores
 OTHER_STEPS = 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 2 ** 20
+FOOTPRINT = re.compile(r"^memory per rank \(the largest\): (.*?); sent per step")
+FOOTPRINT_ITEM = re.compile(r"(?:parameters|gradients|optimizer|activations at the peak) "
+                            r"([\d.]+) MiB")
 
 
 @dataclass
@@ -109,30 +103,22 @@ class Case:
 
 
 def micro_batches(rows, pp):
-    """The most micro-batches, up to 2 pp, that split `rows` sequences evenly: a bubble of
-    (p-1)/(m+p-1) at most a third, without micro-batches of a single short sequence."""
+    """The most micro-batches, up to 2 pp, that split `rows` sequences evenly (1F1B's bubble
+    is (p-1)/(m+p-1); more and smaller micro-batches cost Python time per message)."""
     return max((m for m in range(1, 2 * pp + 1) if rows % m == 0), default=1)
 
 
 def mode_overrides(mode, ranks, batch):
     """The config keys of `mode` on `ranks` ranks at a global batch of `batch` sequences,
-    or None where the mode does not exist on so few ranks."""
-    if ranks == 1 or mode == "single":
-        return {} if ranks == 1 and mode == "single" else None
-    if mode == "dp":
-        return {}
-    if mode == "zero":
-        return {"zero": 1}
-    if mode == "pp":
-        return {"pp": ranks, "micro_batches": micro_batches(batch, ranks)}
-    if mode == "tp":
-        return {"tp": ranks}
-    if mode == "dp-pp":
-        if ranks < 4 or ranks % 2:
-            return None
-        return {"pp": ranks // 2, "micro_batches": micro_batches(batch // 2, ranks // 2)}
+    or None where the mode does not exist on that many ranks."""
+    if (ranks == 1) != (mode == "single") or (mode == "dp-pp" and (ranks < 4 or ranks % 2)):
+        return None
+    pp = ranks // 2 if mode == "dp-pp" else ranks  # dp-pp: dp = 2
     ps = {"mode": "ps", "servers": 1}
-    return ps if mode == "ps" else {**ps, "staleness": STALENESS}
+    return {"single": {}, "dp": {}, "zero": {"zero": 1}, "tp": {"tp": ranks},
+            "pp": {"pp": pp, "micro_batches": micro_batches(batch, pp)},
+            "dp-pp": {"pp": pp, "micro_batches": micro_batches(batch // 2, pp)},
+            "ps": ps, "ps-async": {**ps, "staleness": STALENESS}}[mode]
 
 
 def global_batch(kind, mode, ranks, strong_batch, weak_batch):
@@ -159,269 +145,6 @@ def plan_cases(models, ranks_list, modes, strong_batch, weak_batch):
                         case.skipped = str(err)
                     cases.append(case)
     return cases
-
-
-def bubble_fraction(case):
-    """The simulator's idle fraction of a 1F1B step of this layout (0 without a pipeline),
-    with each stage's forward and backward costs from the partition's FLOP model."""
-    layout, cfg = case.layout, case.cfg
-    if layout.pp == 1:
-        return 0.0
-    embedding, blocks, head = model_costs(cfg.model_config(), layout.rows * cfg.block_size)
-    stages = stage_costs(layout.ranges, blocks, embedding, head)  # 3x a forward's cost
-    costs = {Forward: [c / 3 for c in stages], Backward: [2 * c / 3 for c in stages]}
-    return simulate(one_f_one_b(layout.pp, layout.micro_batches), costs).bubble_fraction
-
-
-def scaling(tokens_per_s, base_tokens_per_s, ranks):
-    """(speedup, parallel efficiency) against the 1-rank rate."""
-    speedup = tokens_per_s / base_tokens_per_s
-    return speedup, speedup / ranks
-
-
-def split_step(step_ms, ideal_compute_ms, bubble, logged_wait_ms):
-    """(compute, bubble, exposed comm) ms of one step, and where exposed comm comes from:
-    "logged" (the reducer's wait, the rest is compute) or "residual" (the step less the
-    ideal compute and the simulated bubble, a fraction `bubble` of the pipeline's time)."""
-    if logged_wait_ms is not None:
-        wait = min(logged_wait_ms, step_ms)
-        return step_ms - wait, 0.0, wait, "logged"
-    compute = min(ideal_compute_ms, step_ms)
-    bubble_ms = min(compute * bubble / (1 - bubble), step_ms - compute)
-    return compute, bubble_ms, step_ms - compute - bubble_ms, "residual"
-
-
-def fill_row(case, base):
-    """Adds the row's derived numbers to case.row, against the 1-rank run `base`."""
-    r, layout = case.result, case.layout
-    tokens = case.batch * case.cfg.block_size
-    step_ms = 1e3 * tokens / r["tok_s"]
-    workers = case.ranks - layout.servers
-    ideal_ms = 1e3 * tokens / workers / base.result["tok_s"]
-    logged = r["comm_wait_ms"] if (layout.mode == "ring" and layout.dp > 1 and layout.pp == 1
-                                   and layout.tp == 1 and not layout.zero) else None
-    if case.ranks == 1:
-        logged = 0.0  # nothing to wait for
-    compute, bubble, exposed, source = split_step(step_ms, ideal_ms, bubble_fraction(case),
-                                                  logged)
-    speedup, efficiency = scaling(r["tok_s"], base.result["tok_s"], case.ranks)
-    case.row = {"step_ms": step_ms, "compute_ms": compute, "bubble_ms": bubble,
-                "exposed_comm_ms": exposed, "exposed_comm_source": source,
-                "speedup": speedup, "efficiency": efficiency,
-                "oversubscribed": case.ranks > os.cpu_count()}
-
-
-def measurement(case):
-    """The measurements.json dict of a measured row."""
-    layout, r, row = case.layout, case.result, case.row
-    return {"model": case.model, "mode": layout.mode, "label": case.mode, "dp": layout.dp,
-            "tp": layout.tp, "pp": layout.pp, "schedule": layout.schedule,
-            "chunks": layout.chunks, "micro_batches": layout.micro_batches,
-            "zero": int(layout.zero), "servers": layout.servers,
-            "staleness": case.cfg.staleness, "ranks": case.ranks, "batch_size": case.batch,
-            "block_size": case.cfg.block_size, "tokens_per_s": r["tok_s"],
-            "step_ms": row["step_ms"], "exposed_comm_ms": row["exposed_comm_ms"],
-            "exposed_comm_source": row["exposed_comm_source"], "bubble_ms": row["bubble_ms"],
-            "bytes_per_rank_step": r["bytes"], "peak_mem_bytes": r["state_bytes"],
-            "peak_rss_bytes": r["rss_bytes"], "other_load_cores": r["load"],
-            "oversubscribed": row["oversubscribed"]}
-
-
-COLUMNS = ["mode", "ranks", "layout", "batch", "tok/s", "speedup", "efficiency", "step ms",
-           "compute ms", "bubble ms", "exposed comm ms", "MiB sent/rank/step",
-           "state MiB/rank", "peak RSS MiB", "load"]
-
-
-def layout_text(case):
-    layout = case.layout
-    if case.ranks == 1:
-        return "1 process"
-    if layout.mode == "ps":
-        staleness = f", staleness {case.cfg.staleness}" if case.cfg.staleness else ""
-        return f"1 server + {layout.dp} worker{'s' * (layout.dp > 1)}{staleness}"
-    parts = [f"{name}={size}" for name, size in
-             (("dp", layout.dp), ("pp", layout.pp), ("tp", layout.tp)) if size > 1]
-    parts += ["ZeRO-1"] * layout.zero + [f"m={layout.micro_batches}"] * (layout.pp > 1)
-    return " ".join(parts)
-
-
-def table_row(case):
-    head = [case.mode + " *" * (case.ranks > os.cpu_count()), str(case.ranks)]
-    if case.skipped:
-        return head + ["skipped: " + case.skipped.replace("|", "/")]
-    head += [layout_text(case), str(case.batch)]
-    r = case.result
-    if r["failure"]:
-        return head + ["FAILED: " + r["failure"].replace("|", "/")]
-    row = case.row
-    over = row["oversubscribed"]
-    scaled = [f"{row['speedup']:.2f}x", f"{row['efficiency']:.0%}"]
-    mib = [f"{r['bytes'] / MIB:.2f}" if r["bytes"] is not None else "-",
-           f"{r['state_bytes'] / MIB:.1f}" if r["state_bytes"] else "-",
-           f"{r['rss_bytes'] / MIB:.0f}" if r["rss_bytes"] else "-"]
-    return head + [f"{r['tok_s']:.0f}", *(f"({s})" if over else s for s in scaled),
-                   f"{row['step_ms']:.1f}", f"{row['compute_ms']:.1f}",
-                   f"{row['bubble_ms']:.1f}",
-                   ("~" if row["exposed_comm_source"] == "residual" else "")
-                   + f"{row['exposed_comm_ms']:.1f}", *mib, f"{r['load']:.2f}"]
-
-
-def markdown_table(table):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for case in table:
-        cells = table_row(case)
-        lines.append("| " + " | ".join(cells + [""] * (len(COLUMNS) - len(cells))) + " |")
-    return lines
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
-def write_report(args, cases, elapsed, steps):
-    """report.md and the plots, under args.out."""
-    cores = os.cpu_count()
-    lines = ["# Scaling report", "",
-             f"`python -m bench.report` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-             f", {cpu_name()}, {cores} cores; {elapsed:.0f} s in all. Steps per job: "
-             + ", ".join(f"`{m}` {s}" for m, s in steps.items())
-             + " (tok/s over steps 1 to the last). Strong scaling: a global batch of "
-             f"{args.batch} sequences; weak scaling: {args.weak_batch} sequences per rank "
-             "(per worker in ps mode).", "",
-             "speedup and efficiency: against the 1-rank run of the same table (a parameter "
-             "server counts as a rank). `*`: more ranks than cores, oversubscribed: its "
-             "speedup and efficiency (in parentheses) measure time-sharing of the cores, "
-             "not scaling. exposed comm: the trainer's logged wait for the gradient "
-             "all-reduce where that is all the communication (ring dp); `~`: the step less "
-             "the ideal share of the 1-rank step (compute) and the simulator's 1F1B bubble "
-             "(everything a split costs beyond that, communication included). state: "
-             "parameters, gradients, AdamW moments and peak activations of the largest "
-             "rank (the trainer's footprint line); peak RSS: the largest rank's VmHWM; "
-             "load: cores' worth of CPU other processes used meanwhile. See `python -m "
-             "bench.report --help`.", ""]
-    for model in args.configs:
-        block = next(c.cfg.block_size for c in cases if c.model == model and c.cfg)
-        tables = {kind: [c for c in cases if c.model == model and c.kind == kind]
-                  for kind in KINDS}
-        for kind, table in tables.items():
-            what = (f"global batch {args.batch} x {block} tokens" if kind == "strong" else
-                    f"{args.weak_batch} x {block} tokens per rank")
-            lines += [f"## `{model}`: {kind} scaling ({what})", "", *markdown_table(table), ""]
-        try:
-            from bench.report_plots import draw
-            paths = draw(args.out, model, {kind: [c for c in table if c.row]
-                                           for kind, table in tables.items()}, cores)
-            lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths] + [""]
-        except ImportError:
-            lines += ["(no plots: matplotlib is not installed; `pip install matplotlib`)", ""]
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-
-
-def parse_list(text, option, allowed=None, convert=str):
-    values = []
-    for item in (w.strip() for w in text.split(",")):
-        try:
-            value = convert(item)
-        except ValueError:
-            value = None
-        if value is None or (allowed is not None and value not in allowed) or \
-                (convert is int and value < 1):
-            expected = f"one of {', '.join(map(str, allowed))}" if allowed else \
-                "a positive integer"
-            raise SystemExit(f"error: {option}: {item!r} is not {expected}")
-        if value not in values:
-            values.append(value)
-    return values
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="baby,small", help="comma-separated configs")
-    parser.add_argument("--ranks", default="1,2,4",
-                        help="comma-separated rank counts (the 1-rank baseline always runs)")
-    parser.add_argument("--modes", default=",".join(MODES), help=", ".join(MODES))
-    parser.add_argument("--steps", default=None,
-                        help=f"steps per job (default: {STEPS}, {OTHER_STEPS} otherwise)")
-    parser.add_argument("--batch", default="12", help="strong scaling's global batch")
-    parser.add_argument("--weak-batch", default="3", help="weak scaling's batch per rank")
-    parser.add_argument("--data", default="data/embedded.h5")
-    parser.add_argument("--out", default="runs/report")
-    parser.add_argument("--timeout", default="300", help="seconds one job may run")
-    args = parser.parse_args(argv)
-    args.configs = parse_list(args.configs, "--configs")
-    for name in args.configs:
-        try:
-            load_config(name)
-        except UserError as err:
-            raise SystemExit(f"error: --configs: {err}")
-    args.ranks = sorted(set(parse_list(args.ranks, "--ranks", convert=int)) | {1})
-    args.modes = parse_list(args.modes, "--modes", allowed=MODES)
-    for option in ("steps", "batch", "weak_batch", "timeout"):
-        value = getattr(args, option)
-        if value is None:
-            continue
-        number = parse_list(value, "--" + option.replace("_", "-"), convert=int)
-        if len(number) != 1 or (option == "steps" and number[0] < 2):
-            raise SystemExit(f"error: --{option.replace('_', '-')}: {value!r}: expected one "
-                             f"integer{' >= 2' if option == 'steps' else ' >= 1'}")
-        setattr(args, option, number[0])
-    args.data = os.path.abspath(args.data)
-    if not os.path.exists(args.data):
-        raise SystemExit(f"error: --data: no {args.data}: make it with `make data`")
-    return args
-
-
-def steps_of(model, args):
-    return args.steps or STEPS.get(model, OTHER_STEPS)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    args.mpiexec = mpiexec_command()
-    started = time.perf_counter()
-    cases = plan_cases(args.configs, args.ranks, args.modes, args.batch, args.weak_batch)
-    jobs = {}
-    with tempfile.TemporaryDirectory(prefix="report-") as runs:
-        for case in cases:
-            if case.skipped:
-                continue
-            if case.key not in jobs:
-                jobs[case.key] = measure(case, args, runs, len(jobs))
-            case.result = jobs[case.key]
-    measured = []
-    for model in args.configs:
-        for kind in KINDS:
-            table = [c for c in cases if c.model == model and c.kind == kind]
-            base = next((c for c in table if c.mode == "single"), None)
-            for case in table:
-                if case.result and not case.result["failure"] and base and \
-                        not base.result["failure"]:
-                    fill_row(case, base)
-                    measured.append(case)
-    os.makedirs(args.out, exist_ok=True)
-    unique = {}
-    for case in measured:
-        unique.setdefault(case.key, measurement(case))  # strong first: its baseline
-    with open(os.path.join(args.out, "measurements.json"), "w") as f:
-        json.dump(list(unique.values()), f, indent=1)
-    elapsed = time.perf_counter() - started
-    write_report(args, cases, elapsed, {m: steps_of(m, args) for m in args.configs})
-    return 1 if any(c.result and c.result["failure"] for c in cases) else 0
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MIB = 2 ** 20
-FOOTPRINT = re.compile(r"^memory per rank \(the largest\): (.*?); sent per step")
-FOOTPRINT_ITEM = re.compile(r"(?:parameters|gradients|optimizer|activations at the peak) "
-                            r"([\d.]+) MiB")
 
 
 class PeakMemory(threading.Thread):
@@ -513,11 +236,9 @@ def measure(case, args, runs, index):
             result["comm_wait_ms"] = median_comm_wait(os.path.join(out, "metrics.jsonl"))
         except (OSError, ValueError, KeyError) as err:
             result["failure"] = f"unreadable metrics.jsonl: {err}"
-    if not result["failure"]:
-        seen = job["seen"]  # the rate between the step-0 and the last step line
-        (s0, t0), (s1, t1) = seen[0], seen[-1]
-        result["tok_s"] = (s1 - s0) * case.batch * case.cfg.block_size / max(t1 - t0, 1e-9) \
-            if s1 > s0 else result["tok_s"]
+    if not result["failure"]:  # the rate between the step-0 and the last step line
+        (s0, t0), (s1, t1) = job["seen"][0], job["seen"][-1]
+        result["tok_s"] = (s1 - s0) * case.batch * case.cfg.block_size / max(t1 - t0, 1e-9)
     what = result["failure"] or f"{result['tok_s']:.0f} tok/s"
     print(f"  {case.model} {case.mode:<8} {case.ranks} ranks, batch {case.batch:>3}: {what} "
           f"({job['wall']:.1f} s, other processes {meter.cores:.2f} cores)", file=sys.stderr)
@@ -530,6 +251,258 @@ def median_comm_wait(path):
         waits = [r["comm_wait_ms"] for r in map(json.loads, filter(str.strip, f))
                  if "comm_wait_ms" in r][1:]
     return statistics.median(waits) if waits else None
+
+
+def bubble_fraction(case):
+    """The simulator's idle fraction of a 1F1B step of this layout (0 without a pipeline),
+    with each stage's forward and backward costs from the partition's FLOP model."""
+    layout, cfg = case.layout, case.cfg
+    if layout.pp == 1:
+        return 0.0
+    embedding, blocks, head = model_costs(cfg.model_config(), layout.rows * cfg.block_size)
+    stages = stage_costs(layout.ranges, blocks, embedding, head)  # 3x a forward's cost
+    costs = {Forward: [c / 3 for c in stages], Backward: [2 * c / 3 for c in stages]}
+    return simulate(one_f_one_b(layout.pp, layout.micro_batches), costs).bubble_fraction
+
+
+def scaling(tokens_per_s, base_tokens_per_s, ranks):
+    """(speedup, parallel efficiency) against the 1-rank rate."""
+    speedup = tokens_per_s / base_tokens_per_s
+    return speedup, speedup / ranks
+
+
+def split_step(step_ms, ideal_compute_ms, bubble, logged_wait_ms):
+    """One step's ms as compute (the ideal share of the 1-rank step), pipeline bubble (a
+    fraction `bubble` of the pipeline's time), exposed comm and other; exposed comm is the
+    logged wait when there is one (what is left is other: contention, smaller GEMMs), else
+    the residual, all that is left."""
+    compute = min(ideal_compute_ms, step_ms)
+    bubble_ms = min(compute * bubble / (1 - bubble), step_ms - compute)
+    left = step_ms - compute - bubble_ms
+    exposed = left if logged_wait_ms is None else min(logged_wait_ms, left)
+    return {"compute_ms": compute, "bubble_ms": bubble_ms, "exposed_comm_ms": exposed,
+            "other_ms": left - exposed,
+            "exposed_comm_source": "residual" if logged_wait_ms is None else "logged"}
+
+
+def fill_row(case, base):
+    """Sets case.row, the table's numbers, against the 1-rank run `base`."""
+    r, layout = case.result, case.layout
+    tokens = case.batch * case.cfg.block_size
+    step_ms = 1e3 * tokens / r["tok_s"]
+    ideal_ms = 1e3 * tokens / (case.ranks - layout.servers) / base.result["tok_s"]
+    only_buckets = layout.mode == "ring" and layout.pp == layout.tp == 1 and not layout.zero
+    logged = (r["comm_wait_ms"] or 0.0) if only_buckets else None  # 1 rank: no wait
+    speedup, efficiency = scaling(r["tok_s"], base.result["tok_s"], case.ranks)
+    case.row = {"step_ms": step_ms, **split_step(step_ms, ideal_ms, bubble_fraction(case), logged),
+                "speedup": speedup, "efficiency": efficiency,
+                "oversubscribed": case.ranks > os.cpu_count()}
+
+
+def measurement(case):
+    """The measurements.json dict of a measured row."""
+    layout, r, row = case.layout, case.result, case.row
+    return {"model": case.model, "mode": layout.mode, "label": case.mode, "dp": layout.dp,
+            "tp": layout.tp, "pp": layout.pp, "schedule": layout.schedule,
+            "chunks": layout.chunks, "micro_batches": layout.micro_batches,
+            "zero": int(layout.zero), "servers": layout.servers,
+            "staleness": case.cfg.staleness, "ranks": case.ranks, "batch_size": case.batch,
+            "block_size": case.cfg.block_size, "tokens_per_s": r["tok_s"],
+            "step_ms": row["step_ms"], "exposed_comm_ms": row["exposed_comm_ms"],
+            "exposed_comm_source": row["exposed_comm_source"], "compute_ms": row["compute_ms"],
+            "bubble_ms": row["bubble_ms"], "other_ms": row["other_ms"],
+            "bytes_per_rank_step": r["bytes"], "peak_mem_bytes": r["state_bytes"],
+            "peak_rss_bytes": r["rss_bytes"], "other_load_cores": r["load"],
+            "oversubscribed": row["oversubscribed"]}
+
+
+COLUMNS = ["mode", "ranks", "layout", "batch", "tok/s", "speedup", "efficiency", "step ms",
+           "compute ms", "bubble ms", "exposed comm ms", "other ms", "MiB sent/rank/step",
+           "state MiB/rank", "peak RSS MiB", "load"]
+
+
+def layout_text(case):
+    layout = case.layout
+    if case.ranks == 1:
+        return "1 process"
+    if layout.mode == "ps":
+        staleness = f", staleness {case.cfg.staleness}" if case.cfg.staleness else ""
+        return f"1 server + {layout.dp} worker{'s' * (layout.dp > 1)}{staleness}"
+    parts = [f"{name}={size}" for name, size in
+             (("dp", layout.dp), ("pp", layout.pp), ("tp", layout.tp)) if size > 1]
+    parts += ["ZeRO-1"] * layout.zero + [f"m={layout.micro_batches}"] * (layout.pp > 1)
+    return " ".join(parts)
+
+
+def table_row(case):
+    head = [case.mode + " *" * (case.ranks > os.cpu_count()), str(case.ranks)]
+    if case.skipped:
+        return head + ["skipped: " + case.skipped.replace("|", "/")]
+    head += [layout_text(case), str(case.batch)]
+    r, row = case.result, case.row
+    if r["failure"] or row is None:
+        return head + ["FAILED: " + r["failure"].replace("|", "/") if r["failure"] else
+                       "not compared: the 1-rank run failed"]
+    over = row["oversubscribed"]
+    scaled = [f"{row['speedup']:.2f}x", f"{row['efficiency']:.0%}"]
+    mib = [f"{r['bytes'] / MIB:.2f}" if r["bytes"] is not None else "-",
+           f"{r['state_bytes'] / MIB:.1f}" if r["state_bytes"] else "-",
+           f"{r['rss_bytes'] / MIB:.0f}" if r["rss_bytes"] else "-"]
+    return head + [f"{r['tok_s']:.0f}", *(f"({s})" if over else s for s in scaled),
+                   f"{row['step_ms']:.1f}", f"{row['compute_ms']:.1f}",
+                   f"{row['bubble_ms']:.1f}",
+                   ("~" if row["exposed_comm_source"] == "residual" else "")
+                   + f"{row['exposed_comm_ms']:.1f}", f"{row['other_ms']:.1f}", *mib,
+                   f"{r['load']:.2f}"]
+
+
+def markdown_table(table):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for case in table:
+        cells = table_row(case)
+        lines.append("| " + " | ".join(cells + [""] * (len(COLUMNS) - len(cells))) + " |")
+    return lines
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def write_report(args, cases, elapsed, steps):
+    """report.md and the plots, under args.out."""
+    cores = os.cpu_count()
+    lines = ["# Scaling report", "",
+             f"`python -m bench.report` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+             f", {cpu_name()}, {cores} cores; {elapsed:.0f} s in all. Steps per job: "
+             + ", ".join(f"`{m}` {s}" for m, s in steps.items())
+             + " (tok/s over steps 1 to the last). Strong scaling: a global batch of "
+             f"{args.batch} sequences; weak scaling: {args.weak_batch} sequences per rank "
+             "(per worker in ps mode).", "",
+             "speedup, efficiency: against the 1-rank run of the same table (a server counts "
+             "as a rank). `*`: more ranks than cores: oversubscribed, not counted as scaling "
+             "(its speedup and efficiency in parentheses). compute: the ideal share of the "
+             "1-rank step; bubble: the 1F1B simulator's; exposed comm: the trainer's logged "
+             "wait for the gradient all-reduce (ring dp; other: the rest of the step), or "
+             "with `~` all the rest of the step where communication is not timed (an upper "
+             "bound). state: parameters, gradients, moments and peak activations, the "
+             "largest rank's (the trainer's footprint line); peak RSS: the largest rank's "
+             "VmHWM; load: cores' worth of CPU other processes used. Details: `python -m "
+             "bench.report --help`.", ""]
+    for model in args.configs:
+        block = next(c.cfg.block_size for c in cases if c.model == model and c.cfg)
+        tables = {kind: [c for c in cases if c.model == model and c.kind == kind]
+                  for kind in KINDS}
+        for kind, table in tables.items():
+            what = (f"global batch {args.batch} x {block} tokens" if kind == "strong" else
+                    f"{args.weak_batch} x {block} tokens per rank")
+            lines += [f"## `{model}`: {kind} scaling ({what})", "", *markdown_table(table), ""]
+        try:
+            from bench.report_plots import draw
+            paths = draw(args.out, model, {kind: [c for c in table if c.row]
+                                           for kind, table in tables.items()}, cores)
+            lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths] + [""]
+        except ImportError:
+            lines += ["(no plots: matplotlib is not installed; `pip install matplotlib`)", ""]
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+def parse_list(text, option, allowed=None, convert=str, minimum=1):
+    """Comma-separated values, in order, without repeats; a bad one is a one-line error."""
+    values = []
+    for item in (w.strip() for w in text.split(",")):
+        try:
+            value = convert(item)
+        except ValueError:
+            value = None
+        if value is None or value not in (allowed or [value]) or \
+                (convert is int and value < minimum):
+            expected = f"one of {', '.join(allowed)}" if allowed else \
+                f"an integer >= {minimum}" if convert is int else "a name"
+            raise SystemExit(f"error: {option}: {item!r} is not {expected}")
+        values += [value] * (value not in values)
+    return values
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="baby,small", help="comma-separated configs")
+    parser.add_argument("--ranks", default="1,2,4",
+                        help="comma-separated rank counts (the 1-rank baseline always runs)")
+    parser.add_argument("--modes", default=",".join(MODES), help=", ".join(MODES))
+    parser.add_argument("--steps", default="0",
+                        help=f"steps per job, >= 2 (default: {STEPS}, else {OTHER_STEPS})")
+    parser.add_argument("--batch", default="12", help="strong scaling's global batch")
+    parser.add_argument("--weak-batch", default="3", help="weak scaling's batch per rank")
+    parser.add_argument("--data", default="data/embedded.h5")
+    parser.add_argument("--out", default="runs/report")
+    parser.add_argument("--timeout", default="300", help="seconds one job may run")
+    args = parser.parse_args(argv)
+    args.configs = parse_list(args.configs, "--configs")
+    for name in args.configs:
+        try:
+            load_config(name)
+        except UserError as err:
+            raise SystemExit(f"error: --configs: {err}")
+    args.ranks = sorted(set(parse_list(args.ranks, "--ranks", convert=int)) | {1})
+    args.modes = parse_list(args.modes, "--modes", allowed=MODES)
+    for option, minimum in (("steps", 2), ("batch", 1), ("weak_batch", 1), ("timeout", 1)):
+        value = getattr(args, option)
+        if option != "steps" or value != "0":  # 0: each config's default
+            flag = "--" + option.replace("_", "-")
+            value, *more = parse_list(value, flag, convert=int, minimum=minimum)
+            if more:
+                raise SystemExit(f"error: {flag}: expected one integer")
+        setattr(args, option, int(value))
+    args.data = os.path.abspath(args.data)
+    if not os.path.exists(args.data):
+        raise SystemExit(f"error: --data: no {args.data}: make it with `make data`")
+    return args
+
+
+def steps_of(model, args):
+    return args.steps or STEPS.get(model, OTHER_STEPS)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.mpiexec = mpiexec_command()
+    started = time.perf_counter()
+    cases = plan_cases(args.configs, args.ranks, args.modes, args.batch, args.weak_batch)
+    jobs = {}
+    with tempfile.TemporaryDirectory(prefix="report-") as runs:
+        for case in cases:
+            if case.skipped:
+                continue
+            if case.key not in jobs:
+                jobs[case.key] = measure(case, args, runs, len(jobs))
+            case.result = jobs[case.key]
+    measured = []
+    for model in args.configs:
+        for kind in KINDS:
+            table = [c for c in cases if c.model == model and c.kind == kind]
+            base = next((c for c in table if c.mode == "single"), None)
+            for case in table:
+                if case.result and not case.result["failure"] and base and \
+                        not base.result["failure"]:
+                    fill_row(case, base)
+                    measured.append(case)
+    os.makedirs(args.out, exist_ok=True)
+    unique = {}
+    for case in measured:
+        unique.setdefault(case.key, measurement(case))  # strong first: its baseline
+    with open(os.path.join(args.out, "measurements.json"), "w") as f:
+        json.dump(list(unique.values()), f, indent=1)
+    elapsed = time.perf_counter() - started
+    write_report(args, cases, elapsed, {m: steps_of(m, args) for m in args.configs})
+    return 1 if any(c.result and c.result["failure"] for c in cases) else 0
 
 
 if __name__ == "__main__":

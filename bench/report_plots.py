@@ -1,10 +1,12 @@
 """The scaling report's plots (bench/report.py): speedup against ranks with the ideal line,
-and one step's time split into compute, pipeline bubble and exposed communication.
+and one step's time split into compute, pipeline bubble, exposed communication and other.
 matplotlib is an optional, benchmark-only dependency: draw() raises ImportError without it."""
 import os
 
-SEGMENTS = (("compute_ms", "compute", "tab:blue"), ("bubble_ms", "pipeline bubble", "tab:gray"),
-            ("exposed_comm_ms", "exposed comm", "tab:orange"))
+SEGMENTS = (("compute_ms", "compute (ideal share)", "tab:blue"),
+            ("bubble_ms", "pipeline bubble (simulated)", "tab:gray"),
+            ("exposed_comm_ms", "exposed comm", "tab:orange"),
+            ("other_ms", "other (contention, smaller GEMMs)", "tab:olive"))
 
 
 def draw(out_dir, model, tables, cores):
@@ -61,5 +63,5 @@ def plot_step_time(ax, cases, cores):
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_xticks(range(len(cases)), labels, fontsize=7)
     ax.set_ylabel("ms per step")
-    ax.set_xlabel("mode, ranks (* oversubscribed); hatched: step less ideal compute and bubble")
+    ax.set_xlabel("mode, ranks (* oversubscribed); hatched: not timed, the rest of the step")
     ax.legend(fontsize=7)

@@ -26,12 +26,19 @@ def test_speedup_and_efficiency():
 
 
 def test_step_split():
-    # ring dp: the logged wait is the exposed communication, the rest of the step compute
-    assert split_step(10.0, 4.0, 0.0, 1.5) == (8.5, 0.0, 1.5, "logged")
-    # elsewhere: ideal compute 4 ms, a 20% bubble adds 1 ms, the other 5 ms are residual
-    assert split_step(10.0, 4.0, 0.2, None) == pytest.approx((4.0, 1.0, 5.0, "residual"))
+    # ring dp: ideal compute 4 ms, the logged 1.5 ms wait is exposed, the rest is other
+    assert split_step(10.0, 4.0, 0.0, 1.5) == {
+        "compute_ms": 4.0, "bubble_ms": 0.0, "exposed_comm_ms": 1.5, "other_ms": 4.5,
+        "exposed_comm_source": "logged"}
+    # not timed: a 20% bubble adds 1 ms to the 4 ms, the other 5 ms are the residual
+    split = split_step(10.0, 4.0, 0.2, None)
+    assert split["bubble_ms"] == pytest.approx(1.0)
+    assert split["exposed_comm_ms"] == pytest.approx(5.0) and split["other_ms"] == 0.0
+    assert split["exposed_comm_source"] == "residual"
     # faster than the ideal share (caches): nothing left over, never negative
-    assert split_step(3.0, 4.0, 0.2, None) == (3.0, 0.0, 0.0, "residual")
+    split = split_step(3.0, 4.0, 0.2, 0.5)
+    assert [split[k] for k in ("compute_ms", "bubble_ms", "exposed_comm_ms", "other_ms")] \
+        == [3.0, 0.0, 0.0, 0.0]
 
 
 def test_layouts_and_batches():
@@ -47,8 +54,9 @@ def test_layouts_and_batches():
 
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "dp,xp"], "error: --modes: 'xp' is not one of dp, "),
-    (["--ranks", "1,two"], "error: --ranks: 'two' is not a positive integer"),
-    (["--steps", "1"], "error: --steps: '1': expected one integer >= 2"),
+    (["--ranks", "1,two"], "error: --ranks: 'two' is not an integer >= 1"),
+    (["--steps", "1"], "error: --steps: '1' is not an integer >= 2"),
+    (["--batch", "12,24"], "error: --batch: expected one integer"),
     (["--configs", "huge"], "error: --configs: config 'huge' not found"),
 ])
 def test_bad_values_are_one_line_errors(argv, message):
