@@ -123,7 +123,8 @@ HELP = {
                          "update once per clock it lags (weight prediction)",
     "balance": "ps mode: static slices of the batch, or dynamic (micro-batches from a "
                "shared counter)",
-    "straggler": "RANK:DELAY_MS: that rank sleeps DELAY_MS every step (experiments)",
+    "straggler": "RANK:DELAY_MS: that rank sleeps DELAY_MS every step; any:DELAY_MS: one "
+                 "model rank drawn afresh each step (experiments)",
     "compress": "gradient compression: none, fp16, int8, topk or powersgd",
     "compress_ratio": "topk: the fraction of entries sent, in (0, 1]",
     "compress_rank": "powersgd: the rank of the approximation",

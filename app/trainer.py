@@ -264,8 +264,6 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
     if resume_from:
         log(f"resumed from {resume_from} at step {first}")
     straggler = layouts.parse_straggler(cfg.straggler)
-    straggle = straggler[1] if straggler and straggler[0] == grid.comm.Get_rank() + \
-        layout.servers else 0.0
     dynamic = layout.mode == "ps" and cfg.balance == "dynamic"
     staleness_seen = engine.staleness_counts() if layout.mode == "ps" else None
     history = {"loss": [], "val": {}}
@@ -304,8 +302,10 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
         if step == cfg.steps:
             break
         start = time.perf_counter()
-        if straggle:
-            time.sleep(straggle)
+        delay = layouts.straggler_delay(straggler, step, grid.comm.Get_rank() + layout.servers,
+                                        layout.servers, layout.world, cfg.seed)
+        if delay:
+            time.sleep(delay)
         x, y = loader.batch(step, 0, 1) if dynamic else loader.batch(step, dp_rank, dp)
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
         if cfg.compress == "topk" and engine.compressor is not None:

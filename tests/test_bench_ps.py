@@ -13,7 +13,8 @@ def test_cases_select_by_name_and_prefix():
     assert [c[0] for c in select("all")] == NAMES
     assert [c[0] for c in select("e-ps-topk,a")] == ["a", "e-ps-topk"]  # the table's order
     assert [c[0] for c in select("d")] == ["d-sync", "d-async", "d-dynamic"]
-    assert len(select("e")) == 6 and len(NAMES) == 12
+    assert len(select("e")) == 6 and len(NAMES) == 14
+    assert [c[0] for c in select("f")] == ["f-sync", "f-async"]
     with pytest.raises(SystemExit, match="unknown case 'x'"):
         select("a,x")
 

@@ -55,3 +55,20 @@ def test_bad_layouts_end_every_rank_with_one_line(flags, fragment, tiny_h5, tmp_
                  timeout=60)
     assert_user_error(result, fragment)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fixed_straggler_sleeps_every_step_and_a_rotating_one_on_one_worker_a_step():
+    from app.parallel.layout import parse_straggler, straggler_delay
+    fixed, rotating = parse_straggler("2:50"), parse_straggler("any:30")
+    assert fixed == (2, 0.05) and rotating == (None, 0.03)
+    assert [straggler_delay(fixed, step, 2, 1, 4, 0) for step in range(3)] == [0.05] * 3
+    assert straggler_delay(fixed, 0, 1, 1, 4, 0) == 0.0
+    chosen = []
+    for step in range(60):  # world 4, 1 server: ranks 1-3 are workers
+        delays = [straggler_delay(rotating, step, rank, 1, 4, 7) for rank in range(4)]
+        assert sorted(delays) == [0.0, 0.0, 0.0, 0.03] and delays[0] == 0.0, delays
+        chosen.append(delays.index(0.03))
+    assert set(chosen) == {1, 2, 3}
+    assert straggler_delay(None, 0, 1, 1, 4, 0) == 0.0
+    with pytest.raises(ValueError, match="expected RANK:DELAY_MS or any:DELAY_MS"):
+        parse_straggler("some:50")

@@ -7,6 +7,8 @@ so every rank raises the same UserError and exits instead of waiting in a collec
 """
 from dataclasses import dataclass
 
+import numpy as np
+
 from app.errors import UserError
 from app.parallel.partition import (balanced, format_partition, model_costs, stage_costs,
                                     uniform)
@@ -49,17 +51,33 @@ class Layout:
 
 
 def parse_straggler(text: str):
-    """"RANK:DELAY_MS" -> (rank, seconds); "" -> None. ValueError names a bad value."""
+    """"RANK:DELAY_MS" -> (rank, seconds); "any:DELAY_MS" -> (None, seconds): a rotating
+    straggler, one model rank drawn afresh each step; "" -> None. ValueError names a bad
+    value."""
     if not text:
         return None
     try:
         rank, delay = text.split(":")
-        rank, delay = int(rank), float(delay)
+        rank, delay = (None if rank == "any" else int(rank)), float(delay)
     except ValueError:
-        raise ValueError(f"straggler {text!r}: expected RANK:DELAY_MS, e.g. 2:50") from None
-    if rank < 0 or not delay >= 0:
+        raise ValueError(f"straggler {text!r}: expected RANK:DELAY_MS or any:DELAY_MS, "
+                         "e.g. 2:50") from None
+    if rank is not None and rank < 0 or not delay >= 0:
         raise ValueError(f"straggler {text!r}: expected a rank >= 0 and a delay >= 0 ms")
     return rank, delay / 1e3
+
+
+def straggler_delay(straggler, step: int, rank: int, servers: int, world: int,
+                    seed: int) -> float:
+    """Seconds that world rank `rank` sleeps at `step`: the fixed straggler every step, or
+    the rotating one when (seed, step) draws it among the model ranks (servers are never
+    drawn), which every rank computes alike without a message."""
+    if straggler is None:
+        return 0.0
+    chosen, seconds = straggler
+    if chosen is None:
+        chosen = servers + int(np.random.default_rng([seed, step]).integers(world - servers))
+    return seconds if chosen == rank else 0.0
 
 
 def _bad(message):
@@ -128,7 +146,7 @@ def plan(cfg, world: int) -> Layout:
              "under ZeRO-1 (compressed reductions are all-reduces)")
     if cfg.straggler:
         rank = parse_straggler(cfg.straggler)[0]
-        if rank >= world:
+        if rank is not None and rank >= world:
             _bad(f"config straggler = {cfg.straggler!r}: rank {rank} does not exist; expected "
                  f"a rank below the world size {world}")
     servers = cfg.servers if cfg.mode == "ps" else 0
