@@ -211,9 +211,13 @@ def run_job(mpiexec, ranks, train_args, run_dir, timeout):
             timer.cancel()
         stderr.seek(0)
         tail = stderr.read().strip().splitlines()[-3:]
-    failure = (f"over --timeout {timeout:g} s" if expired else
-               f"exit {proc.returncode}: " + " | ".join(tail) if proc.returncode else
-               None if len(seen) >= 2 else "fewer than 2 step lines")
+    failure = None
+    if expired:
+        failure = f"over --timeout {timeout:g} s"
+    elif proc.returncode:
+        failure = f"exit {proc.returncode}: " + " | ".join(tail)
+    elif len(seen) < 2:
+        failure = "fewer than 2 step lines"
     return {"failure": failure, "seen": seen, "state_bytes": state, "rss_bytes": memory.stop(),
             "wall": time.perf_counter() - start}
 
@@ -401,6 +405,9 @@ def write_report(args, cases, elapsed, steps):
             what = (f"global batch {args.batch} x {block} tokens" if kind == "strong" else
                     f"{args.weak_batch} x {block} tokens per rank")
             lines += [f"## `{model}`: {kind} scaling ({what})", "", *markdown_table(table), ""]
+            if any(c.ranks > cores for c in table):
+                lines += [f"`*` oversubscribed: more than {cores} ranks on {cores} cores; "
+                          "these rows are not counted as scaling.", ""]
         try:
             from bench.report_plots import draw
             paths = draw(args.out, model, {kind: [c for c in table if c.row]

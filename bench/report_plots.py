@@ -62,6 +62,7 @@ def plot_step_time(ax, cases, cores):
                     bar.set_hatch("//")
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_xticks(range(len(cases)), labels, fontsize=7)
+    ax.set_ylim(0, 1.35 * max(bottom, default=1.0))  # room for the legend above the bars
     ax.set_ylabel("ms per step")
     ax.set_xlabel("mode, ranks (* oversubscribed); hatched: not timed, the rest of the step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
