@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from app.atomic import replacing
+from app.data import h5_attr
 from app.errors import UserError
 from app.tokenizer import get_tokenizer, token_dtype
 
@@ -379,13 +380,6 @@ class SplitRows(NamedTuple):
     labels: np.ndarray  # (N,) indices into ClassifyData.labels
 
 
-def _attr(attrs, name):
-    value = attrs.get(name)
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class ClassifyData:
     """A classification file from `prepare --task classify`, checked when opened.  The
     files are small (35,000 reviews of 128 tokens are 4.5 MB), so splits are read whole."""
@@ -405,17 +399,17 @@ class ClassifyData:
 
     def _read(self, h5, where):
         attrs = h5.attrs
-        if _attr(attrs, "format") != FORMAT or _attr(attrs, "format_version") != FORMAT_VERSION:
-            raise UserError(f"{where} has format {_attr(attrs, 'format')!r} version "
-                            f"{_attr(attrs, 'format_version')!r}: expected {FORMAT!r} version "
+        if h5_attr(attrs, "format") != FORMAT or h5_attr(attrs, "format_version") != FORMAT_VERSION:
+            raise UserError(f"{where} has format {h5_attr(attrs, 'format')!r} version "
+                            f"{h5_attr(attrs, 'format_version')!r}: expected {FORMAT!r} version "
                             f"{FORMAT_VERSION} (from `python -m app prepare --task classify`)")
-        self.tokenizer = str(_attr(attrs, "tokenizer"))
-        self.vocab_size = int(_attr(attrs, "vocab_size"))
+        self.tokenizer = str(h5_attr(attrs, "tokenizer"))
+        self.vocab_size = int(h5_attr(attrs, "vocab_size"))
         if get_tokenizer(self.tokenizer).vocab_size != self.vocab_size:
             raise UserError(f"{where} has vocab_size {self.vocab_size}: expected that of its "
                             f"tokenizer {self.tokenizer!r}")
-        self.max_len = int(_attr(attrs, "max_len"))
-        self.labels = json.loads(_attr(attrs, "labels"))
+        self.max_len = int(h5_attr(attrs, "max_len"))
+        self.labels = json.loads(h5_attr(attrs, "labels"))
         self.splits = {}
         for name in SPLITS:
             if not isinstance(h5.get(name), h5py.Group):

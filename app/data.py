@@ -25,7 +25,7 @@ _CACHE_BYTES = 64 << 20
 _CACHE_SLOTS = 10007  # a prime well above the number of chunks the cache can hold
 
 
-def _attr(attrs, name):
+def h5_attr(attrs, name):
     """An attribute as a plain Python value (so messages read `2`, not `np.int64(2)`)."""
     value = attrs.get(name)
     if isinstance(value, np.generic):
@@ -59,11 +59,11 @@ class TokenData:
 
     def _validate(self):
         attrs, where = self._file.attrs, repr(str(self.path))
-        fmt = _attr(attrs, "format")
+        fmt = h5_attr(attrs, "format")
         if fmt != FORMAT:
             raise UserError(f"{where} has format attribute {fmt!r}: expected {FORMAT!r} "
                             "(a token file from `python -m app prepare`)")
-        version = _attr(attrs, "format_version")
+        version = h5_attr(attrs, "format_version")
         if version != FORMAT_VERSION:
             raise UserError(f"{where} has format_version {version!r}: this program reads "
                             f"version {FORMAT_VERSION}; run `python -m app prepare` again")
@@ -71,8 +71,8 @@ class TokenData:
             if name not in attrs:
                 raise UserError(f"{where} has no {name!r} attribute: expected one written by "
                                 "`python -m app prepare`")
-        self.vocab_size = int(_attr(attrs, "vocab_size"))
-        self.tokenizer = str(_attr(attrs, "tokenizer"))
+        self.vocab_size = int(h5_attr(attrs, "vocab_size"))
+        self.tokenizer = str(h5_attr(attrs, "tokenizer"))
         try:
             expected = get_tokenizer(self.tokenizer).vocab_size
         except UserError as err:
@@ -95,7 +95,7 @@ class TokenData:
                 raise UserError(f"{where} dataset {name!r} has dtype {ds.dtype}: expected "
                                 "unsigned integer token ids")
             # Written by `prepare` since it was added; older files rely on the batch check.
-            max_token = _attr(ds.attrs, "max_token")
+            max_token = h5_attr(ds.attrs, "max_token")
             if max_token is not None and max_token >= self.vocab_size:
                 raise UserError(f"{where} dataset {name!r} has max_token {max_token}: expected "
                                 f"ids below vocab_size {self.vocab_size}; run "
