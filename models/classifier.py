@@ -7,7 +7,12 @@ padded past their `lengths`; pooling reads only real tokens, so padding gets no 
 - `pool="last"`: the hidden state of the last real token, the only one whose causal
   attention has seen the whole text;
 - `pool="mean"`: the mean over the real tokens.
+
+`ClassTargets`, `head_forward` and `head_backward` make it the GPT's last-chunk head
+(models/gpt.py): the same call under every layout of the step engine.
 """
+from dataclasses import dataclass
+
 from comm.backend import array_module
 from models.layers import (linear_backward, linear_forward, softmax_cross_entropy_backward,
                            softmax_cross_entropy_forward)
@@ -70,3 +75,39 @@ def classifier_backward(cache, dloss=1.0, grads=None):
     dlogits_t, _ = softmax_cross_entropy_backward(loss_cache, dloss)
     xp = array_module(dlogits_t)
     return logits_backward(logits_cache, xp.ascontiguousarray(dlogits_t.T), grads)
+
+
+@dataclass(frozen=True)
+class ClassTargets:
+    """A classifier's targets: (B,) real lengths and (B,) labels. Indexed by rows like the
+    language model's (B,T) next-token ids, so the step engine cuts both alike."""
+    lengths: object
+    labels: object
+
+    def __getitem__(self, rows):
+        return ClassTargets(self.lengths[rows], self.labels[rows])
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def head_forward(weight, bias, hidden, targets: ClassTargets, pool, tp):
+    """(C,K), (K,), (B,T,C) normed hidden state ((B,T/tp,C) under sequence parallelism)
+    -> scalar loss. Tensor-parallel ranks each compute the whole (tiny) head, replicated."""
+    if tp.sequence_parallel:
+        hidden = tp.group.all_gather(hidden, 1)
+    loss, cache = classifier_forward(weight, bias, hidden, targets.lengths, targets.labels,
+                                     pool)
+    return loss, (cache, tp)
+
+
+def head_backward(cache, dloss, grads):
+    """scalar dloss -> dhidden in head_forward's layout; overwrites grads {weight, bias}."""
+    cache, tp = cache
+    dhidden, _ = classifier_backward(cache, dloss, grads)
+    if not tp.sequence_parallel:
+        return dhidden
+    # every rank holds the whole (not a partial) gradient: it keeps its own positions
+    T_local = dhidden.shape[1] // tp.size
+    start = tp.group.rank * T_local
+    return array_module(dhidden).ascontiguousarray(dhidden[:, start:start + T_local])

@@ -6,14 +6,16 @@ are views into one contiguous buffer (`FlatParams`), so the optimizer, gradient 
 (later) gradient all-reduce each work on a single array instead of dozens of small ones.
 
 The LM head is tied to `wte`: logits = x @ wte.T, and wte's gradient is the sum of the
-head's and the embedding's contributions.
+head's and the embedding's contributions. With `n_classes` > 0 the head is a classifier
+instead (models/classifier.py: `cls.weight`, `cls.bias` on the final norm's output), and
+wte belongs to the embedding alone.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
 from comm.backend import array_module
-from models import layers, parallel
+from models import classifier, layers, parallel
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,23 @@ class GPTConfig:
     n_embd: int
     block_size: int
     vocab_size: int = 256
+    n_classes: int = 0  # 0: the language model; K > 0: a K-way sequence classifier
+    pool: str = "last"  # the classifier's pooling (models/classifier.py)
 
 
 EMBEDDING_PARAMS = ("wte", "wpe")
-HEAD_PARAMS = ("ln_f.weight", "ln_f.bias")  # plus the tied wte
+HEAD_PARAMS = ("ln_f.weight", "ln_f.bias")  # plus the tied wte, or the classifier's
+CLASSIFIER_PARAMS = ("cls.weight", "cls.bias")
+
+
+def head_param_names(cfg: GPTConfig) -> tuple:
+    """The last chunk's own parameters (the tied wte aside)."""
+    return HEAD_PARAMS + (CLASSIFIER_PARAMS if cfg.n_classes else ())
+
+
+def ties_wte(cfg: GPTConfig) -> bool:
+    """Whether the head reuses wte: the language model's does, a classifier's does not."""
+    return cfg.n_classes == 0
 
 
 def block_shapes(C: int) -> dict:
@@ -49,12 +64,15 @@ def block_param_names(i: int) -> tuple:
 
 
 def param_shapes(cfg: GPTConfig) -> dict:
-    """Name -> shape for every parameter, in forward order (embedding, blocks, final norm)."""
+    """Name -> shape for every parameter, in forward order (embedding, blocks, final norm,
+    classifier)."""
     C = cfg.n_embd
     shapes = {"wte": (cfg.vocab_size, C), "wpe": (cfg.block_size, C)}
     for i in range(cfg.n_layer):
         shapes.update({f"h.{i}.{suffix}": shape for suffix, shape in block_shapes(C).items()})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    if cfg.n_classes:
+        shapes.update({"cls.weight": (C, cfg.n_classes), "cls.bias": (cfg.n_classes,)})
     return shapes
 
 
@@ -104,15 +122,16 @@ class FlatParams:
 
 def init_params(cfg: GPTConfig, seed: int, xp=np, dtype=np.float32) -> FlatParams:
     """GPT-2 initialisation: N(0, 0.02) matrices and embeddings, residual projections scaled
-    by 1/sqrt(2 n_layer), zero biases, unit LayerNorm gains. Drawn on the host in float64
-    so that every device and dtype starts from the same numbers."""
+    by 1/sqrt(2 n_layer), zero biases, unit LayerNorm gains; a zero classifier (uniform
+    predictions: a pre-trained trunk gets no noise from a random head). Drawn on the host in
+    float64 so that every device and dtype starts from the same numbers."""
     rng = np.random.default_rng(seed)
     host = FlatParams(param_shapes(cfg), np, np.float64)
     residual_std = 0.02 / np.sqrt(2 * cfg.n_layer)
     for name, view in host.items():
         if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
             view[...] = 1.0
-        elif name.endswith(".bias"):
+        elif name.endswith(".bias") or name == "cls.weight":
             view[...] = 0.0
         elif name.endswith("c_proj.weight"):
             view[...] = rng.normal(0.0, residual_std, view.shape)
@@ -243,28 +262,55 @@ def embed_backward(grads, cache, dx):
         tp.group.all_reduce(dwpe.reshape(-1))
 
 
-def head_forward(params, x, targets, tp=UNSPLIT, vocab_start=0, vocab_size=None):
-    """(B,T,C), (B,T) -> scalar loss: final LayerNorm, tied LM head, mean cross-entropy.
-    Split by vocabulary under tensor parallelism: no rank ever holds all the logits."""
+def head_forward(params, cfg: GPTConfig, x, targets, tp=UNSPLIT, vocab_start=0):
+    """(B,T,C) -> scalar loss: the final LayerNorm, then the tied LM head's mean
+    cross-entropy over (B,T) next-token `targets`, or the classifier's over `targets`, a
+    classifier.ClassTargets."""
     h, c_lnf = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x)
+    if cfg.n_classes:
+        loss, c_out = classifier.head_forward(params["cls.weight"], params["cls.bias"], h,
+                                              targets, cfg.pool, tp)
+        return loss, (c_lnf, True, c_out, tp)
+    loss, c_out = _lm_loss_forward(params["wte"], h, targets, tp, vocab_start, cfg.vocab_size)
+    return loss, (c_lnf, False, c_out, tp)
+
+
+def head_backward(grads, cache, dloss=1.0):
+    """-> dx (B,T,C); overwrites the head's gradients (the LM head's share of the tied wte:
+    the embedding adds its own)."""
+    c_lnf, classify, c_out, tp = cache
+    if classify:
+        dh = classifier.head_backward(c_out, dloss, {"weight": grads["cls.weight"],
+                                                     "bias": grads["cls.bias"]})
+    else:
+        dh = _lm_loss_backward(grads, c_out, dloss)
+    dx, _ = layers.layernorm_backward(c_lnf, dh,
+                                      {"weight": grads["ln_f.weight"], "bias": grads["ln_f.bias"]})
+    _sum_partial_grads(tp, [grads["ln_f.weight"], grads["ln_f.bias"]])
+    return dx
+
+
+def _lm_loss_forward(wte, h, targets, tp, vocab_start, vocab_size):
+    """Normed (B,T,C), (B,T) ids -> mean next-token cross-entropy of the tied head. Split by
+    vocabulary under tensor parallelism: no rank ever holds all the logits."""
     c_in = None
     if tp.size > 1:
         h, c_in = (parallel.gather_sequence_forward if tp.sequence_parallel
                    else parallel.copy_forward)(h, tp.group)
     B, T, C = h.shape
     h2 = h.reshape(B * T, C)
-    logits_t = params["wte"] @ h2.T  # (V, B*T), class-major
+    logits_t = wte @ h2.T  # (V, B*T), class-major
     if tp.size == 1:
         loss, c_loss = layers.softmax_cross_entropy_forward(logits_t, targets.reshape(-1))
     else:
         loss, c_loss = parallel.vocab_cross_entropy_forward(
             logits_t, targets.reshape(-1), vocab_start, vocab_size, tp.group)
-    return loss, (c_lnf, h2, c_loss, params["wte"], (B, T, C), tp, c_in)
+    return loss, (h2, c_loss, wte, (B, T, C), tp, c_in)
 
 
-def head_backward(grads, cache, dloss=1.0):
-    """-> dx (B,T,C); overwrites grads['wte'] with the head's share (the embedding adds its own)."""
-    c_lnf, h2, c_loss, wte, h_shape, tp, c_in = cache
+def _lm_loss_backward(grads, cache, dloss):
+    """-> d(normed hidden state); overwrites grads['wte'] with the head's share."""
+    h2, c_loss, wte, h_shape, tp, c_in = cache
     xp = array_module(h2)
     if tp.size == 1:
         dlogits_t, _ = layers.softmax_cross_entropy_backward(c_loss, dloss)  # (V, B*T)
@@ -275,10 +321,7 @@ def head_backward(grads, cache, dloss=1.0):
     if tp.size > 1:
         dh, _ = (parallel.gather_sequence_backward if tp.sequence_parallel
                  else parallel.copy_backward)(c_in, dh)
-    dx, _ = layers.layernorm_backward(c_lnf, dh,
-                                      {"weight": grads["ln_f.weight"], "bias": grads["ln_f.bias"]})
-    _sum_partial_grads(tp, [grads["ln_f.weight"], grads["ln_f.bias"]])
-    return dx
+    return dh
 
 
 @dataclass(frozen=True)
@@ -298,13 +341,13 @@ def whole_model(cfg: GPTConfig) -> StageSpec:
 
 def stage_param_names(cfg: GPTConfig, specs) -> list:
     """The parameters a rank holding these chunks owns, in flat (forward) order. The tied
-    wte sits with both the first chunk (embedding) and the last (head)."""
+    wte sits with both the first chunk (embedding) and the last (LM head)."""
     wanted = set()
     for spec in specs:
         if spec.first:
             wanted.update(EMBEDDING_PARAMS)
         if spec.last:
-            wanted.update(HEAD_PARAMS + ("wte",))
+            wanted.update(head_param_names(cfg) + (("wte",) if ties_wte(cfg) else ()))
         for i in range(spec.start, spec.stop):
             wanted.update(block_param_names(i))
     return [name for name in param_shapes(cfg) if name in wanted]
@@ -322,9 +365,9 @@ def stage_forward(params, cfg: GPTConfig, spec: StageSpec, inp, targets, mask,
         x, c = block_forward(params, f"h.{i}.", x, cfg.n_head, mask, tp, recompute)
         block_caches.append(c)
     if not spec.last:
-        return x, (c_emb, block_caches, None, spec)
-    loss, c_head = head_forward(params, x, targets, tp, vocab_start, cfg.vocab_size)
-    return loss, (c_emb, block_caches, c_head, spec)
+        return x, (c_emb, block_caches, None, spec, cfg)
+    loss, c_head = head_forward(params, cfg, x, targets, tp, vocab_start)
+    return loss, (c_emb, block_caches, c_head, spec, cfg)
 
 
 def stage_backward(spec: StageSpec, cache, grads, upstream, on_ready=None):
@@ -332,29 +375,31 @@ def stage_backward(spec: StageSpec, cache, grads, upstream, on_ready=None):
     chunk's gradients in `grads`; returns d(input activations), or None on the first chunk.
 
     `on_ready(names)`, if given, is called as soon as those gradients are final (the head's
-    norm, then each block from the last, then the embeddings; the tied wte once: with the
-    embedding on a first chunk, else after the head): the data-parallel reducer starts
-    communicating them while backward goes on."""
+    norm and classifier, then each block from the last, then the embeddings; the tied wte
+    once: with the embedding on a first chunk, else after the head): the data-parallel
+    reducer starts communicating them while backward goes on."""
     notify = on_ready or (lambda names: None)
-    c_emb, block_caches, c_head, _ = cache
+    c_emb, block_caches, c_head, _, cfg = cache
+    tied_head = spec.last and ties_wte(cfg)
     dx = upstream
     if spec.last:
         dx = head_backward(grads, c_head, upstream)
-        notify(HEAD_PARAMS if spec.first else HEAD_PARAMS + ("wte",))
+        notify(head_param_names(cfg) + (("wte",) if tied_head and not spec.first else ()))
     for i, c in zip(reversed(range(spec.start, spec.stop)), reversed(block_caches)):
         dx = block_backward(grads, f"h.{i}.", c, dx)
         notify(block_param_names(i))
     if not spec.first:
         return dx
-    if not spec.last:
-        grads["wte"][...] = 0  # no head here: the embedding's share is all of it
+    if not tied_head:
+        grads["wte"][...] = 0  # no head's share here: the embedding's is all of it
     embed_backward(grads, c_emb, dx)
     notify(EMBEDDING_PARAMS)
     return None
 
 
 def forward(params, cfg: GPTConfig, idx, targets, mask=None):
-    """(B,T) ids, (B,T) targets -> (mean loss over B*T tokens, cache for backward)."""
+    """(B,T) ids, (B,T) next-token targets (a classifier: ClassTargets) -> (mean loss over
+    the B*T tokens (B rows), cache for backward)."""
     T = idx.shape[1]
     if T > cfg.block_size:
         raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
@@ -370,10 +415,15 @@ def backward(cache, grads, dloss=1.0, on_ready=None):
     return grads
 
 
-def logits(params, cfg: GPTConfig, idx):
-    """(B,T) ids -> (B,V) logits for the next token after each sequence (for sampling)."""
+def logits(params, cfg: GPTConfig, idx, lengths=None):
+    """(B,T) ids -> (B,V) logits for the next token after each sequence (for sampling); a
+    classifier's: (B,T) ids, (B,) real lengths -> (B,K) class logits."""
     mask = layers.causal_mask(array_module(params["wte"]), idx.shape[1], params["wte"].dtype)
     trunk = StageSpec(0, cfg.n_layer, first=True, last=False)  # all blocks, no loss
     x, _ = stage_forward(params, cfg, trunk, idx, None, mask)
+    if cfg.n_classes:
+        h, _ = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x)
+        return classifier.logits_forward(params["cls.weight"], params["cls.bias"], h, lengths,
+                                         cfg.pool)[0]
     h, _ = layers.layernorm_forward(params["ln_f.weight"], params["ln_f.bias"], x[:, -1])
     return h @ params["wte"].T

@@ -8,16 +8,19 @@ Without a pipeline the program is the one-stage case of 1F1B, Forward(0) Backwar
 Forward(1) ... ReduceGrads OptimizerStep: Megatron's `forward_backward_no_pipelining` is one
 of its schedules too. The pieces every layout shares, written once here:
 
-- slicing: micro-batch k is rows [k*r, (k+1)*r) of the rank's slice;
-- loss scaling: each micro-batch loss is the mean over its tokens and backward runs with
-  dloss = 1/(M*dp), so the sum over ranks is the gradient of the mean over the global batch;
+- slicing: micro-batch k is rows [k*r, (k+1)*r) of the rank's slice (of its ids, and of
+  its targets: next-token ids, or a classifier's models.classifier.ClassTargets);
+- loss scaling: each micro-batch loss is the mean over its tokens (a classifier's: over its
+  rows) and backward runs with dloss = 1/(M*dp); micro-batches have equal rows, so the sum
+  over ranks is the gradient of the mean over the global batch;
 - accumulation: a chunk's first backward writes its gradients, later ones write a scratch
   buffer that is added in tensor by tensor as backward finishes it;
 - data-parallel reduction: on a chunk's last backward each finished tensor goes to the
   bucketed reducer (comm/reducer.py), whose ring all-reduce (reduce-scatter under ZeRO-1)
   overlaps the rest of backward, pipelines included;
 - the tied wte: the first and last stage sum their shares at ReduceGrads, before its bucket
-  is reduced (the two sums commute), so ZeRO-1 works with pipelines;
+  is reduced (the two sums commute), so ZeRO-1 works with pipelines (a classifier's head
+  has its own weights: wte is the first stage's alone);
 - clipping by the norm of the whole model's gradient, each logical element counted once
   (data-parallel replicas, tensor-parallel replicated parameters, the second wte);
 - the global loss, summed with the norm in one small ring all-reduce per grid axis, so
@@ -125,10 +128,11 @@ class StepEngine:
         self.mask = layers.causal_mask(xp, model_cfg.block_size, dtype)
         holds_first = any(s.first for s in self.specs)
         holds_last = any(s.last for s in self.specs)
-        # the first and last stage each hold wte; they sum its two gradient shares
-        self.tied_active = (holds_first or holds_last) and self.p > 1
+        # the first and last stage each hold the LM's wte; they sum its two gradient shares
+        tied = gpt.ties_wte(model_cfg) and self.p > 1
+        self.tied_active = tied and (holds_first or holds_last)
         self.tied = None
-        if self.p > 1:
+        if tied:  # every stage knows the config, so all or none of them split
             with watchdog.waiting("the other stages to build the tied-embedding group",
                                   timeout):
                 self.tied = comms.pp.Split(0 if self.tied_active else 1, self.stage)
@@ -142,8 +146,9 @@ class StepEngine:
     # ----------------------------------------------------------------------- one step
 
     def __call__(self, x, y, lr):
-        """x, y: (b, T) ids of this data-parallel rank's slice -> (mean loss over the global
-        batch, gradient norm before clipping), the same on every rank."""
+        """x: (b, T) ids of this data-parallel rank's slice, y: its targets ((b, T) next-token
+        ids, or ClassTargets of b rows) -> (mean loss over the global batch, gradient norm
+        before clipping), the same on every rank."""
         M = self.options.micro_batches
         rows = x.shape[0] // M
         xs = [x[k * rows:(k + 1) * rows] for k in range(M)]
@@ -154,7 +159,7 @@ class StepEngine:
             self.tp.group.reset_bytes()
         if self.reducer:
             self.reducer.begin_step()
-        pp_bytes = self.interpreter.run(xs, ys, rows)
+        pp_bytes = self.interpreter.run(xs, ys)
         self.bytes_sent = {"dp": self.reducer.bytes_per_step() if self.reducer else 0,
                            "pp": pp_bytes + self._tied_bytes(),
                            "tp": self.tp.group.reset_bytes() if self.tp_size > 1 else 0}

@@ -42,9 +42,9 @@ class Interpreter:
         self.trace = []  # (instruction text, start s, end s) of the last step, for timelines
         self.peak_activation_bytes = 0  # most cache bytes alive at once in the last step
 
-    def run(self, xs, ys, rows) -> int:
-        """One step's program over micro-batches xs, ys; returns the bytes sent to other
-        stages."""
+    def run(self, xs, ys) -> int:
+        """One step's program over micro-batches xs ((r,T) ids each), ys (their targets);
+        returns the bytes sent to other stages."""
         engine, program = self.engine, self.engine.program
         inbox, outbox, caches = {}, {}, {}
         self.trace, alive_bytes, self.peak_activation_bytes = [], 0, 0
@@ -58,7 +58,7 @@ class Interpreter:
                 end = i
                 while end < len(program) and type(program[end]) in TRANSFERS:
                     end += 1
-                sent += self._transfer(program[i:end], inbox, outbox, rows)
+                sent += self._transfer(program[i:end], inbox, outbox, xs[0].shape)
                 self.trace.append((" ".join(map(str, program[i:end])), start,
                                    time.perf_counter() - origin))
                 i = end
@@ -91,13 +91,13 @@ class Interpreter:
         assert not caches and not inbox, "schedule left activations behind"
         return sent
 
-    def _transfer(self, ops, inbox, outbox, rows) -> int:
+    def _transfer(self, ops, inbox, outbox, ids_shape) -> int:
         engine = self.engine
         p, stage = engine.p, engine.stage
         n_virtual = p * len(engine.specs)
         flat = engine.params.flat
         xp = array_module(flat)
-        T = engine.cfg.block_size
+        rows, T = ids_shape  # a classifier's rows may be shorter than block_size
         if engine.tp.sequence_parallel:  # stages pass their slice of the sequence
             T //= engine.tp.size
         shape = (rows, T, engine.cfg.n_embd)
