@@ -153,14 +153,15 @@ def reference(pool):
     return _references[pool]
 
 
-def run_layout(comm, pool, dp, pp, tp, micro=1, zero=0, sp=False):
+def run_layout(comm, pool, dp, pp, tp, micro=1, zero=0, sp=False, schedule="1f1b"):
     """STEPS steps on `comm`; returns (losses, whole parameters)."""
     from comm.grid import ProcessGrid
     cfg = config(pool)
     grid = ProcessGrid(dp, pp, tp, comm)
     engine = StepEngine(cfg, TrainConfig(micro_batches=micro, zero=zero, bucket_mb=0.002),
-                        Comms.of_grid(grid), seed=SEED, dtype=np.float64, timeout=60,
-                        sequence_parallel=sp)
+                        Comms.of_grid(grid), schedule=schedule,
+                        chunks=2 if schedule == "interleaved" else 1, seed=SEED,
+                        dtype=np.float64, timeout=60, sequence_parallel=sp)
     share, rank = BATCH // dp, grid.coords.dp
     losses = []
     try:
@@ -176,7 +177,8 @@ def run_layout(comm, pool, dp, pp, tp, micro=1, zero=0, sp=False):
 
 LAYOUTS = [  # (dp, pp, tp, options); small buckets: ZeRO-1 shards cut through cls.*
     (4, 1, 1, {"zero": 1}), (2, 2, 1, {"micro": 2}), (2, 2, 1, {"micro": 2, "zero": 1}),
-    (2, 1, 2, {"sp": True}), (1, 2, 2, {"micro": 2}),
+    (2, 2, 1, {"micro": 2, "schedule": "interleaved"}), (2, 1, 2, {"sp": True}),
+    (1, 2, 2, {"micro": 2}),
 ]
 CASES = [(pool, *layout) for pool in POOLS for layout in LAYOUTS]
 
