@@ -87,9 +87,6 @@ class ClassTargets:
     def __getitem__(self, rows):
         return ClassTargets(self.lengths[rows], self.labels[rows])
 
-    def __len__(self):
-        return len(self.labels)
-
 
 def head_forward(weight, bias, hidden, targets: ClassTargets, pool, tp):
     """(C,K), (K,), (B,T,C) normed hidden state ((B,T/tp,C) under sequence parallelism)
