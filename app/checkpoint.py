@@ -88,7 +88,8 @@ MANIFEST, VIEW = "manifest.json", "model.h5"
 KINDS = ("param", "m", "v")
 # What must match between a checkpoint and the run that resumes it; everything else
 # (steps, learning rates, intervals, the layout, the data file) may change.
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dtype")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_classes", "pool",
+                "dtype")
 
 
 class CheckpointError(Exception):
@@ -346,20 +347,22 @@ def check_resumable(path, cfg):
     """UserError naming the first model field in which config `cfg` differs from the
     config checkpoint `path` was saved with."""
     saved = tomllib.loads(read_manifest(path)["config"])
+    defaults = type(cfg)()  # a key older checkpoints lack had its default value
     for field in MODEL_FIELDS:
-        if saved.get(field) != getattr(cfg, field):
-            raise UserError(f"checkpoint {path} was saved with {field} = {saved.get(field)!r} "
+        value = saved.get(field, getattr(defaults, field))
+        if value != getattr(cfg, field):
+            raise UserError(f"checkpoint {path} was saved with {field} = {value!r} "
                             f"but the config says {field} = {getattr(cfg, field)!r}: expected "
                             f"the model fields ({', '.join(MODEL_FIELDS)}) to match")
 
 
-def read_checkpoint_params(path) -> tuple[dict, dict]:
+def read_checkpoint_params(path, flag="--checkpoint") -> tuple[dict, dict]:
     """(manifest, name -> whole logical parameter) of a checkpoint, verified first;
-    UserError if it cannot be used."""
+    UserError, naming `flag`, if it cannot be used."""
     try:
         manifest = verify_checkpoint(path)
     except CheckpointError as err:
-        raise UserError(f"--checkpoint {path}: {err}: expected a checkpoint directory "
+        raise UserError(f"{flag} {path}: {err}: expected a checkpoint directory "
                         "(RUN/checkpoints/step_N)") from None
     with h5py.File(Path(path) / VIEW, "r") as view:
         params = {name: view[f"param/{name}"][()] for name in manifest["shapes"]}

@@ -23,6 +23,8 @@ class TrainConfig:
     n_embd: int = 128
     block_size: int = 64
     vocab_size: int = 256
+    n_classes: int = 0
+    pool: str = "last"
     # optimisation
     batch_size: int = 12
     steps: int = 2000
@@ -33,6 +35,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    head_lr_scale: float = 10.0
     # run
     seed: int = 1337
     dtype: str = "float32"
@@ -78,7 +81,8 @@ class TrainConfig:
 
     def model_config(self):
         from models.gpt import GPTConfig
-        return GPTConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size)
+        return GPTConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size,
+                         self.n_classes, self.pool)
 
     def to_toml(self) -> str:
         lines = []
@@ -91,6 +95,11 @@ class TrainConfig:
 HELP = {
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
     "block_size": "context length in tokens", "vocab_size": "must match the data file",
+    "n_classes": "0 = a language model; K = a K-way classifier (`app finetune` sets it from "
+                 "the data file's labels)",
+    "pool": "classifier pooling: last (the last real token's state) or mean (over the real "
+            "tokens)",
+    "head_lr_scale": "`app finetune`: the classifier head's learning rate over the trunk's",
     "batch_size": "global batch, in sequences", "steps": "optimizer steps",
     "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
     "warmup_steps": "linear warm-up steps", "weight_decay": "AdamW decoupled decay (matrices only)",
@@ -142,11 +151,12 @@ POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bat
                  "steps", "log_interval", "eval_interval", "eval_windows", "micro_batches",
                  "pp", "chunks", "tp", "compress_rank", "servers")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval",
-                     "save_interval", "keep", "max_skips", "staleness", "compress_warmup")
+                     "save_interval", "keep", "max_skips", "staleness", "compress_warmup",
+                     "n_classes")
 CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform"),
            "recompute": ("none", "selective", "full"), "mode": ("ring", "ps"),
-           "balance": ("static", "dynamic"),
+           "balance": ("static", "dynamic"), "pool": ("last", "mean"),
            "compress": ("none", "fp16", "int8", "topk", "powersgd")}
 
 
@@ -273,6 +283,8 @@ def validate(cfg: TrainConfig):
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             bad(key, "one of " + ", ".join(map(str, choices)))
+    if not cfg.head_lr_scale > 0:
+        bad("head_lr_scale", "a number > 0")
     if not cfg.timeout > 0:
         bad("timeout", "a number of seconds > 0")
     if not 0 < cfg.compress_ratio <= 1:

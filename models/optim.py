@@ -27,6 +27,9 @@ class AdamW:
     `params` and `grads` are 1-D arrays of the same length; `mask` (0/1) says which elements
     decay. `ranges`, a list of (start, stop), limits the update to the elements this rank
     owns (ZeRO-1); moments are kept, in the parameter dtype, for those elements only.
+    `lr_scales`, a list of disjoint (start, stop, factor), gives those elements the learning
+    rate lr * factor, decay included (torch's parameter groups: a fine-tuned head learns
+    faster than the pre-trained trunk).
     """
 
     # Elements per pass: the five arrays of a chunk (p, g, m, v, scratch) stay in L2 cache,
@@ -34,7 +37,7 @@ class AdamW:
     CHUNK = 32768
 
     def __init__(self, params, mask, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                 ranges=None):
+                 ranges=None, lr_scales=None):
         xp = array_module(params)
         self.params = params
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
@@ -46,26 +49,28 @@ class AdamW:
         self.t = 0
         # On a GPU one pass per range beats many small kernel launches.
         chunk = self.CHUNK if xp is np else max(1, params.size)
-        self.pieces = []  # (start, stop, offset of the piece in m and v)
+        pieces = []  # (start, stop, offset of the piece in m and v)
         offset = 0
         for a, b in ranges:
             for start in range(a, b, chunk):
                 stop = min(start + chunk, b)
-                self.pieces.append((start, stop, offset + start - a))
+                pieces.append((start, stop, offset + start - a))
             offset += b - a
-        self._tmp = xp.empty(max((b - a for a, b, _ in self.pieces), default=0), params.dtype)
-        self.decay_runs = _intersect(_runs_of_ones(mask), ranges)
+        scales = sorted(lr_scales or [])
+        self.pieces = _cut_by_scales(pieces, scales)  # (start, stop, at, lr factor)
+        self._tmp = xp.empty(max((b - a for a, b, _ in pieces), default=0), params.dtype)
+        self.decay_runs = _cut_by_scales([(a, b, a) for a, b in
+                                          _intersect(_runs_of_ones(mask), ranges)], scales)
 
     def step(self, grads, lr):
         self.t += 1
         if self.weight_decay:
-            factor = 1.0 - lr * self.weight_decay
-            for start, stop in self.decay_runs:
-                self.params[start:stop] *= factor
-        for start, stop, at in self.pieces:
+            for start, stop, _, scale in self.decay_runs:
+                self.params[start:stop] *= 1.0 - lr * scale * self.weight_decay
+        for start, stop, at, scale in self.pieces:
             n = stop - start
             self._adam(self.params[start:stop], grads[start:stop], self.m[at:at + n],
-                       self.v[at:at + n], lr)
+                       self.v[at:at + n], lr * scale)
 
     def _adam(self, p, g, m, v, lr):
         xp = array_module(p)
@@ -96,6 +101,20 @@ def _intersect(runs, ranges):
             lo, hi = max(a, c), min(b, d)
             if lo < hi:
                 out.append((lo, hi))
+    return out
+
+
+def _cut_by_scales(pieces, scales):
+    """(start, stop, at, factor): each (start, stop, at) of `pieces` cut where a range of
+    `scales` (sorted (start, stop, factor)) begins or ends, with that range's factor (1
+    outside them); `at` moves with `start`."""
+    out = []
+    for start, stop, at in pieces:
+        cuts = sorted({start, stop} | {edge for a, b, _ in scales for edge in (a, b)
+                                       if start < edge < stop})
+        for lo, hi in zip(cuts, cuts[1:]):
+            factor = next((f for a, b, f in scales if a <= lo < b), 1.0)
+            out.append((lo, hi, at + lo - start, factor))
     return out
 
 

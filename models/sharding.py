@@ -88,6 +88,13 @@ def init_rank_params(cfg: GPTConfig, seed: int, names, xp=np, dtype=np.float32, 
     shapes = param_shapes(cfg)
     part = FlatParams({name: local_shape(name, shapes[name], cfg, tp) for name in names},
                       np, np.float64)
-    for name in names:
-        part[name][...] = shard(name, full[name], cfg, tp, tp_rank)
+    set_rank_params(part, full, cfg, tp, tp_rank)
     return FlatParams(part.shapes, xp, dtype, buffer=xp.asarray(part.flat, dtype=dtype))
+
+
+def set_rank_params(params: FlatParams, full, cfg: GPTConfig, tp=1, tp_rank=0):
+    """Overwrites this rank's `params` (the tensors it holds, its tensor-parallel shares of
+    them) with their parts of the whole model `full` (name -> logical host array)."""
+    xp = array_module(params.flat)
+    for name, view in params.items():
+        view[...] = xp.asarray(shard(name, full[name], cfg, tp, tp_rank), dtype=view.dtype)

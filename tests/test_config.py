@@ -180,7 +180,7 @@ def test_to_toml_round_trips_every_field_changed():
         "mode": "ps", "servers": 2, "staleness": 1, "staleness_lr": True,
         "staleness_predict": False, "balance": "dynamic",
         "straggler": "1:5", "compress": "topk", "compress_ratio": 0.5, "compress_rank": 2,
-        "compress_warmup": 7,
+        "compress_warmup": 7, "n_classes": 3, "pool": "mean", "head_lr_scale": 2.5,
     }
     assert set(values) == set(field_names())  # the test covers every key
     cfg = make_config(dict(values))
@@ -264,6 +264,9 @@ BAD_VALUES = (
         ("grad_clip", -1.0, "a number >= 0"),
         ("dtype", "float16", "one of float32, float64"),
         ("device", "tpu", "one of cpu, gpu"),
+        ("n_classes", -1, "an integer >= 0"),
+        ("pool", "max", "one of last, mean"),
+        ("head_lr_scale", 0.0, "a number > 0"),
     ]
 )
 

@@ -92,3 +92,61 @@ def test_adamw_on_owned_ranges_matches_the_full_update_there():
     for copy, ranges in zip(copies, shards):
         for a, b in ranges:
             np.testing.assert_array_equal(copy[a:b], full.flat[a:b])
+
+
+def _steps(flat, mask, grads, **options):
+    """Three AdamW steps on a copy of `flat`; returns the copy."""
+    params = flat.copy()
+    opt = AdamW(params, mask, weight_decay=0.1, **options)
+    for g in grads:
+        opt.step(g, 0.01)
+    return params
+
+
+def test_lr_scale_of_one_changes_nothing():
+    cfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10)
+    full = gpt.init_params(cfg, seed=0, dtype=np.float64)
+    mask = decay_mask(full, gpt.is_decayed)
+    grads = np.random.default_rng(1).normal(size=(3, full.size))
+    np.testing.assert_array_equal(_steps(full.flat, mask, grads, lr_scales=[(40, 300, 1.0)]),
+                                  _steps(full.flat, mask, grads))
+
+
+def test_lr_scale_applies_to_its_range_only_decay_included():
+    """A scaled range steps (and decays) as if the learning rate were lr * factor; the
+    rest as with lr. The range cuts through decayed and undecayed tensors."""
+    cfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10,
+                        n_classes=3)
+    full = gpt.init_params(cfg, seed=0, dtype=np.float64)
+    full.flat += 0.1
+    mask = decay_mask(full, gpt.is_decayed)
+    a, b = 130, full.size - 5  # up to the middle of cls.bias
+    grads = np.random.default_rng(2).normal(size=(3, full.size))
+    scaled = _steps(full.flat, mask, grads, lr_scales=[(a, b, 7.0)])
+    ref = {}
+    for factor in (1.0, 7.0):
+        params = full.flat.copy()
+        opt = AdamW(params, mask, weight_decay=0.1)
+        for g in grads:
+            opt.step(g, 0.01 * factor)
+        ref[factor] = params
+    np.testing.assert_allclose(scaled[a:b], ref[7.0][a:b], rtol=1e-13)
+    np.testing.assert_array_equal(scaled[:a], ref[1.0][:a])
+    np.testing.assert_array_equal(scaled[b:], ref[1.0][b:])
+    assert not np.allclose(scaled[a:b], ref[1.0][a:b])
+
+
+def test_lr_scales_on_owned_ranges_match_the_full_update():
+    """ZeRO-1: shards cut through a scaled range; together they make the full update."""
+    cfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10,
+                        n_classes=2)
+    full = gpt.init_params(cfg, seed=0, dtype=np.float64)
+    mask = decay_mask(full, gpt.is_decayed)
+    scales = [(full.offsets["cls.weight"], full.size, 10.0), (3, 20, 0.5)]
+    shards = [[(0, 10), (full.size - 12, full.size)], [(10, full.size - 12)]]
+    grads = np.random.default_rng(3).normal(size=(3, full.size))
+    expected = _steps(full.flat, mask, grads, lr_scales=scales)
+    for ranges in shards:
+        got = _steps(full.flat, mask, grads, lr_scales=scales, ranges=ranges)
+        for a, b in ranges:
+            np.testing.assert_array_equal(got[a:b], expected[a:b])

@@ -86,13 +86,14 @@ class StepEngine:
     def __init__(self, model_cfg, options, comms=Comms(), *, schedule="1f1b", chunks=1,
                  ranges=None, params=None, seed=0, dtype=np.float64, xp=np, timeout=None,
                  sequence_parallel=False, recompute="none", data_shards=None,
-                 local_optimizer=True, compressor=None):
+                 local_optimizer=True, compressor=None, lr_scales=None):
         """options: a TrainConfig (micro_batches, grad_clip, betas, weight_decay, bucket_mb,
         zero, overlap). `params`: this rank's FlatParams, updated in place (default: built
         here, with the values the whole model is initialised with). `data_shards`: the
         slices the global batch is cut into (default dp; a parameter server's workers);
         without `local_optimizer` the update is a subclass's (app/parallel/ps.py);
-        `compressor` (comm/compress.py) compresses the data-parallel reduction."""
+        `compressor` (comm/compress.py) compresses the data-parallel reduction; `lr_scales`:
+        name -> learning-rate factor of that tensor (a fine-tuned classifier's head)."""
         self.cfg, self.options, self.comms = model_cfg, options, comms
         self.timeout, self.recompute = timeout, recompute
         self.dp, self.p, self.tp_size = _size(comms.dp), _size(comms.pp), _size(comms.tp)
@@ -120,10 +121,13 @@ class StepEngine:
                                        options.bucket_mb * 2 ** 20, shard=bool(options.zero),
                                        overlap=options.overlap, compressor=compressor)
         self.owned = self.reducer.owned_ranges() if self.reducer else [(0, params.size)]
+        scaled = [(params.offsets[name], params.offsets[name] + params[name].size, factor)
+                  for name, factor in (lr_scales or {}).items() if name in params.shapes]
         self.optimizer = AdamW(params.flat, decay_mask(params, gpt.is_decayed, xp),
                                options.beta1, options.beta2,
                                weight_decay=options.weight_decay,
-                               ranges=self.owned if options.zero else None) \
+                               ranges=self.owned if options.zero else None,
+                               lr_scales=scaled) \
             if local_optimizer else None
         self.mask = layers.causal_mask(xp, model_cfg.block_size, dtype)
         holds_first = any(s.first for s in self.specs)
