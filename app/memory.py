@@ -11,7 +11,9 @@ refuses only configs that certainly cannot fit:
   T tokens of width C with H heads (see models/gpt.py `block_forward`):
   23·rows·T·C elements (LayerNorm outputs, q|k|v, attention output, the MLP's 4C-wide
   input, slope and output, residuals) plus the causal half of the attention scores,
-  rows·H·T·(T+64)/2, plus the head's probabilities, V·rows·T;
+  rows·H·T·(T+64)/2, plus the head's probabilities, V·rows·T; tensor parallelism splits
+  all but the column-parallel linears' inputs and (without sequence parallelism) the
+  LayerNorm caches;
 - less with `recompute`: `selective` keeps no scores, `full` only each block's input;
 - held for as many micro-batches as the schedule keeps alive (1 without a pipeline, up to
   pp for 1F1B, all of them for GPipe), and for a validation batch of batch_size rows.
@@ -35,21 +37,34 @@ def estimate_bytes(cfg, dp: int) -> int:
     rows = cfg.batch_size // (dp * cfg.micro_batches)
     alive = 1 if cfg.pp == 1 else (cfg.micro_batches if cfg.schedule == "gpipe"
                                    else min(cfg.micro_batches, cfg.pp * cfg.chunks))
-    # the tensor-parallel regions hold 1/tp of the activations (a lower bound: not all do)
-    train = alive * _activations(cfg, rows, cfg.n_layer / cfg.pp, cfg.recompute) / cfg.tp
-    validation = _activations(cfg, cfg.batch_size, cfg.n_layer)
+    train = alive * activation_elements(cfg, rows, cfg.n_layer / cfg.pp, cfg.recompute,
+                                        cfg.tp, cfg.sequence_parallel)
+    validation = activation_elements(cfg, cfg.batch_size, cfg.n_layer)
     return int((buffers + max(train, validation)) * itemsize)
 
 
-def _activations(cfg, rows, n_blocks, recompute="none"):
+# Of a block's 23 cached rows·T·C, the column-parallel linears' two inputs stay whole on
+# every tensor-parallel rank (we cache them gathered rather than all-gather them again in
+# backward), and so do the two LayerNorm caches unless sequence parallelism splits them.
+GATHERED_LINEAR_INPUTS = 2
+LAYERNORM_CACHES = 2
+
+
+def activation_elements(cfg, rows, n_blocks, recompute="none", tp=1, sequence_parallel=False):
+    """Elements one rank caches in a forward of `rows` sequences through `n_blocks` blocks
+    and the head, with the blocks' and the vocabulary's tensor-parallel split over `tp`.
+    cfg: anything with block_size, n_embd, n_head and vocab_size (a TrainConfig, a
+    GPTConfig)."""
     T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
+    token_widths = rows * T * C
     if recompute == "full":  # only each block's input is kept
-        per_block = rows * T * C
-    elif recompute == "selective":  # no attention scores
-        per_block = 23 * rows * T * C
+        per_block = token_widths / (tp if sequence_parallel else 1)
     else:
-        per_block = 23 * rows * T * C + rows * H * T * (T + 64) / 2
-    return n_blocks * per_block + cfg.vocab_size * rows * T
+        whole = GATHERED_LINEAR_INPUTS + (0 if sequence_parallel else LAYERNORM_CACHES)
+        per_block = whole * token_widths + (23 - whole) * token_widths / tp
+        if recompute == "none":  # the causal half of the scores, heads split over tp
+            per_block += rows * H * T * (T + 64) / 2 / tp
+    return n_blocks * per_block + cfg.vocab_size * rows * T / tp
 
 
 def available_bytes():
