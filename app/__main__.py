@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("app.generate", "sample text from a trained run"),
     "eval": ("app.evaluate", "validation loss and perplexity of a trained run (one process)"),
     "export": ("app.export", "write a trained run as a Hugging Face GPT-2 model"),
+    "plan": ("app.plan", "predict step time and memory of layouts; print the fastest"),
 }
 
 
