@@ -1,0 +1,139 @@
+"""app/costmodel.py: the alpha-beta formulas, the simulator's bubble, memory per rank."""
+import math
+from dataclasses import replace
+
+import pytest
+
+from app.costmodel import (MEGATRON, MODELS, OURS, SCHEDULES, Cluster, Link, TrainingLayout,
+                           all_gather_time, all_reduce_time, gpu_cluster, num_params, p2p_time,
+                           peak_alive, predict, reduce_scatter_time, simulate_step, stage_costs)
+from app.memory import activation_elements
+from app.metrics import flops_per_token
+from app.parallel.schedules import Backward, Forward, simulate
+from models.gpt import GPTConfig
+
+LINK = Link(latency=10e-6, bandwidth=1e9)  # 10 us, 1 GB/s
+MB = 1e6
+
+
+def test_all_reduce_is_two_rings_of_p_minus_one_steps():
+    # 2(p-1)(alpha + n/(p beta)) = 2*3*(10 us + 1 MB / 4 GB/s) = 6 * 260 us
+    assert all_reduce_time(MB, 4, LINK) == pytest.approx(6 * 260e-6)
+    assert all_reduce_time(MB, 1, LINK) == 0.0
+
+
+def test_all_gather_and_reduce_scatter_are_one_ring_each():
+    assert all_gather_time(MB, 4, LINK) == pytest.approx(3 * 260e-6)
+    assert reduce_scatter_time(MB, 4, LINK) == pytest.approx(3 * 260e-6)
+    assert all_gather_time(MB, 4, LINK) + reduce_scatter_time(MB, 4, LINK) == \
+        pytest.approx(all_reduce_time(MB, 4, LINK))
+
+
+def test_point_to_point_is_alpha_plus_n_over_beta():
+    assert p2p_time(MB, LINK) == pytest.approx(10e-6 + 1e-3)
+
+
+def test_a_ring_that_leaves_the_node_runs_at_the_inter_node_link():
+    cluster = gpu_cluster("h100-ib", nodes=2)
+    assert cluster.link(8) is cluster.intra
+    assert cluster.link(16) is cluster.inter
+
+
+def flat_cluster(**changes):
+    """Uniform, easy numbers: 1 TFLOP/s at full efficiency, free communication."""
+    free = Link(0.0, math.inf)
+    return replace(Cluster("test", 1, 8, 1e12, 1e12, 1e12, 1.0, free, free, math.inf),
+                   **changes)
+
+
+MODEL = GPTConfig(8, 4, 64, 32, 64)
+
+
+@pytest.mark.parametrize("schedule,chunks", [("1f1b", 1), ("gpipe", 1), ("interleaved", 2)])
+def test_the_bubble_is_the_simulators(schedule, chunks):
+    layout = TrainingLayout(1, 1, 4, schedule, chunks, 8, global_batch=8)
+    cluster = flat_cluster()
+    costs = stage_costs(MODEL, layout, cluster)
+    program = SCHEDULES[schedule](4, 8, chunks)
+    sim = simulate(program, {Forward: list(costs.forward), Backward: list(costs.backward)})
+    prediction = predict(MODEL, layout, cluster)
+    critical = max(range(4), key=lambda s: sim.timeline[s][-1][2])
+    assert prediction.bubble_s == pytest.approx(sim.makespan - sim.busy[critical], rel=1e-6)
+
+
+def test_uniform_one_f_one_b_bubble_is_p_minus_1_over_m_plus_p_minus_1():
+    p, m, forward, backward = 4, 8, 1.0, 2.0
+    sim = simulate_step("1f1b", p, m, 1, (forward,) * p, (backward,) * p, 0.0)
+    ideal = m * (forward + backward)
+    assert (sim.makespan - ideal) / sim.makespan == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_one_stage_without_communication_is_flops_over_rate():
+    cluster = flat_cluster(devices_per_node=1)
+    layout = TrainingLayout(1, global_batch=4)
+    prediction = predict(MODEL, layout, cluster)
+    flops = flops_per_token(num_params(MODEL), 8, 32, 64) * 4 * 32
+    assert prediction.compute_s == pytest.approx(flops / 1e12)
+    assert prediction.bubble_s == prediction.tp_comm_s == prediction.dp_comm_s == 0.0
+
+
+def test_tensor_parallelism_splits_the_gemms_and_adds_four_all_reduces_per_block():
+    cluster = flat_cluster(intra=LINK)
+    one = stage_costs(MODEL, TrainingLayout(1, global_batch=4), cluster)
+    two = stage_costs(MODEL, TrainingLayout(1, tp=2, global_batch=4), cluster)
+    assert two.compute[0] == pytest.approx(one.compute[0] / 2)
+    activation = 4 * 32 * 64 * 4  # B*T*C float32 bytes
+    assert two.tp_comm[0] == pytest.approx(8 * 4 * all_reduce_time(activation, 2, LINK))
+
+
+def test_the_data_parallel_reduction_hides_behind_backward_but_its_last_bucket():
+    link = Link(0.0, 1e9)
+    layout = TrainingLayout(2, global_batch=4)
+    instant = flat_cluster(intra=link, fp32_flops=1e30)  # no backward to hide behind
+    exposed = predict(MODEL, layout, instant)
+    reduce = all_reduce_time(exposed.memory["grads"], 2, link)
+    assert exposed.dp_comm_s == pytest.approx(reduce)
+    slow = replace(instant, fp32_flops=1.0, bucket_mb=0.1)  # a long backward hides all
+    bucket = 0.1 * 2 ** 20 / exposed.memory["grads"]        # but the last bucket
+    assert predict(MODEL, layout, slow).dp_comm_s == pytest.approx(reduce * bucket)
+
+
+def test_zero_shards_the_optimizer_state_over_dp():
+    plain = predict(MODEL, TrainingLayout(4, global_batch=8), flat_cluster())
+    sharded = predict(MODEL, TrainingLayout(4, zero=1, global_batch=8), flat_cluster())
+    assert sharded.memory["optimizer"] == pytest.approx(plain.memory["optimizer"] / 4)
+    assert sharded.memory["params"] == plain.memory["params"]
+
+
+def test_one_f_one_b_keeps_p_minus_stage_micro_batches_gpipe_all():
+    assert peak_alive("1f1b", 4, 8, 1) == [4, 3, 2, 1]
+    assert peak_alive("gpipe", 4, 8, 1) == [8] * 4
+    for args in [("1f1b", 3, 2, 1), ("interleaved", 4, 8, 2)]:
+        assert peak_alive(*args) == simulate(SCHEDULES[args[0]](*args[1:])).peak_alive
+
+
+def test_activations_come_from_app_memory():
+    layout = TrainingLayout(1, 1, 2, "gpipe", 1, 4, global_batch=8)
+    prediction = predict(MODEL, layout, flat_cluster())
+    rows = 2
+    head = activation_elements(MODEL, rows, 0)
+    per_block = activation_elements(MODEL, rows, 1) - head
+    blocks = stage_costs(MODEL, layout, flat_cluster()).blocks
+    # GPipe keeps all 4 micro-batches on both stages; the last also the head's probabilities
+    stages = [4 * blocks[0] * per_block * 4, (4 * blocks[1] * per_block + head) * 4]
+    assert any(prediction.memory["activations"] == pytest.approx(s) for s in stages)
+
+
+def test_megatron_keeps_bf16_weights_and_fp32_master_state():
+    model, layout = MODELS["1.3B"], TrainingLayout(1, global_batch=1)
+    cluster = gpu_cluster("h100-node")
+    ours, theirs = predict(model, layout, cluster), predict(model, layout, cluster, MEGATRON)
+    assert theirs.memory["params"] == pytest.approx(ours.memory["params"] / 2)
+    assert theirs.memory["optimizer"] == pytest.approx(ours.memory["optimizer"] * 1.5)
+    assert theirs.compute_s < ours.compute_s / 10  # the bf16 tensor cores against fp32
+
+
+def test_a_batch_that_does_not_split_is_an_error():
+    with pytest.raises(ValueError, match="not divisible by dp"):
+        predict(MODEL, TrainingLayout(3, global_batch=8), flat_cluster())
+    assert OURS.name == "ours"
