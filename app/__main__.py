@@ -13,6 +13,8 @@ from app.failures import mpi_world, run_guarded
 COMMANDS = {
     "prepare": ("app.prepare", "turn text files into an HDF5 token file"),
     "train": ("app.trainer", "train a GPT from a TOML config and CLI overrides"),
+    "finetune": ("app.finetune", "fine-tune a trained GPT as a classifier of labelled texts"),
+    "classify": ("app.classify", "the label a fine-tuned run gives a text (one process)"),
     "generate": ("app.generate", "sample text from a trained run"),
     "eval": ("app.evaluate", "validation loss and perplexity of a trained run (one process)"),
     "export": ("app.export", "write a trained run as a Hugging Face GPT-2 model"),

@@ -53,12 +53,12 @@ def _tokenizer(run_dir, attrs):
         raise UserError(f"run directory {run_dir}: params.h5: {err}") from None
 
 
-def load_run(run_dir, checkpoint=None):
-    """(TrainConfig, params dict, file attributes) of a finished run (its params.h5), or of
-    one of its checkpoints, checked for use: the parameters match the config and are
-    finite, the config matches the tokenizer."""
+def load_run(run_dir, checkpoint=None, params_name="params.h5"):
+    """(TrainConfig, params dict, file attributes) of a finished run (its params.h5, or the
+    file `params_name`), or of one of its checkpoints, checked for use: the parameters match
+    the config and are finite, the config matches the tokenizer."""
     run = Path(run_dir)
-    config_file, params_file = run / "config.toml", run / "params.h5"
+    config_file, params_file = run / "config.toml", run / params_name
     for path in (config_file,) if checkpoint else (config_file, params_file):
         if not path.is_file():
             raise UserError(f"run directory {run_dir}: missing {path.name} "
@@ -117,6 +117,9 @@ def run(args):
     if args.top_k < 0:
         raise UserError(f"--top-k {args.top_k}: expected an integer >= 0")
     cfg, params, attrs = load_run(args.run)
+    if cfg.n_classes:
+        raise UserError(f"run directory {args.run} holds a {cfg.n_classes}-way classifier: "
+                        "expected a language model run (`app classify` runs a classifier)")
     tokenizer = _tokenizer(args.run, attrs)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:

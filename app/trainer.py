@@ -73,16 +73,51 @@ def _run(args):
         if args.resume and args.overwrite:
             raise UserError("--resume and --overwrite together: expected one of them (continue "
                             "the run, or replace it)")
-    out, default = args.out, os.path.join("runs", Path(args.config).stem)
-    if out is None and args.resume:
-        out = default  # the run to continue
-    if out is None:  # rank 0 names a fresh one, so that every rank agrees
-        with watchdog.waiting("rank 0 to name the run directory", cfg.timeout):
-            out = comm.bcast(rundir.fresh_run_dir(default) if comm.Get_rank() == 0 else None,
-                             root=0)
+        if cfg.n_classes:
+            raise UserError(f"config n_classes = {cfg.n_classes}: expected 0 (a language "
+                            "model) for `app train`; `app finetune` trains a classifier")
+    out = out_dir(args, os.path.join("runs", Path(args.config).stem), comm, cfg.timeout)
     history = train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite,
                     comm=comm, resume=args.resume)
     return preempt.REQUEUE_EXIT_CODE if history.get("stopped") else 0
+
+
+def out_dir(args, default, comm, timeout) -> str:
+    """The run directory of --out, or without it `default` (a run to continue) or, for a
+    fresh run, the first free `default-N`, named by rank 0 so that every rank agrees."""
+    if args.out is not None:
+        return args.out
+    if args.resume:
+        return default
+    with watchdog.waiting("rank 0 to name the run directory", timeout):
+        return comm.bcast(rundir.fresh_run_dir(default) if comm.Get_rank() == 0 else None,
+                          root=0)
+
+
+def claim_run(comm, cfg, run_dir, overwrite, resume, cleanup):
+    """Rank 0 claims the run directory (released by `cleanup`) and writes config.toml;
+    returns, on every rank, the checkpoint to resume from (None: a fresh start), checked
+    against the config. Refused on every rank, before anything is written, where the
+    directory cannot take this run."""
+    resume_from = None
+    with together(comm):  # only once every rank is ready: a refused run writes nothing
+        if comm.Get_rank() == 0:
+            run = rundir.claim(run_dir, overwrite, resume=bool(resume))
+            cleanup.callback(run.release)
+            resume_from = resume and find_resume(run_dir, resume, watchdog.say)
+            if resume and not resume_from and "params.h5" in rundir.run_files(run_dir):
+                raise UserError(f"--out {run_dir} holds a finished run but no checkpoint "
+                                "to resume: pass --overwrite to replace it, or choose "
+                                "another --out")
+            # A run stopped before its first checkpoint has nothing to continue: it
+            # starts again from step 0, with a fresh metrics.jsonl.
+            _write_or_fail(atomic.write_text, run.path / "config.toml", cfg.to_toml())
+    with watchdog.waiting("rank 0 to choose the checkpoint to resume"):
+        resume_from = comm.bcast(resume_from, root=0)
+    with together(comm):
+        if resume_from:
+            check_resumable(resume_from, cfg)
+    return resume_from
 
 
 def ranks_on_this_node(comm) -> int:
@@ -105,7 +140,6 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
-    is_root = comm.Get_rank() == 0  # claims the run directory
     with ExitStack() as cleanup:
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
@@ -137,31 +171,13 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
             loader = BatchLoader(data, "train", cfg.block_size, cfg.batch_size, cfg.seed)
             val_batches = list(validation_batches(data, cfg.block_size, cfg.batch_size,
                                                   cfg.eval_windows))
-        resume_from = None
-        with together(comm):  # only once every rank is ready: a refused run writes nothing
-            if is_root:
-                run = rundir.claim(run_dir, overwrite, resume=bool(resume))
-                cleanup.callback(run.release)
-                resume_from = resume and find_resume(run_dir, resume, watchdog.say)
-                if resume and not resume_from and "params.h5" in rundir.run_files(run_dir):
-                    raise UserError(f"--out {run_dir} holds a finished run but no checkpoint "
-                                    "to resume: pass --overwrite to replace it, or choose "
-                                    "another --out")
-                # A run stopped before its first checkpoint has nothing to continue: it
-                # starts again from step 0, with a fresh metrics.jsonl.
-                _write_or_fail(atomic.write_text, run.path / "config.toml",
-                               cfg.to_toml())
-        with watchdog.waiting("rank 0 to choose the checkpoint to resume"):
-            resume_from = comm.bcast(resume_from, root=0)
-        with together(comm):
-            if resume_from:
-                check_resumable(resume_from, cfg)
+        resume_from = claim_run(comm, cfg, run_dir, overwrite, resume, cleanup)
         keep_freed_host_memory()
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         if is_server:
             return parameter_server.serve(cfg, layout, comm, role, run_dir, data.tokenizer,
                                           resume_from)
-        engine = _make_engine(cfg, layout, xp, grid, comm, resume_from)
+        engine = make_engine(cfg, layout, xp, grid, comm, resume_from)
         cleanup.callback(engine.free)
         log_path = os.path.join(run_dir, "metrics.jsonl") if is_logger else None
         # Overflow ends as a non-finite loss, reported below in one line; NumPy's warnings
@@ -177,10 +193,12 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
     return history
 
 
-def _make_engine(cfg, layout, xp, grid, comm, resume_from):
-    options = dict(schedule=layout.schedule, chunks=layout.chunks, ranges=list(layout.ranges),
-                   seed=cfg.seed, dtype=np.dtype(cfg.dtype), xp=xp, timeout=cfg.timeout,
-                   sequence_parallel=layout.sequence_parallel, recompute=layout.recompute)
+def make_engine(cfg, layout, xp, grid, comm, resume_from, **extra):
+    """The step engine of this rank (`extra`: more StepEngine options)."""
+    options = dict(extra, schedule=layout.schedule, chunks=layout.chunks,
+                   ranges=list(layout.ranges), seed=cfg.seed, dtype=np.dtype(cfg.dtype), xp=xp,
+                   timeout=cfg.timeout, sequence_parallel=layout.sequence_parallel,
+                   recompute=layout.recompute)
     if layout.mode == "ps":
         return parameter_server.worker_engine(cfg, layout, comm, resume_from, options)
     return StepEngine(cfg.model_config(), cfg, Comms.of_grid(grid), compressor=compressor(cfg),
