@@ -3,6 +3,7 @@ few steps, fine-tuned on a synthetic labelled corpus (label: whether a marker by
 appears); under `mpiexec -n 4` fine-tuning in DP=4 with ZeRO-1 and DP=2 x PP=2 equals the
 single process (float64, rtol 1e-5)."""
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -115,6 +116,25 @@ def test_finetune_learns_keeps_the_best_and_classifies(inputs, tmp_path):
     assert result.returncode == 0, result.stderr
     label, probability = result.stdout.split()
     assert label in ("no", "yes") and 0.5 <= float(probability) <= 1.0
+
+
+def test_resume_continues_from_the_run_own_checkpoint(inputs, tmp_path):
+    """Stopped after step 5's checkpoint, `--resume auto` ends where the whole run did, and
+    best.h5 (of an earlier job) is kept unless beaten."""
+    run, data = inputs
+    cfg = config(data, steps=10, eval_interval=5, save_interval=5, keep=0, dtype="float64")
+    whole = finetune(cfg, tmp_path / "ft", init=run, log=lambda *a: None)
+    with h5py.File(tmp_path / "ft" / BEST, "r") as f:
+        best_step = int(f.attrs["step"])
+    for path in list_checkpoints(tmp_path / "ft")[:1]:  # step 10's: as if killed before it
+        shutil.rmtree(path)
+    lines = []
+    resumed = finetune(cfg, tmp_path / "ft", init=run, log=lines.append, resume="auto")
+    assert any(line.startswith("resumed from") and "step_00000005" in line for line in lines)
+    assert resumed["loss"] == whole["loss"][5:]
+    np.testing.assert_array_equal(resumed["params"].flat, whole["params"].flat)
+    with h5py.File(tmp_path / "ft" / BEST, "r") as f:
+        assert int(f.attrs["step"]) == best_step
 
 
 def test_bad_inputs_are_one_line(inputs, tmp_path):
