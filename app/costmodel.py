@@ -309,12 +309,13 @@ def predict(model: GPTConfig, layout: TrainingLayout, cluster: Cluster,
 
 
 def stage_params(model: GPTConfig, layout: TrainingLayout, blocks: list) -> list:
-    """Parameters one rank of each stage holds: its blocks, wte and wpe on the first, the
-    tied wte and ln_f on the last; all split over tp (the norms and biases are not, a few
-    per mille)."""
+    """Parameters one rank of each stage holds: its blocks, wte and wpe on the first, ln_f
+    and (in a pipeline) a copy of the tied wte on the last; all split over tp (the norms
+    and biases are not, a few per mille)."""
     T, C, V = model.block_size, model.n_embd, model.vocab_size
     last = layout.pp - 1
-    return [(n * block_params(model) + (V + T) * C * (s == 0) + (V * C + 2 * C) * (s == last))
+    tied = V * C * (layout.pp > 1)  # a second copy of wte, on the last stage
+    return [(n * block_params(model) + (V + T) * C * (s == 0) + (tied + 2 * C) * (s == last))
             / layout.tp for s, n in enumerate(blocks)]
 
 
@@ -357,8 +358,8 @@ def stage_memory(model, layout, prec: Implementation, params, n_blocks, last, al
     chunk_blocks = n_blocks / layout.chunks
     activations = (alive * chunk_blocks * per_block + head * last) * prec.activation_bytes
     gathered = num_params(model) * prec.param_bytes if prec.gathered_model and layout.pp > 1 else 0
-    return {"params": params * prec.param_bytes + gathered, "grads": grads,
-            "optimizer": optimizer, "activations": activations}
+    return {"params": params * prec.param_bytes, "grads": grads, "optimizer": optimizer,
+            "activations": activations, "whole_model": gathered}
 
 
 SCHEDULES = {"1f1b": lambda p, m, v: one_f_one_b(p, m), "gpipe": lambda p, m, v: gpipe(p, m),

@@ -9,8 +9,10 @@ refuses only configs that certainly cannot fit:
   ZeRO-1), plus a whole-model copy where a pipeline gathers the stages for validation;
 - the activations a forward pass caches for backward, per block of `rows` sequences of
   T tokens of width C with H heads (see models/gpt.py `block_forward`):
-  23·rows·T·C elements (LayerNorm outputs, q|k|v, attention output, the MLP's 4C-wide
-  input, slope and output, residuals) plus the causal half of the attention scores,
+  16·rows·T·C elements (the two LayerNorms' normalised inputs and outputs, q, k and v,
+  the attention output, the MLP's 4C-wide input and GELU output: what
+  app/parallel/interpreter.py `cache_bytes` finds in a block's cache) plus the causal half
+  of the attention scores,
   rows·H·T·(T+64)/2, plus the head's probabilities, V·rows·T; tensor parallelism splits
   all but the column-parallel linears' inputs and (without sequence parallelism) the
   LayerNorm caches;
@@ -43,9 +45,10 @@ def estimate_bytes(cfg, dp: int) -> int:
     return int((buffers + max(train, validation)) * itemsize)
 
 
-# Of a block's 23 cached rows·T·C, the column-parallel linears' two inputs stay whole on
+# Of a block's 16 cached rows·T·C, the column-parallel linears' two inputs stay whole on
 # every tensor-parallel rank (we cache them gathered rather than all-gather them again in
 # backward), and so do the two LayerNorm caches unless sequence parallelism splits them.
+BLOCK_WIDTHS = 16
 GATHERED_LINEAR_INPUTS = 2
 LAYERNORM_CACHES = 2
 
@@ -61,7 +64,7 @@ def activation_elements(cfg, rows, n_blocks, recompute="none", tp=1, sequence_pa
         per_block = token_widths / (tp if sequence_parallel else 1)
     else:
         whole = GATHERED_LINEAR_INPUTS + (0 if sequence_parallel else LAYERNORM_CACHES)
-        per_block = whole * token_widths + (23 - whole) * token_widths / tp
+        per_block = whole * token_widths + (BLOCK_WIDTHS - whole) * token_widths / tp
         if recompute == "none":  # the causal half of the scores, heads split over tp
             per_block += rows * H * T * (T + 64) / 2 / tp
     return n_blocks * per_block + cfg.vocab_size * rows * T / tp

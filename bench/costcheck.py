@@ -1,0 +1,157 @@
+"""`python -m bench.costcheck --measurements FILE`: the cost model against measured steps.
+
+FILE is the measurements.json that `make report` writes (bench/report.py): one dict per
+measured configuration (model, mode, dp, tp, pp, schedule, chunks, micro_batches, zero,
+servers, staleness, ranks, batch_size, block_size, step_ms, peak_mem_bytes, ...). For each
+row this prints the cost model's step time and memory per rank on the laptop preset,
+calibrated in this process (app/costmodel.py `calibrate_laptop`), beside the measured ones,
+and judges the target: within 15% for every configuration of 1 or 2 ranks. Rows with more
+ranks than cores are marked oversubscribed and left out of the judgement.
+
+A parameter server is not in app/costmodel.py; here its workers are the data-parallel
+ranks, and each step's exchange is a push and a pull through the servers' links, exposed
+when synchronous and hidden behind compute when stale.
+"""
+import argparse
+import json
+import sys
+
+from app.config import load_config
+from dataclasses import replace
+
+from app.costmodel import OURS, TrainingLayout, calibrate_laptop, p2p_time, predict
+
+TOLERANCE = 0.15
+REQUIRED = ("model", "mode", "dp", "tp", "pp", "schedule", "chunks", "micro_batches", "zero",
+            "servers", "staleness", "ranks", "batch_size", "block_size", "step_ms")
+
+
+def read_rows(path):
+    """The measured rows; SystemExit with one line if the file is not a list of rows."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"--measurements {path}: cannot read it ({err}): expected the "
+                         "measurements.json that `make report` writes") from None
+    if not isinstance(rows, list):
+        raise SystemExit(f"--measurements {path}: expected a JSON list of measured rows")
+    for i, row in enumerate(rows):
+        missing = [key for key in REQUIRED if key not in row]
+        if missing:
+            raise SystemExit(f"--measurements {path}: row {i} lacks {', '.join(missing)}: "
+                             "expected bench/report.py's schema")
+    return rows
+
+
+def model_and_layout(row):
+    model = load_config(row["model"], {"block_size": row["block_size"]}).model_config()
+    layout = TrainingLayout(row["dp"], row["tp"], row["pp"], row["schedule"], row["chunks"],
+                            row["micro_batches"], row["zero"], global_batch=row["batch_size"])
+    return model, layout
+
+
+def calibrated_on_rows(rows, cluster):
+    """Model name -> the cluster with the efficiency that reproduces that model's measured
+    1-rank step (compute time goes as 1/efficiency; the rest does not); models without a
+    1-rank row keep `cluster`. The 1-rank rows then match by construction."""
+    clusters = {}
+    for row in rows:
+        if row["ranks"] == 1 and row["mode"] == "ring":
+            prediction = predict(*model_and_layout(row), cluster, OURS)
+            rest = prediction.step_s - prediction.compute_s
+            clusters[row["model"]] = replace(cluster, efficiency=cluster.efficiency
+                                             * prediction.compute_s
+                                             / (row["step_ms"] / 1e3 - rest))
+    return clusters
+
+
+def predict_row(row, cluster):
+    """(step seconds, memory bytes per rank) the cost model gives a measured row."""
+    prediction = predict(*model_and_layout(row), cluster, OURS)
+    step = prediction.step_s
+    if row["mode"] == "ps":
+        # workers alone compute; each pushes its gradients and pulls the parameters, and
+        # every worker's bytes pass through the servers' links
+        gradient_bytes = prediction.memory["grads"] / (2 if row["micro_batches"] > 1 else 1)
+        exchange = 2 * p2p_time(gradient_bytes * row["dp"] / row["servers"], cluster.intra)
+        step += exchange if row["staleness"] == 0 else max(0.0, exchange - step)
+    memory = sum(prediction.memory.values()) - prediction.memory["whole_model"]
+    return step, memory
+
+
+def describe(row):
+    text = f"dp={row['dp']} tp={row['tp']} pp={row['pp']} mb={row['micro_batches']}"
+    if row["pp"] > 1:
+        text += f" {row['schedule']}"
+    if row["zero"]:
+        text += " zero"
+    if row["mode"] == "ps":
+        text = f"ps {row['servers']}s" + (f" stale {row['staleness']}" if row["staleness"]
+                                           else "") + " " + text
+    return text
+
+
+def ratio_text(predicted, measured):
+    return f"{predicted / measured:6.2f}" if measured else "     -"
+
+
+def check(rows, cluster, out=print):
+    """Prints the table and the judgement; True when every 1-2 rank row is within 15%.
+    cluster: model name -> its calibrated cluster, None -> the one for the others."""
+    out(f"{'model':<6} {'layout':<34} {'ranks':>5} | {'step ms':>8} {'pred':>8} {'ratio':>6} | "
+        f"{'mem MiB':>8} {'pred':>8} {'ratio':>6}")
+    judged = {"step time": [], "memory": []}
+    for row in rows:
+        step, memory = predict_row(row, cluster.get(row["model"], cluster[None]))
+        measured_memory = row.get("peak_mem_bytes")
+        oversubscribed = row["ranks"] > cluster[None].devices_per_node
+        out(f"{row['model']:<6} {describe(row):<34} {row['ranks']:>5} | {row['step_ms']:>8.1f} "
+            f"{step * 1e3:>8.1f} {ratio_text(step * 1e3, row['step_ms'])} | "
+            f"{(measured_memory or 0) / 2 ** 20:>8.2f} {memory / 2 ** 20:>8.2f} "
+            f"{ratio_text(memory, measured_memory)}"
+            + ("  oversubscribed" if oversubscribed else ""))
+        if not oversubscribed:
+            judged["step time"].append(step * 1e3 / row["step_ms"])
+            if measured_memory:
+                judged["memory"].append(memory / measured_memory)
+    passed = True
+    for what, ratios in judged.items():
+        if not ratios:
+            out(f"{what}: no 1-2 rank rows to judge")
+            continue
+        worst = max(ratios, key=lambda r: abs(r - 1))
+        ok = all(abs(r - 1) <= TOLERANCE for r in ratios)
+        passed &= ok
+        out(f"{'PASS' if ok else 'FAIL'} {what} within {TOLERANCE:.0%} for every 1-2 rank "
+            f"configuration: {sum(abs(r - 1) <= TOLERANCE for r in ratios)} of {len(ratios)}, "
+            f"worst ratio {worst:.2f}")
+    return passed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--measurements", required=True,
+                        help="measurements.json written by `make report`")
+    parser.add_argument("--calibrate", default="baby",
+                        help="config whose 1-rank step calibrates the laptop here (default baby)")
+    parser.add_argument("--from-rows", action="store_true",
+                        help="then set each model's efficiency from its own measured 1-rank "
+                             "row, taken under the same load as the others")
+    args = parser.parse_args(argv)
+    rows = read_rows(args.measurements)
+    cluster = calibrate_laptop(args.calibrate)
+    print(f"laptop calibrated here on {args.calibrate}: GEMM peak "
+          f"{cluster.peak_flops / 1e9:.1f} GFLOP/s, step efficiency {cluster.efficiency:.2f}, "
+          f"Python {cluster.layer_overhead * 1e3:.2f} ms per layer per micro-batch; links "
+          f"{cluster.intra.latency * 1e6:.0f} us + bytes / {cluster.intra.bandwidth / 1e9:g} GB/s")
+    clusters = {None: cluster}
+    if args.from_rows:
+        clusters.update(calibrated_on_rows(rows, cluster))
+        print("efficiency from the measured 1-rank rows: " + ", ".join(
+            f"{name} {c.efficiency:.2f}" for name, c in clusters.items() if name))
+    return 0 if check(rows, clusters) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
