@@ -6,7 +6,8 @@ servers, staleness, ranks, batch_size, block_size, step_ms, peak_mem_bytes, ...)
 row this prints the cost model's step time and memory per rank on the laptop preset,
 calibrated in this process (app/costmodel.py `calibrate_laptop`), beside the measured ones,
 and judges the target: within 15% for every configuration of 1 or 2 ranks. Rows with more
-ranks than cores are marked oversubscribed and left out of the judgement.
+ranks than cores are marked oversubscribed and left out of the judgement; load is the
+cores' worth of CPU other processes used while the row was measured (bench/report.py).
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
 ranks, and each step's exchange is a push and a pull through the servers' links, exposed
@@ -52,17 +53,35 @@ def model_and_layout(row):
 
 
 def calibrated_on_rows(rows, cluster):
-    """Model name -> the cluster with the efficiency that reproduces that model's measured
-    1-rank step (compute time goes as 1/efficiency; the rest does not); models without a
-    1-rank row keep `cluster`. The 1-rank rows then match by construction."""
-    clusters = {}
+    """Model name -> the cluster refitted to that model's measured 1-rank steps, taken under
+    the same conditions as the other rows: with two batch sizes (make report's strong and
+    weak tables) both the rate of its FLOPs and Python's overhead per layer, with one the
+    rate alone. The 1-rank rows then match by construction."""
+    singles = {}
     for row in rows:
         if row["ranks"] == 1 and row["mode"] == "ring":
-            prediction = predict(*model_and_layout(row), cluster, OURS)
-            rest = prediction.step_s - prediction.compute_s
-            clusters[row["model"]] = replace(cluster, efficiency=cluster.efficiency
-                                             * prediction.compute_s
-                                             / (row["step_ms"] / 1e3 - rest))
+            singles.setdefault(row["model"], {})[row["batch_size"]] = row
+    clusters = {}
+    for name, by_batch in singles.items():
+        # step = compute / efficiency + layers * overhead + optimizer: linear in the two
+        # unknowns 1/efficiency and overhead, read off predictions at two settings
+        base = replace(cluster, efficiency=1.0, layer_overhead=0.0)
+        equations = []
+        for row in list(by_batch.values())[:2]:
+            model, layout = model_and_layout(row)
+            plain = predict(model, layout, base, OURS)
+            layers = predict(model, layout, replace(base, layer_overhead=1.0), OURS).step_s \
+                - plain.step_s
+            equations.append((plain.compute_s, layers,
+                              row["step_ms"] / 1e3 - (plain.step_s - plain.compute_s)))
+        if len(equations) == 2:
+            (a1, b1, c1), (a2, b2, c2) = equations
+            inverse = (c1 * b2 - c2 * b1) / (a1 * b2 - a2 * b1)
+            overhead = (c1 - a1 * inverse) / b1
+        else:
+            (a1, b1, c1), = equations
+            inverse, overhead = (c1 - b1 * cluster.layer_overhead) / a1, cluster.layer_overhead
+        clusters[name] = replace(cluster, efficiency=1 / inverse, layer_overhead=overhead)
     return clusters
 
 
@@ -77,6 +96,8 @@ def predict_row(row, cluster):
         exchange = 2 * p2p_time(gradient_bytes * row["dp"] / row["servers"], cluster.intra)
         step += exchange if row["staleness"] == 0 else max(0.0, exchange - step)
     memory = sum(prediction.memory.values()) - prediction.memory["whole_model"]
+    if row["mode"] == "ps":
+        memory -= prediction.memory["optimizer"]  # the servers hold it
     return step, memory
 
 
@@ -100,7 +121,7 @@ def check(rows, cluster, out=print):
     """Prints the table and the judgement; True when every 1-2 rank row is within 15%.
     cluster: model name -> its calibrated cluster, None -> the one for the others."""
     out(f"{'model':<6} {'layout':<34} {'ranks':>5} | {'step ms':>8} {'pred':>8} {'ratio':>6} | "
-        f"{'mem MiB':>8} {'pred':>8} {'ratio':>6}")
+        f"{'mem MiB':>8} {'pred':>8} {'ratio':>6} | load")
     judged = {"step time": [], "memory": []}
     for row in rows:
         step, memory = predict_row(row, cluster.get(row["model"], cluster[None]))
@@ -109,7 +130,7 @@ def check(rows, cluster, out=print):
         out(f"{row['model']:<6} {describe(row):<34} {row['ranks']:>5} | {row['step_ms']:>8.1f} "
             f"{step * 1e3:>8.1f} {ratio_text(step * 1e3, row['step_ms'])} | "
             f"{(measured_memory or 0) / 2 ** 20:>8.2f} {memory / 2 ** 20:>8.2f} "
-            f"{ratio_text(memory, measured_memory)}"
+            f"{ratio_text(memory, measured_memory)} | {row.get('other_load_cores') or 0:4.1f}"
             + ("  oversubscribed" if oversubscribed else ""))
         if not oversubscribed:
             judged["step time"].append(step * 1e3 / row["step_ms"])
@@ -148,8 +169,9 @@ def main(argv=None):
     clusters = {None: cluster}
     if args.from_rows:
         clusters.update(calibrated_on_rows(rows, cluster))
-        print("efficiency from the measured 1-rank rows: " + ", ".join(
-            f"{name} {c.efficiency:.2f}" for name, c in clusters.items() if name))
+        print("from the measured 1-rank rows: " + ", ".join(
+            f"{name} {c.rate(OURS) / 1e9:.1f} GFLOP/s and {c.layer_overhead * 1e3:.2f} ms per "
+            "layer" for name, c in clusters.items() if name))
     return 0 if check(rows, clusters) else 1
 
 

@@ -1,4 +1,5 @@
 """app/costmodel.py: the alpha-beta formulas, the simulator's bubble, memory per rank."""
+import json
 import math
 from dataclasses import replace
 
@@ -137,3 +138,26 @@ def test_a_batch_that_does_not_split_is_an_error():
     with pytest.raises(ValueError, match="not divisible by dp"):
         predict(MODEL, TrainingLayout(3, global_batch=8), flat_cluster())
     assert OURS.name == "ours"
+
+
+def test_costcheck_reads_measured_rows_and_judges_the_one_and_two_rank_ones(tmp_path):
+    from bench.costcheck import calibrated_on_rows, check, read_rows
+    row = {"model": "tiny", "mode": "ring", "dp": 1, "tp": 1, "pp": 1, "schedule": "1f1b",
+           "chunks": 1, "micro_batches": 1, "zero": 0, "servers": 0, "staleness": 0,
+           "ranks": 1, "batch_size": 8, "block_size": 32, "tokens_per_s": 1.0, "step_ms": 10.0,
+           "exposed_comm_ms": None, "bytes_per_rank_step": None, "peak_mem_bytes": None,
+           "oversubscribed": False}
+    rows = [row, {**row, "dp": 2, "ranks": 2, "batch_size": 16, "step_ms": 30.0},
+            {**row, "dp": 4, "ranks": 4, "batch_size": 32, "step_ms": 99.0}]
+    path = tmp_path / "measurements.json"
+    path.write_text(json.dumps(rows))
+    laptop = flat_cluster(devices_per_node=2, intra=LINK)
+    clusters = {None: laptop, **calibrated_on_rows(read_rows(path), laptop)}
+    lines = []
+    assert not check(read_rows(path), clusters, out=lines.append)
+    assert lines[1].split("|")[1].split()[-1] == "1.00"  # the calibrating row
+    assert lines[3].endswith("oversubscribed")
+    assert any(line.startswith("FAIL step time") and "1 of 2" in line for line in lines)
+    path.write_text(json.dumps([{k: v for k, v in row.items() if k != "step_ms"}]))
+    with pytest.raises(SystemExit, match="row 0 lacks step_ms: expected bench/report.py's"):
+        read_rows(path)
