@@ -172,7 +172,8 @@ def search(model, cluster, implementation, global_batch, top) -> Search:
         if held is None or (prediction.step_s, prediction.memory_bytes) < \
                 (held[1].step_s, held[1].memory_bytes):
             fastest[key] = (layout, prediction)
-    result.best = sorted(fastest.values(), key=lambda lp: lp[1].step_s)[:top]
+    result.best = sorted(fastest.values(),
+                         key=lambda lp: (lp[1].step_s, lp[1].memory_bytes))[:top]
     return result
 
 
@@ -230,8 +231,9 @@ def format_table(rows, labels=None) -> str:
 def describe_cluster(cluster: Cluster, implementation) -> str:
     peak = cluster.peak_flops if implementation.low_precision else cluster.fp32_flops
     kind = "bf16" if implementation.low_precision else "fp32"
+    rate = f"{peak / 1e12:.3g} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.3g} GFLOP/s"
     return (f"{cluster.name}: {cluster.nodes} node(s) x {cluster.devices_per_node} devices, "
-            f"{cluster.device_memory / 1e9:.1f} GB each, {peak / 1e12:.3g} TFLOP/s {kind} x "
+            f"{cluster.device_memory / 1e9:.1f} GB each, {rate} {kind} x "
             f"{cluster.efficiency:.2f} efficiency, links {cluster.intra.bandwidth / 1e9:g} GB/s "
             f"in a node and {cluster.inter.bandwidth / 1e9:g} GB/s between")
 
