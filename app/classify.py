@@ -69,7 +69,7 @@ def run(args):
     if not (Path(args.run) / BEST).is_file():
         raise UserError(f"run directory {args.run}: missing {BEST}: expected a run written by "
                         "`app finetune`")
-    cfg, params, attrs = load_run(args.run, params_name=BEST)
+    cfg, params, attrs = load_run(args.run, params_name=BEST, classifier=True)
     labels = json.loads(attrs["labels"])
     ids = get_tokenizer(str(attrs["tokenizer"])).encode(args.text)
     if len(ids) == 0:

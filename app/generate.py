@@ -53,10 +53,11 @@ def _tokenizer(run_dir, attrs):
         raise UserError(f"run directory {run_dir}: params.h5: {err}") from None
 
 
-def load_run(run_dir, checkpoint=None, params_name="params.h5"):
+def load_run(run_dir, checkpoint=None, params_name="params.h5", classifier=False):
     """(TrainConfig, params dict, file attributes) of a finished run (its params.h5, or the
-    file `params_name`), or of one of its checkpoints, checked for use: the parameters match
-    the config and are finite, the config matches the tokenizer."""
+    file `params_name`), or of one of its checkpoints, checked for use: a language model
+    (a fine-tuned classifier too, with `classifier`), the parameters match the config and
+    are finite, the config matches the tokenizer."""
     run = Path(run_dir)
     config_file, params_file = run / "config.toml", run / params_name
     for path in (config_file,) if checkpoint else (config_file, params_file):
@@ -75,6 +76,9 @@ def load_run(run_dir, checkpoint=None, params_name="params.h5"):
         attrs = {"step": manifest["step"], "tokenizer": manifest.get("tokenizer", "bytes")}
         params_file = Path(checkpoint)
     cfg = make_config(values)
+    if cfg.n_classes and not classifier:
+        raise UserError(f"run directory {run_dir} holds a {cfg.n_classes}-way classifier: "
+                        "expected a language model run (`app classify` runs a classifier)")
     if not checkpoint:
         params, attrs = load_params(params_file)
     tokenizer = _tokenizer(run_dir, attrs)
@@ -117,9 +121,6 @@ def run(args):
     if args.top_k < 0:
         raise UserError(f"--top-k {args.top_k}: expected an integer >= 0")
     cfg, params, attrs = load_run(args.run)
-    if cfg.n_classes:
-        raise UserError(f"run directory {args.run} holds a {cfg.n_classes}-way classifier: "
-                        "expected a language model run (`app classify` runs a classifier)")
     tokenizer = _tokenizer(args.run, attrs)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:

@@ -31,7 +31,7 @@ def read_pretrained(path) -> tuple:
     if not path.is_dir():
         raise UserError(f"--init {path}: not found: expected a run directory written by `app "
                         "train` or one of its checkpoints (RUN/checkpoints/step_N)")
-    cfg, params, attrs = load_run(path)
+    cfg, params, attrs = load_run(path, classifier=True)  # a fine-tuned run's trunk too
     return cfg, params, str(attrs.get("tokenizer", "bytes"))
 
 

@@ -116,6 +116,7 @@ def test_finetune_learns_keeps_the_best_and_classifies(inputs, tmp_path):
     assert result.returncode == 0, result.stderr
     label, probability = result.stdout.split()
     assert label in ("no", "yes") and 0.5 <= float(probability) <= 1.0
+    assert_user_error(app("eval", "--run", out), "holds a 2-way classifier")
 
 
 def test_resume_continues_from_the_run_own_checkpoint(inputs, tmp_path):
