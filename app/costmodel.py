@@ -13,10 +13,11 @@ ring crosses the slowest link on every step. Ranks are numbered tp fastest, then
 pp (comm/grid.py), so a tp group spans tp ranks, a dp group tp*dp, a pipeline all of them.
 
 Memory per rank: parameters, gradients (and an accumulation buffer), AdamW state (sharded
-over dp under ZeRO-1), and the activations of as many micro-batches as the simulated
-schedule keeps alive, each sized by app/memory.py's estimate.
+over dp under ZeRO-1), and the activations of as many micro-batches as the stage's
+program keeps alive, each sized by app/memory.py's estimate.
 """
 import math
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -378,7 +379,7 @@ def simulate_step(schedule, pp, micro_batches, chunks, forward, backward, transf
 # The laptop's links, from `make bench-comm` (README, p=2): our ring all-reduce of 4 KB takes
 # about 22 us (2 alphas of Python and MPI) and moves 4-16 MB at about 7 GB/s of bus bandwidth.
 LAPTOP_LINK = Link(11e-6, 7 * GB)
-LAPTOP_CORES = 2
+MEMCPY_BANDWIDTH = 11.5 * GB  # a large NumPy copy on this machine
 
 
 def calibrate_laptop(config="baby", repeats=5) -> Cluster:
@@ -417,9 +418,8 @@ def calibrate_laptop(config="baby", repeats=5) -> Cluster:
     flops = flops_per_token(n_params, model.n_layer, model.block_size, model.n_embd) \
         * cfg.batch_size * model.block_size
     efficiency = flops / peak / (times[1] - layers * overhead - optimizer)
-    memory = (available_bytes() or 8 * 2 ** 30) / LAPTOP_CORES
-    return Cluster("laptop", 1, LAPTOP_CORES, memory, peak, peak, min(efficiency, 1.0),
+    cores = os.cpu_count() or 1
+    memory = (available_bytes() or 8 * 2 ** 30) / cores
+    return Cluster("laptop", 1, cores, memory, peak, peak, min(efficiency, 1.0),
                    LAPTOP_LINK, LAPTOP_LINK, MEMCPY_BANDWIDTH, overhead)
 
-
-MEMCPY_BANDWIDTH = 11.5 * GB  # a NumPy copy here (PERFORMANCE notes: about 11.5 GB/s)
