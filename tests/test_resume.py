@@ -133,7 +133,8 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_field(data, straigh
                  "--out", tmp_path / "run", "--resume", ckpt)
     assert_user_error(result, f"checkpoint {ckpt} was saved with n_embd = 16 but the config "
                               "says n_embd = 32: expected the model fields (n_layer, n_head, "
-                              "n_embd, block_size, vocab_size, dtype) to match")
+                              "n_embd, block_size, vocab_size, n_classes, pool, dtype) to "
+                              "match")
 
 
 def test_resume_refusals(data, tmp_path):
