@@ -22,7 +22,7 @@ from pathlib import Path
 
 from app.errors import UserError
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "params.h5", "checkpoints")
+RUN_FILES = ("config.toml", "metrics.jsonl", "params.h5", "best.h5", "checkpoints")
 LOCK_NAME = ".lock"
 
 
