@@ -38,7 +38,8 @@ skipped with the trainer's reason; a job that both kinds share runs once.
   peak activations, each the largest over the ranks; a server's state is not in it). RSS
   MiB: the largest rank's peak resident memory (VmHWM, servers included, from /proc every
   quarter second; Python, NumPy and MPI are about 60-70 MiB of it).
-- load: cores' worth of CPU that other processes used meanwhile (bench.dp.LoadMeter).
+- load: cores' worth of CPU that other processes used meanwhile (bench.dp.LoadMeter);
+  before each job the driver waits up to --quiet-s seconds for them to use under 0.1.
 
 Rows with more ranks than cores (4 on 2 cores) are marked oversubscribed: they measure
 time-sharing more than the method and are not scaling results.
@@ -65,7 +66,7 @@ from app.errors import UserError
 from app.parallel.layout import plan
 from app.parallel.partition import model_costs, stage_costs
 from app.parallel.schedules import Backward, Forward, one_f_one_b, simulate
-from bench.dp import LoadMeter
+from bench.dp import LoadMeter, wait_until_quiet
 from bench.ps import STEP_LINE, read_metrics
 from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 
@@ -231,6 +232,8 @@ def measure(case, args, runs, index):
              "--steps", str(steps), "--batch-size", str(case.batch),
              "--eval-interval", str(steps), "--eval-windows", "2", "--sample-tokens", "0",
              "--save-interval", "0", "--peak-gflops", "100", "--log-interval", "1", *flags]
+    if args.quiet_s:  # a shared machine: give others' bursts a moment to pass
+        wait_until_quiet(args.quiet_s)
     with LoadMeter() as meter:
         job = run_job(args.mpiexec, case.ranks, train, out, args.timeout)
     result = {**job, "load": meter.cores, "comm_wait_ms": None}
@@ -451,6 +454,8 @@ def parse_args(argv):
     parser.add_argument("--data", default="data/embedded.h5")
     parser.add_argument("--out", default="runs/report")
     parser.add_argument("--timeout", default="300", help="seconds one job may run")
+    parser.add_argument("--quiet-s", default="5", help="seconds to wait, at most, before each "
+                        "job for other processes to use under 0.1 cores (0: no wait)")
     args = parser.parse_args(argv)
     args.configs = parse_list(args.configs, "--configs")
     for name in args.configs:
@@ -460,9 +465,10 @@ def parse_args(argv):
             raise SystemExit(f"error: --configs: {err}")
     args.ranks = sorted(set(parse_list(args.ranks, "--ranks", convert=int)) | {1})
     args.modes = parse_list(args.modes, "--modes", allowed=MODES)
-    for option, minimum in (("steps", 2), ("batch", 1), ("weak_batch", 1), ("timeout", 1)):
+    for option, minimum in (("steps", 2), ("batch", 1), ("weak_batch", 1), ("timeout", 1),
+                            ("quiet_s", 0)):
         value = getattr(args, option)
-        if option != "steps" or value != "0":  # 0: each config's default
+        if option != "steps" or value != "0":  # 0 steps: each config's default
             flag = "--" + option.replace("_", "-")
             value, *more = parse_list(value, flag, convert=int, minimum=minimum)
             if more:

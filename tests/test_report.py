@@ -70,7 +70,8 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
     out = tmp_path / "report"
     result = subprocess.run(
         [sys.executable, "-m", "bench.report", "--configs", "tiny", "--ranks", "1,2",
-         "--steps", "2", "--data", str(tiny_h5), "--out", str(out), "--timeout", "40"],
+         "--steps", "2", "--data", str(tiny_h5), "--out", str(out), "--timeout", "40",
+         "--quiet-s", "0"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     report = (out / "report.md").read_text()
