@@ -37,7 +37,7 @@ skipped with the trainer's reason; a job that both kinds share runs once.
 - state MiB: the trainer's footprint line (parameters, gradients, AdamW's moments and the
   peak activations, each the largest over the ranks; a server's state is not in it). RSS
   MiB: the largest rank's peak resident memory (VmHWM, servers included, from /proc every
-  quarter second; Python, NumPy and MPI are about 60-70 MiB of it).
+  quarter second; Python, NumPy and MPI are about 70 MiB of it).
 - load: cores' worth of CPU that other processes used meanwhile (bench.dp.LoadMeter);
   before each job the driver waits up to --quiet-s seconds for them to use under 0.1.
 
@@ -73,7 +73,7 @@ from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 MODES = ["dp", "zero", "pp", "tp", "dp-pp", "ps", "ps-async"]
 KINDS = ("strong", "weak")
 STALENESS = 2
-STEPS = {"baby": 60, "small": 10}  # a whole `make report` in about 10 minutes on 2 cores
+STEPS = {"baby": 60, "small": 10}  # est. 10 min on 2 idle cores; 20 min with others on ~1
 OTHER_STEPS = 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
