@@ -157,9 +157,10 @@ def read_metrics(path):
 STEP_LINE = re.compile(r"^step\s+(\d+)/\d+ \| loss ")
 
 
-def stream(cmd, env, stderr, timeout):
+def stream(cmd, env, stderr, timeout, on_line=None):
     """Runs cmd (its own process group, killed whole after `timeout` s), reading its stdout
-    as it comes: (exit status or None on timeout, [(step, time its log line arrived)])."""
+    as it comes: (exit status or None on timeout, [(step, time its log line arrived)]);
+    `on_line(line)` sees every other line."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
                             text=True, start_new_session=True)
     expired = []
@@ -179,6 +180,8 @@ def stream(cmd, env, stderr, timeout):
             match = STEP_LINE.match(line)
             if match:
                 seen.append((int(match.group(1)), time.perf_counter()))
+            elif on_line is not None:
+                on_line(line)
         proc.wait()
     finally:
         timer.cancel()

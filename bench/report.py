@@ -52,9 +52,7 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -67,7 +65,7 @@ from app.parallel.layout import plan
 from app.parallel.partition import model_costs, stage_costs
 from app.parallel.schedules import Backward, Forward, one_f_one_b, simulate
 from bench.dp import LoadMeter, wait_until_quiet
-from bench.ps import STEP_LINE, read_metrics
+from bench.ps import read_metrics, stream
 from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 
 MODES = ["dp", "zero", "pp", "tp", "dp-pp", "ps", "ps-async"]
@@ -178,49 +176,34 @@ class PeakMemory(threading.Thread):
 
 
 def run_job(mpiexec, ranks, train_args, run_dir, timeout):
-    """Runs `mpiexec -n ranks python -m app train ARGS` (its own process group, killed whole
-    after `timeout` s) and reads its output as it comes, as bench.ps.stream does, keeping
-    the footprint line as well as the step lines' arrival times."""
+    """Runs `mpiexec -n ranks python -m app train ARGS` through bench.ps.stream (its own
+    process group, killed whole after `timeout` s), keeping the footprint line as well as
+    the step lines' arrival times."""
     env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
     for key, value in YIELD_ENV.items():
         env.setdefault(key, value)
     cmd = [*mpiexec, "-n", str(ranks), sys.executable, "-m", "app", "train", *train_args]
-    start, expired, seen, state = time.perf_counter(), [], [], None
+    start, states = time.perf_counter(), []
+
+    def footprint(line):
+        if match := FOOTPRINT.match(line):
+            states.append(sum(map(float, FOOTPRINT_ITEM.findall(match.group(1)))) * MIB)
+
     memory = PeakMemory(run_dir)
     memory.start()
     with tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
-                                text=True, start_new_session=True)
-
-        def kill():
-            expired.append(True)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout, kill)
-        timer.start()
-        try:
-            for line in proc.stdout:
-                if match := STEP_LINE.match(line):
-                    seen.append((int(match.group(1)), time.perf_counter()))
-                elif match := FOOTPRINT.match(line):
-                    state = sum(map(float, FOOTPRINT_ITEM.findall(match.group(1)))) * MIB
-            proc.wait()
-        finally:
-            timer.cancel()
+        returncode, seen = stream(cmd, env, stderr, timeout, footprint)
         stderr.seek(0)
         tail = stderr.read().strip().splitlines()[-3:]
     failure = None
-    if expired:
+    if returncode is None:
         failure = f"over --timeout {timeout:g} s"
-    elif proc.returncode:
-        failure = f"exit {proc.returncode}: " + " | ".join(tail)
+    elif returncode:
+        failure = f"exit {returncode}: " + " | ".join(tail)
     elif len(seen) < 2:
         failure = "fewer than 2 step lines"
-    return {"failure": failure, "seen": seen, "state_bytes": state, "rss_bytes": memory.stop(),
-            "wall": time.perf_counter() - start}
+    return {"failure": failure, "seen": seen, "state_bytes": states[-1] if states else None,
+            "rss_bytes": memory.stop(), "wall": time.perf_counter() - start}
 
 
 def measure(case, args, runs, index):
