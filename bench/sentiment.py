@@ -69,7 +69,7 @@ def run_job(name, cmd, out, timeout):
     return wall
 
 
-def app_command(args, mpiexec, ranks, *words):
+def app_command(mpiexec, ranks, *words):
     prefix = [*mpiexec, "-n", str(ranks)] if ranks > 1 else []
     return [*prefix, sys.executable, "-m", "app", *words]
 
@@ -101,9 +101,9 @@ def train_flags(args, steps):
 
 def finetune_command(args, mpiexec, init, out):
     eval_interval = args.eval_interval or max(1, args.finetune_steps // 5)
-    return app_command(args, mpiexec, args.ranks, "finetune", *train_flags(
+    return app_command(mpiexec, args.ranks, "finetune", *train_flags(
         args, args.finetune_steps), "--init", init, "--data", args.data, "--out", out,
-        "--overwrite", "--lr", str(args.finetune_lr), "--min-lr", str(args.finetune_lr / 10),
+        "--overwrite", "--lr", str(args.finetune_lr), "--min-lr", f"{args.finetune_lr / 10:g}",
         "--warmup-steps", str(min(args.finetune_steps // 10, 50)),
         "--eval-interval", str(eval_interval))
 
@@ -115,25 +115,25 @@ def pipeline(args, out):
     if not Path(args.data).exists():
         Path(args.data).parent.mkdir(parents=True, exist_ok=True)
         walls["prepare"] = run_job("prepare", app_command(
-            args, mpiexec, 1, "prepare", "--task", "classify", "--input", args.input,
+            mpiexec, 1, "prepare", "--task", "classify", "--input", args.input,
             "--out", args.data, "--max-len", str(args.max_len), "--seed", str(args.seed)),
             out, args.timeout)
     data = ClassifyData(args.data)
     rows = write_train_texts(data, out / "lm.txt")
     print(f"  lm corpus: the {rows:,} train rows' texts in {out / 'lm.txt'}", file=sys.stderr)
     walls["prepare-lm"] = run_job("prepare-lm", app_command(
-        args, mpiexec, 1, "prepare", "--input", str(out / "lm.txt"), "--out",
+        mpiexec, 1, "prepare", "--input", str(out / "lm.txt"), "--out",
         str(out / "lm.h5")), out, args.timeout)
     lm_flags = ["--data", str(out / "lm.h5"), "--overwrite", "--sample-tokens", "0",
                 "--peak-gflops", "100"]
     walls["pretrain"] = run_job("pretrain", app_command(
-        args, mpiexec, args.ranks, "train", *train_flags(args, args.pretrain_steps), *lm_flags,
+        mpiexec, args.ranks, "train", *train_flags(args, args.pretrain_steps), *lm_flags,
         "--out", str(out / "pretrain"),
         "--eval-interval", str(max(1, args.pretrain_steps // 4))), out, args.timeout)
     walls["finetune"] = run_job("finetune", finetune_command(
         args, mpiexec, str(out / "pretrain"), str(out / "finetune")), out, args.timeout)
     walls["untrained"] = run_job("untrained", app_command(
-        args, mpiexec, 1, "train", *train_flags(args, 1), *lm_flags, "--out",
+        mpiexec, 1, "train", *train_flags(args, 1), *lm_flags, "--out",
         str(out / "untrained"), "--lr", "1e-12", "--min-lr", "1e-12", "--warmup-steps", "0",
         "--eval-interval", "1"), out, args.timeout)
     walls["scratch"] = run_job("scratch", finetune_command(
@@ -151,11 +151,13 @@ def print_table(data, results, args):
           f"split's texts, fine-tuned {args.finetune_steps} steps, {args.ranks} ranks; "
           f"{len(test.labels):,} test rows of {data.max_len} tokens, labels "
           f"{', '.join(map(str, data.labels))}")
-    print(f"| {'model':<26} | test accuracy | test macro-F1 |")
-    print(f"|{'-' * 28}|{'-' * 15}|{'-' * 15}|")
+    print(f"| {'model':<26} | {'test accuracy':>13} | {'test macro-F1':>13} | {'scored with':<20} |")
+    print(f"|{'-' * 28}|{'-' * 15}|{'-' * 15}|{'-' * 22}|")
     for name, found in results.items():
-        note = f" (best.h5 of step {found['best_step']})" if "best_step" in found else ""
-        print(f"| {name + note:<26} | {found['accuracy']:13.4f} | {found['macro_f1']:13.4f} |")
+        chosen = (f"best.h5 (step {found['best_step']})" if "best_step" in found
+                  else "fitted on train")
+        print(f"| {name:<26} | {found['accuracy']:13.4f} | {found['macro_f1']:13.4f} | "
+              f"{chosen:<20} |")
     mine = results[PRETRAINED]["accuracy"]
     for other in (SCRATCH, MAJORITY, NAIVE_BAYES):
         theirs = results[other]["accuracy"]

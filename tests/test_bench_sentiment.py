@@ -7,9 +7,12 @@ import sys
 import numpy as np
 import pytest
 
+from app.checkpoint import load_params
 from app.classify_data import ClassifyData, prepare_classify
+from app.config import load_config
 from app_util import ENV, MPIEXEC, ROOT
 from bench.sentiment import write_train_texts
+from models import gpt
 
 
 def write_reviews(path, rows=160, seed=0):
@@ -59,3 +62,8 @@ def test_driver_prints_the_table(tmp_path):
     assert result.stdout.count("the pre-trained fine-tune ") == 3
     assert (tmp_path / "out" / "labelled.h5").is_file()
     assert (tmp_path / "out" / "finetune" / "best.h5").is_file()
+    # "from scratch" starts from the trainer's random initialisation (seed 1337), unmoved
+    untrained, _ = load_params(tmp_path / "out" / "untrained" / "params.h5")
+    initial = gpt.init_params(load_config("tiny", {}).model_config(), 1337, np, np.float64)
+    for name, value in initial.items():
+        np.testing.assert_allclose(untrained[name], value, rtol=0, atol=1e-6, err_msg=name)
