@@ -25,6 +25,7 @@ and macro-F1 of each, and the lines under it say which beats which on test accur
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -84,11 +85,20 @@ def write_train_texts(data: ClassifyData, path):
     return len(rows.labels)
 
 
+def read_metrics(run_dir):
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def step_ms(run_dir):
+    """The median of a run's logged ms per step (validation not included)."""
+    times = [r["ms_per_step"] for r in read_metrics(run_dir) if "ms_per_step" in r]
+    return statistics.median(times) if times else float("nan")
+
+
 def test_scores(run_dir):
     """{accuracy, macro_f1, best_step} of the test record in RUN/metrics.jsonl."""
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    test = [r for r in records if "test_accuracy" in r][-1]
+    test = [r for r in read_metrics(run_dir) if "test_accuracy" in r][-1]
     return {"accuracy": test["test_accuracy"], "macro_f1": test["test_macro_f1"],
             "best_step": test["best_step"]}
 
@@ -116,8 +126,9 @@ def pipeline(args, out):
         Path(args.data).parent.mkdir(parents=True, exist_ok=True)
         walls["prepare"] = run_job("prepare", app_command(
             mpiexec, 1, "prepare", "--task", "classify", "--input", args.input,
-            "--out", args.data, "--max-len", str(args.max_len), "--seed", str(args.seed)),
-            out, args.timeout)
+            "--out", args.data, "--max-len", str(args.max_len)), out, args.timeout)
+    else:
+        print(f"  labelled file: {args.data} exists, used as it is", file=sys.stderr)
     data = ClassifyData(args.data)
     rows = write_train_texts(data, out / "lm.txt")
     print(f"  lm corpus: the {rows:,} train rows' texts in {out / 'lm.txt'}", file=sys.stderr)
@@ -151,7 +162,8 @@ def print_table(data, results, args):
           f"split's texts, fine-tuned {args.finetune_steps} steps, {args.ranks} ranks; "
           f"{len(test.labels):,} test rows of {data.max_len} tokens, labels "
           f"{', '.join(map(str, data.labels))}")
-    print(f"| {'model':<26} | {'test accuracy':>13} | {'test macro-F1':>13} | {'scored with':<20} |")
+    print(f"| {'model':<26} | {'test accuracy':>13} | {'test macro-F1':>13} | "
+          f"{'scored with':<20} |")
     print(f"|{'-' * 28}|{'-' * 15}|{'-' * 15}|{'-' * 22}|")
     for name, found in results.items():
         chosen = (f"best.h5 (step {found['best_step']})" if "best_step" in found
@@ -211,7 +223,9 @@ def main(argv=None):
         return 1
     print_table(data, results, args)
     print("(" + ", ".join(f"{name} {wall:.0f} s" for name, wall in walls.items())
-          + f"; {time.perf_counter() - started:.0f} s in all)")
+          + f"; {time.perf_counter() - started:.0f} s in all; median step "
+          + ", ".join(f"{name} {step_ms(out / name):.0f} ms"
+                      for name in ("pretrain", "finetune", "scratch")) + ")")
     return 0
 
 
