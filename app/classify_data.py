@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from app.atomic import replacing
-from app.data import h5_attr
+from app.data import h5_attr, rank_rows
 from app.errors import UserError
 from app.tokenizer import get_tokenizer, token_dtype
 
@@ -471,13 +471,8 @@ class ClassifyBatchLoader:
         return index
 
     def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1):
-        if dp_size < 1 or self.batch_size % dp_size:
-            raise UserError(f"batch_size {self.batch_size} must be divisible by the "
-                            f"data-parallel size {dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
-        b = self.batch_size // dp_size
-        return _as_batch(self.rows, self.indices(step)[dp_rank * b:(dp_rank + 1) * b])
+        rows = rank_rows(self.batch_size, dp_rank, dp_size)
+        return _as_batch(self.rows, self.indices(step)[rows])
 
 
 def split_batches(data: ClassifyData, split: str, batch_size: int):

@@ -172,14 +172,19 @@ class BatchLoader:
         return rng.integers(0, self._n_starts, size=self.batch_size)
 
     def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1):
-        if dp_size < 1 or self.batch_size % dp_size:
-            raise UserError(f"batch_size {self.batch_size} must be divisible by the "
-                            f"data-parallel size {dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
-        b = self.batch_size // dp_size
-        mine = self.starts(step)[dp_rank * b:(dp_rank + 1) * b]
+        mine = self.starts(step)[rank_rows(self.batch_size, dp_rank, dp_size)]
         return self._data.windows(self.split, mine, self.block_size + 1)
+
+
+def rank_rows(batch_size: int, dp_rank: int, dp_size: int) -> slice:
+    """The rows of a global batch that data-parallel rank `dp_rank` of `dp_size` takes."""
+    if dp_size < 1 or batch_size % dp_size:
+        raise UserError(f"batch_size {batch_size} must be divisible by the "
+                        f"data-parallel size {dp_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
+    b = batch_size // dp_size
+    return slice(dp_rank * b, (dp_rank + 1) * b)
 
 
 def validation_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
