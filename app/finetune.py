@@ -34,9 +34,9 @@ from app.memory import check_fits
 from app.parallel import layout as layouts
 from app.parallel.state import gather_full_params, placement
 from app.pretrained import check_trunk, initial_params, read_pretrained
-from app.trainer import claim_run, make_engine, out_dir, ranks_on_this_node
+from app.trainer import array_backend, claim_run, make_engine, out_dir, ranks_on_this_node
 from comm import watchdog
-from comm.backend import BackendUnavailable, get_xp, to_host
+from comm.backend import to_host
 from comm.grid import ProcessGrid
 from models import gpt, sharding
 from models.classifier import ClassTargets
@@ -106,10 +106,7 @@ def finetune(cfg, run_dir, init=None, log=print, comm=None, overwrite=False, res
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
         with together(comm):
-            try:
-                xp = get_xp(cfg.device)
-            except BackendUnavailable as err:
-                raise UserError(str(err)) from None
+            xp = array_backend(cfg)
             data = ClassifyData(cfg.data)
             cfg = classifier_config(cfg, data)
             layout = layouts.plan(cfg, comm.Get_size())

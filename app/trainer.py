@@ -129,6 +129,14 @@ def ranks_on_this_node(comm) -> int:
     return size
 
 
+def array_backend(cfg):
+    """The array module of cfg.device; a device that is not there is the user's error."""
+    try:
+        return get_xp(cfg.device)
+    except BackendUnavailable as err:
+        raise UserError(str(err)) from None
+
+
 def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt="\n",
           comm=None, overwrite=False, resume=None):
     """Trains on the ranks of `comm` (default MPI.COMM_WORLD), from scratch or, with
@@ -144,10 +152,7 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
         with together(comm):
-            try:
-                xp = get_xp(cfg.device)
-            except BackendUnavailable as err:
-                raise UserError(str(err)) from None
+            xp = array_backend(cfg)
             layout = layouts.plan(cfg, comm.Get_size())
         is_logger = comm.Get_rank() == layout.logger
         if not is_logger:
