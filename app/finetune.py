@@ -7,7 +7,8 @@ and learns `head_lr_scale` times faster. The data is a file of `prepare --task c
 (app/classify_data.py); its labels set `n_classes`. Everything else is the trainer's: the
 layout plan, the process grid, the one step engine (any dp x pp x tp, ZeRO-1; not ps mode),
 the run directory, checkpoints and `--resume`, which continues a fine-tune run from its own
-checkpoints (`--init` then plays no part).
+checkpoints (`--init` then plays no part), and the stop on SIGTERM/SIGUSR1 (app/preempt.py):
+every rank saves at the same step boundary and the command exits 75 (requeue).
 
 Every `eval_interval` steps and at the end the validation split is scored (loss, accuracy,
 macro-F1, app/classify.py); the parameters of the best validation accuracy so far are
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app import metrics
+from app import metrics, preempt
 from app.checkpoint import load_checkpoint, load_params, save_params, save_training_state
 from app.classify import BEST, shared_scores
 from app.classify_data import ClassifyBatchLoader, ClassifyData, split_batches
@@ -34,7 +35,8 @@ from app.memory import check_fits
 from app.parallel import layout as layouts
 from app.parallel.state import gather_full_params, placement
 from app.pretrained import check_trunk, initial_params, read_pretrained
-from app.trainer import array_backend, claim_run, make_engine, out_dir, ranks_on_this_node
+from app.trainer import (array_backend, claim_run, make_engine, out_dir, ranks_on_this_node,
+                         stop_here)
 from comm import watchdog
 from comm.backend import to_host
 from comm.grid import ProcessGrid
@@ -61,6 +63,12 @@ def add_arguments(parser):
 
 
 def run(args):
+    # As `app train`: SIGTERM/SIGUSR1 stop every rank at a step boundary with a checkpoint.
+    with preempt.installed():
+        return _run(args)
+
+
+def _run(args):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     with together(comm):
@@ -72,9 +80,9 @@ def run(args):
             raise UserError("--init is missing: expected the pre-trained run directory or "
                             "checkpoint to fine-tune")
     default = os.path.join("runs", Path(args.config).stem + "-finetune")
-    finetune(cfg, out_dir(args, default, comm, cfg.timeout), args.init, comm=comm,
-             overwrite=args.overwrite, resume=args.resume)
-    return 0
+    history = finetune(cfg, out_dir(args, default, comm, cfg.timeout), args.init, comm=comm,
+                       overwrite=args.overwrite, resume=args.resume)
+    return preempt.REQUEUE_EXIT_CODE if history.get("stopped") else 0
 
 
 def classifier_config(cfg, data: ClassifyData):
@@ -98,7 +106,8 @@ def classifier_config(cfg, data: ClassifyData):
 def finetune(cfg, run_dir, init=None, log=print, comm=None, overwrite=False, resume=None):
     """Fine-tunes on the ranks of `comm` (default MPI.COMM_WORLD) from `init`, or with
     `resume` from a checkpoint; returns {'loss': [...], 'val': {step: scores}, 'test':
-    scores, 'params': the last FlatParams} on every rank."""
+    scores, 'params': the last FlatParams} on every rank, or, where a stop signal ended it
+    early (app/preempt.py), {'loss', 'val', 'stopped': the signal's name}."""
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
@@ -159,7 +168,7 @@ def finetune(cfg, run_dir, init=None, log=print, comm=None, overwrite=False, res
             loop = FinetuneLoop(cfg, layout, xp, grid, engine, data, run_dir, metrics_log, log,
                                 resuming=bool(resume_from))
             history = loop.run(loader, first)
-        if is_logger:
+        if is_logger and not history.get("stopped"):
             loop.write_params("params.h5", to_host(history["params"].flat), cfg.steps, {})
             log(f"done: {cfg.steps} steps; run directory {run_dir} holds best.h5 (step "
                 f"{loop.best_step}, val accuracy {loop.best_accuracy:.4f}) and params.h5")
@@ -191,10 +200,16 @@ class FinetuneLoop:
         history = {"loss": [], "val": {}}
         step_times, skips = [], 0
         for step in range(first, cfg.steps + 1):
-            if step > first and cfg.save_interval and (
-                    step % cfg.save_interval == 0 or step == cfg.steps):
+            # SIGTERM/SIGUSR1 on any rank: every rank saves and stops at this step, as in train
+            stopping = step < cfg.steps and preempt.stop_requested(self.grid.comm)
+            if step > first and (stopping or cfg.save_interval and (
+                    step % cfg.save_interval == 0 or step == cfg.steps)):
                 save_training_state(cfg, self.layout, engine, self.grid, self.run_dir, step,
                                     self.data.tokenizer, log)
+            if stopping:
+                history["stopped"] = stop_here(step, first, cfg.steps, self.grid.comm,
+                                               self.metrics_log, log)
+                return history
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 history["val"][step] = self.validate(step)
             if step == cfg.steps:

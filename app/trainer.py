@@ -198,6 +198,21 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
     return history
 
 
+def stop_here(step, first, steps, comm, metrics_log, log):
+    """The end of a run stopped by a signal at `step` (app/preempt.py), its checkpoint saved
+    already (none when step == first): records and logs the stop, then waits until every
+    rank of `comm` is here. Returns the signal's name, for history["stopped"]."""
+    stopped = preempt.stop_signal()
+    metrics_log.write({"step": step, "stopped": stopped})
+    log(f"step {step:5d}/{steps} | stopped by {stopped}: "
+        + (f"checkpoint of step {step} saved" if step > first else "nothing new to save")
+        + f"; exit {preempt.REQUEUE_EXIT_CODE} (requeue), --resume auto goes on from here")
+    # rank 0 may still be renaming the checkpoint into place: nobody exits before
+    with watchdog.waiting("the other ranks to finish the last checkpoint"):
+        comm.Barrier()
+    return stopped
+
+
 def make_engine(cfg, layout, xp, grid, comm, resume_from, **extra):
     """The step engine of this rank (`extra`: more StepEngine options)."""
     options = dict(extra, schedule=layout.schedule, chunks=layout.chunks,
@@ -304,14 +319,7 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
                 save_training_state(cfg, layout, engine, grid, run_dir, step, data.tokenizer,
                                     log)
         if stopping:
-            history["stopped"] = preempt.stop_signal()
-            metrics_log.write({"step": step, "stopped": history["stopped"]})
-            log(f"step {step:5d}/{cfg.steps} | stopped by {history['stopped']}: "
-                + (f"checkpoint of step {step} saved" if step > first else "nothing new to save")
-                + f"; exit {preempt.REQUEUE_EXIT_CODE} (requeue), --resume auto goes on from here")
-            # rank 0 may still be renaming the checkpoint into place: nobody exits before
-            with watchdog.waiting("the other ranks to finish the last checkpoint"):
-                grid.comm.Barrier()
+            history["stopped"] = stop_here(step, first, cfg.steps, grid.comm, metrics_log, log)
             return history
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             val_loss = shared_validation_loss(gather_full_params(engine, xp), model_cfg,

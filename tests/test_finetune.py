@@ -3,6 +3,7 @@ few steps, fine-tuned on a synthetic labelled corpus (label: whether a marker by
 appears); under `mpiexec -n 4` fine-tuning in DP=4 with ZeRO-1 and DP=2 x PP=2 equals the
 single process (float64, rtol 1e-5)."""
 import json
+import os
 import shutil
 
 import h5py
@@ -17,7 +18,7 @@ from app.errors import UserError
 from app.finetune import finetune
 from app.pretrained import initial_params, read_pretrained
 from app.trainer import train
-from tests.app_util import app, assert_user_error
+from tests.app_util import app, assert_user_error, command, ENV, ROOT
 from tests.conftest import corpus_text
 from tests.mpi_util import Verdict, groups_of, shared_tmpdir, skip_unless_ranks
 
@@ -159,6 +160,64 @@ def test_bad_inputs_are_one_line(inputs, tmp_path):
         finetune(config(data), tmp_path / "nowhere-run", init=tmp_path / "nowhere")
     missing = app("finetune", "--data", data, "--out", tmp_path / "out")
     assert_user_error(missing, "--init is missing")
+
+
+def ranked_finetune(inputs, out, *extra):
+    """`app finetune` under `mpiexec -n 4` in DP=2 x PP=2 (float64, no periodic saves)."""
+    run, data = inputs
+    return command(4, "finetune", "--config", "tiny", "--n-layer", 2, "--n-head", 2,
+                   "--n-embd", 32, "--block-size", 16, "--batch-size", 16, "--lr", 3e-3,
+                   "--min-lr", 3e-4, "--warmup-steps", 5, "--eval-interval", 50,
+                   "--log-interval", 1, "--pool", "mean", "--seed", 1, "--dtype", "float64",
+                   "--steps", 200, "--save-interval", 0, "--pp", 2, "--micro-batches", 2,
+                   "--data", data, "--init", run, "--out", out, *extra)
+
+
+def finetune_results(run):
+    """Losses by step from metrics.jsonl, the final parameters and best.h5's step."""
+    losses = {record["step"]: record["loss"]
+              for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in record}
+    params, _ = load_params(run / "params.h5")
+    with h5py.File(run / BEST, "r") as f:
+        return losses, params, int(f.attrs["step"])
+
+
+def test_sigterm_to_one_rank_checkpoints_every_rank_and_the_resume_is_bit_exact(inputs,
+                                                                               tmp_path):
+    """As `app train` (tests/test_resume.py): SIGTERM reaches one rank of four mid-run; all
+    agree on a step, save, and exit 75 ("requeue me"); `--resume auto` then finishes the run
+    bit for bit as an uninterrupted one."""
+    import signal
+    import subprocess
+    from app.preempt import REQUEUE_EXIT_CODE
+    from tests.test_checkpoint_faults import rank_pids
+
+    def finish(out, *extra):
+        result = subprocess.run(ranked_finetune(inputs, out, *extra), cwd=ROOT, env=ENV,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    finish(tmp_path / "whole")
+    run = tmp_path / "run"
+    job = subprocess.Popen(ranked_finetune(inputs, run), cwd=ROOT, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in job.stdout:
+            if line.startswith("step    20/"):
+                break
+        os.kill(rank_pids(str(run))[2], signal.SIGTERM)  # one rank of the four
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == REQUEUE_EXIT_CODE, err
+    assert "stopped by SIGTERM: checkpoint of step" in out, out
+    assert not (run / "params.h5").exists() and list_checkpoints(run)
+    finish(run, "--resume", "auto")
+    losses, params, best_step = finetune_results(run)
+    ref_losses, ref_params, ref_best_step = finetune_results(tmp_path / "whole")
+    assert losses == ref_losses and best_step == ref_best_step
+    for name, value in ref_params.items():
+        assert np.array_equal(params[name], value), name
 
 
 # --------------------------------------------------------------------------- mpiexec -n 4
