@@ -41,15 +41,15 @@ YIELD_ENV = {"MPIR_CVAR_POLLS_BEFORE_YIELD": "10", "MPIR_CVAR_POSIX_POLL_FREQUEN
 N_BATCHES = 4  # distinct global batches, cycled
 
 
-def global_batches(vocab, ranks, T, seed=0):
-    """N_BATCHES random (x, y) global batches of ranks*PER_RANK_BATCH rows; rank r takes
-    rows r*12:(r+1)*12 (app.data's layout rule)."""
+def global_batches(vocab, ranks, T, seed=0, per_rank=PER_RANK_BATCH):
+    """N_BATCHES random (x, y) global batches of ranks*per_rank rows; rank r takes rows
+    r*per_rank:(r+1)*per_rank (app.data's layout rule)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, (2, ranks * PER_RANK_BATCH, T)) for _ in range(N_BATCHES)]
+    return [rng.integers(0, vocab, (2, ranks * per_rank, T)) for _ in range(N_BATCHES)]
 
 
-def rank_slice(batch, rank):
-    rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
+def rank_slice(batch, rank, per_rank=PER_RANK_BATCH):
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
     return np.ascontiguousarray(batch[0, rows]), np.ascontiguousarray(batch[1, rows])
 
 
@@ -66,8 +66,8 @@ def worker_ours(args):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     keep_freed_host_memory()
-    cfg = load_config(CONFIG, {"batch_size": PER_RANK_BATCH, "bucket_mb": args.bucket_mb or None,
-                               "overlap": args.overlap == "on"})
+    cfg = load_config(args.config, {"batch_size": args.batch, "bucket_mb": args.bucket_mb or None,
+                                    "overlap": args.overlap == "on"})
     mcfg = cfg.model_config()
     params = gpt.init_params(mcfg, cfg.seed, np, np.float32)
     dp_comm = None if args.no_comm or size == 1 else comm
@@ -75,7 +75,8 @@ def worker_ours(args):
     if args.no_test and step.reducer is not None:
         step.reducer.progress = lambda: None  # no test() between layers: only finish() waits
     # no-comm: each process trains alone on its own 12 rows (no gradient exchange)
-    batches = [rank_slice(b, rank) for b in global_batches(cfg.vocab_size, size, cfg.block_size)]
+    batches = [rank_slice(b, rank, args.batch)
+               for b in global_batches(cfg.vocab_size, size, cfg.block_size, per_rank=args.batch)]
 
     if args.paired:
         return paired(args, comm, cfg, step, batches,
@@ -111,7 +112,7 @@ def worker_ours(args):
     rows = comm.gather(row, root=0)
     if rank == 0:
         print(json.dumps({
-            "ranks": size, "tokens_per_rank_step": PER_RANK_BATCH * cfg.block_size,
+            "ranks": size, "tokens_per_rank_step": args.batch * cfg.block_size,
             "first_loss": first_loss, "thread_level": MPI.Query_thread(),
             "buckets": len(step.reducer.buckets) if step.reducer else 0,
             "bucket_mb": cfg.bucket_mb, "grad_bytes": int(step.grads.flat.nbytes),
@@ -167,9 +168,9 @@ def worker_torch(args):
     from bench.torch_gpt import TorchGPT, make_optimizer, train_step
     from models import gpt
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rank, size = args.rank, args.world
-    cfg = load_config(CONFIG, {"batch_size": PER_RANK_BATCH})
+    cfg = load_config(args.config, {"batch_size": args.batch})
     mcfg = cfg.model_config()
     init = {name: np.array(v) for name, v in
             gpt.init_params(mcfg, cfg.seed, np, np.float32).items()}
@@ -183,8 +184,8 @@ def worker_torch(args):
         module = model
     opt = make_optimizer(model, gpt.is_decayed, cfg.lr, (cfg.beta1, cfg.beta2),
                          cfg.weight_decay)
-    batches = [tuple(torch.from_numpy(a) for a in rank_slice(b, rank))
-               for b in global_batches(cfg.vocab_size, size, cfg.block_size)]
+    batches = [tuple(torch.from_numpy(a) for a in rank_slice(b, rank, args.batch))
+               for b in global_batches(cfg.vocab_size, size, cfg.block_size, per_rank=args.batch)]
 
     def barrier():
         if size > 1:
@@ -212,8 +213,9 @@ def worker_torch(args):
     else:
         rows = [row]
     if rank == 0:
-        print(json.dumps({"ranks": size, "tokens_per_rank_step": PER_RANK_BATCH * cfg.block_size,
-                          "first_loss": float(np.mean([r["first_loss"] for r in rows])),
+        print(json.dumps({"ranks": size, "tokens_per_rank_step": args.batch * cfg.block_size,
+                          "first_loss": None if first_loss is None else
+                          float(np.mean([r["first_loss"] for r in rows])),
                           "per_rank": rows}))
     if size > 1:
         # gloo's teardown sometimes aborts one rank ("terminate called without an active
@@ -272,17 +274,19 @@ class Cell:
 
     def __init__(self, key, impl, ranks, overlap="-", bucket_mb=None, no_comm=False,
                  no_test=False, async_progress=False, yield_vars=True, torch=False,
-                 paired=False):
+                 paired=False, config=CONFIG, batch=PER_RANK_BATCH, threads=1):
         self.key, self.impl, self.ranks, self.overlap = key, impl, ranks, overlap
         self.bucket_mb, self.no_comm, self.no_test = bucket_mb, no_comm, no_test
         self.async_progress, self.yield_vars, self.torch = async_progress, yield_vars, torch
         self.paired = paired
+        self.config, self.batch, self.threads = config, batch, threads
         self.results = []  # one worker JSON per round
         self.other_load = []  # cores used by other processes during each result
         self.max_load = 0.15
 
     def env(self):
         env = dict(os.environ, **THREAD_ENV, PYTHONUNBUFFERED="1")
+        env.update({k: str(self.threads) for k in THREAD_ENV})
         for k in YIELD_ENV:
             env.pop(k, None)
         if self.yield_vars:
@@ -319,7 +323,8 @@ class Cell:
     def run(self, steps, warmup, timeout):
         if self.paired:
             steps, warmup = 8, 3
-        common = ["--steps", str(steps), "--warmup", str(warmup)]
+        common = ["--steps", str(steps), "--warmup", str(warmup), "--config", self.config,
+                  "--batch", str(self.batch), "--threads", str(self.threads)]
         if self.torch:
             return self._run_torch(common, timeout)
         mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -530,6 +535,9 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--init-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=CONFIG, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=PER_RANK_BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker == "ours":

@@ -5,6 +5,12 @@ Each (config, threads) cell runs in its own process, because BLAS fixes its thre
 when it loads. Inside a cell both models train on the same random token batches from the
 same initial parameters, timed in alternating rounds so that drift of the machine hits both
 alike; the table reports medians and the ours/torch ratio measured in that one process.
+
+The second table uses the machine's 2 cores the way each system uses them best, at one
+global batch (twice the first table's): ours as 2 MPI ranks x 1 thread (data parallel over
+the ring) or 1 rank x 2 BLAS threads; PyTorch as DDP over gloo, 2 x 1, or 1 process x 2
+threads. Its cells are `bench.dp` jobs, run in interleaved rounds; it compares the best of
+each system in global tokens/s.
 """
 import argparse
 import json
@@ -125,6 +131,58 @@ def print_table(rows, out=sys.stdout):
               file=out)
 
 
+def two_core_cells(config_name, use_torch):
+    """The 2-core layouts of one config, each at the global batch 2 x SHAPES[config]."""
+    from bench.dp import Cell
+    batch = SHAPES.get(config_name) or _config_batch(config_name)
+    common = {"config": config_name}
+    cells = [Cell("ours 2x1", "ours", 2, "on", batch=batch, **common),
+             Cell("ours 1x2", "ours", 1, batch=2 * batch, threads=2, **common)]
+    if use_torch:
+        cells += [Cell("torch DDP 2x1", "torch", 2, torch=True, batch=batch, **common),
+                  Cell("torch 1x2", "torch", 1, torch=True, batch=2 * batch, threads=2,
+                       **common)]
+    return cells
+
+
+def _config_batch(config_name):
+    from app.config import load_config
+    return load_config(config_name).batch_size
+
+
+TWO_CORE_LAYOUT = {"ours 2x1": "2 ranks x 1 thread (ring DP)",
+                   "ours 1x2": "1 rank x 2 threads",
+                   "torch DDP 2x1": "DDP-gloo 2 x 1 thread",
+                   "torch 1x2": "1 process x 2 threads"}
+
+
+def measure_two_cores(config_name, use_torch, rounds, steps, warmup, timeout=600):
+    cells = two_core_cells(config_name, use_torch)
+    for r in range(rounds):  # interleaved, so that drift of the machine hits all alike
+        for c in cells:
+            c.measure(steps, warmup, timeout, max_load=0.15, retries=1, quiet_s=3)
+            print(f"  2 cores, {config_name}, round {r + 1}/{rounds}: {c.key} "
+                  f"{c.round_ms(r):.1f} ms", file=sys.stderr)
+    return cells
+
+
+def print_two_core_table(config_name, cells, out=sys.stdout):
+    tokens = cells[0].ranks * cells[0].results[0]["tokens_per_rank_step"]
+    print(f"\n2 cores, {config_name}, global batch {tokens} tokens a step:", file=out)
+    head = f"{'system':<7}{'layout':<31}{'ms/step':>9}{'global tok/s':>14}"
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    best = {}
+    for c in cells:
+        system = c.key.split()[0]
+        tok_s = c.tok_s()
+        best[system] = max(best.get(system, 0.0), tok_s)
+        print(f"{system:<7}{TWO_CORE_LAYOUT[c.key]:<31}{c.ms():>9.1f}{tok_s:>14.0f}", file=out)
+    if "torch" in best:
+        print(f"best ours / best torch, global tok/s: {best['ours'] / best['torch']:.2f}x",
+              file=out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__)
     add_arguments(parser)
@@ -140,6 +198,11 @@ def add_arguments(parser):
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per model")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--two-core-rounds", type=int, default=2,
+                        help="interleaved rounds of the 2-core table (0: skip it)")
+    parser.add_argument("--two-core-steps", type=int, nargs=2, default=None,
+                        metavar=("STEPS", "WARMUP"),
+                        help="timed and warm-up steps of a 2-core cell (default: by config)")
 
 
 def run(args):
@@ -156,7 +219,15 @@ def run(args):
             rows.append(run_cell(name, threads, args.steps, args.rounds, use_torch, args.device))
             print(f"  measured {name} at {threads} thread(s)", file=sys.stderr)
     print_table(rows)
+    if args.device == "cpu" and args.two_core_rounds > 0:
+        for name in args.configs:
+            steps, warmup = args.two_core_steps or TWO_CORE_STEPS.get(name, (10, 3))
+            cells = measure_two_cores(name, use_torch, args.two_core_rounds, steps, warmup)
+            print_two_core_table(name, cells)
     return 0
+
+
+TWO_CORE_STEPS = {"baby": (20, 5), "small": (4, 2)}  # (timed, warm-up): ~10-30 s a cell
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from comm.backend import array_module
+from models import kernels
 
 # --------------------------------------------------------------------------- embedding
 
@@ -63,6 +64,11 @@ def layernorm_forward(weight, bias, x, eps=1e-5):
     xp = array_module(x)
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
+    if kernels.enabled_for(x2, weight, bias):
+        x2 = np.ascontiguousarray(x2)
+        out, xhat, rstd = np.empty_like(x2), np.empty_like(x2), np.empty(len(x2), x.dtype)
+        kernels.layernorm_forward(x2, weight, bias, eps, out, xhat, rstd)
+        return out.reshape(x.shape), (xhat, rstd[:, None], weight)
     inv_c = _filled(xp, C, 1.0 / C, x.dtype)
     # Row means as GEMVs: several times faster than reducing along the last axis.
     xhat = x2 - (x2 @ inv_c)[:, None]
@@ -85,6 +91,12 @@ def layernorm_backward(cache, dout, grads=None):
     d2 = dout.reshape(N, C)
     if grads is None:
         grads = {"weight": xp.empty(C, dout.dtype), "bias": xp.empty(C, dout.dtype)}
+    if kernels.enabled_for(d2, xhat, weight, grads["weight"], grads["bias"]):
+        d2 = np.ascontiguousarray(d2)
+        dx = np.empty_like(d2)
+        kernels.layernorm_backward(d2, xhat, rstd[:, 0], weight, dx, grads["weight"],
+                                   grads["bias"])
+        return dx.reshape(dout.shape), grads
     ones = _filled(xp, N, 1.0, dout.dtype)
     g = d2 * xhat
     xp.matmul(ones, g, out=grads["weight"])
@@ -157,6 +169,9 @@ def gelu_forward(x):
     xp = array_module(x)
     out = xp.empty_like(x)
     slope = xp.empty_like(x)
+    if kernels.enabled_for(x) and x.flags.c_contiguous:
+        kernels.gelu(x.reshape(-1), out.reshape(-1), slope.reshape(-1))
+        return out, slope
     for xs, os, ss in _chunks(xp, x, out, slope):
         # x*x*x, never x**3: NumPy's generic power loop is ~250x slower.
         xp.multiply(xs, xs, out=ss)  # ss = x^2
@@ -212,6 +227,7 @@ QUERY_BLOCK = 64
 
 def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
     """(B,T,3C) packed q|k|v -> (B,T,C): causal multi-head softmax(q k^T / sqrt(D)) v.
+    `mask`, if given, is `causal_mask(xp, >=T, dtype)` (callers cache it).
 
     Queries go in blocks of `query_block`; a block scores only the keys it may see, so a
     causal model skips most of the masked half of the T x T work once T exceeds a block.
@@ -223,6 +239,7 @@ def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
     C = C3 // 3
     D = C // n_head
     mask = causal_mask(xp, T, qkv.dtype) if mask is None else mask
+    fused = kernels.enabled_for(qkv)
     q, k, v = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # each (B,H,T,D)
     q = q * (1.0 / math.sqrt(D))  # scaling q costs D/T of scaling the scores
     y = xp.empty((B, T, n_head, D), qkv.dtype)
@@ -231,10 +248,13 @@ def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
     for start in range(0, T, query_block):
         stop = min(start + query_block, T)  # queries start:stop see keys 0:stop
         att = k[:, :, :stop] @ q[:, :, start:stop].transpose(0, 1, 3, 2)  # (B,H,stop,nq)
-        att += mask[:stop, start:stop]
-        att -= att.max(axis=-2, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-2, keepdims=True)
+        if fused:  # the same causal rule as the mask, in one pass instead of five
+            kernels.causal_softmax(att, start)
+        else:
+            att += mask[:stop, start:stop]
+            att -= att.max(axis=-2, keepdims=True)
+            xp.exp(att, out=att)
+            att /= att.sum(axis=-2, keepdims=True)
         xp.matmul(att.transpose(0, 1, 3, 2), v[:, :, :stop], out=y_heads[:, :, start:stop])
         blocks.append((start, stop, att))
     return y.reshape(B, T, C), (q, k, v, blocks)
@@ -255,9 +275,12 @@ def attention_backward(cache, dout):
         dv[:, :, :stop] += att @ dy_block
         datt = v[:, :, :stop] @ dy_block.transpose(0, 1, 3, 2)  # (B,H,stop,nq)
         # softmax backward: ds = att * (datt - sum_k(datt * att)); masked entries stay 0
-        row = datt * att
-        datt -= row.sum(axis=-2, keepdims=True)
-        datt *= att
+        if kernels.enabled_for(datt, att):
+            kernels.softmax_backward(datt, att)
+        else:
+            row = datt * att
+            datt -= row.sum(axis=-2, keepdims=True)
+            datt *= att
         dq_block = dq[:, :, start:stop]
         xp.matmul(datt.transpose(0, 1, 3, 2), k[:, :, :stop], out=dq_block)
         dq_block *= 1.0 / math.sqrt(D)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from comm.backend import array_module
+from models import kernels
 
 
 def decay_mask(flat_params, is_decayed, xp=np):
@@ -75,6 +76,10 @@ class AdamW:
     def _adam(self, p, g, m, v, lr):
         xp = array_module(p)
         b1, b2 = self.beta1, self.beta2
+        if kernels.enabled_for(p, g, m, v):
+            kernels.adam(p, g, m, v, b1, b2, lr / (1.0 - b1 ** self.t),
+                         1.0 / math.sqrt(1.0 - b2 ** self.t), self.eps)
+            return
         tmp = self._tmp[:p.size]
         # m = b1 m + (1-b1) g ; v = b2 v + (1-b2) g^2
         m *= b1
