@@ -52,16 +52,20 @@ def test_driver_prints_the_table(tmp_path):
          "--out", str(tmp_path / "out"), "--timeout", "60"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    table = {line.split("|")[1].strip().split(" (")[0]: line for line in
+    table = {line.split("|")[1].strip(): line for line in
              result.stdout.splitlines() if line.startswith("| ") and "model" not in line}
-    assert set(table) == {"fine-tuned, pre-trained", "fine-tuned, from scratch",
-                          "majority class", "byte-bigram naive Bayes"}
+    assert set(table) == {"fine-tuned, pre-trained, mean pool", "fine-tuned, from scratch, "
+                          "mean pool", "fine-tuned, pre-trained, last pool", "majority class",
+                          "byte-bigram naive Bayes"}
     for line in table.values():
         accuracy, f1 = (float(cell) for cell in line.split("|")[2:4])
         assert 0 <= accuracy <= 1 and 0 <= f1 <= 1
-    assert result.stdout.count("the pre-trained fine-tune ") == 3
+    assert result.stdout.count("the pre-trained fine-tune (mean pool) ") == 3
+    assert result.stdout.count("pooling, pre-trained: mean ") == 1
     assert (tmp_path / "out" / "labelled.h5").is_file()
-    assert (tmp_path / "out" / "finetune" / "best.h5").is_file()
+    for run, pool in (("finetune", "mean"), ("scratch", "mean"), ("finetune-last", "last")):
+        assert (tmp_path / "out" / run / "best.h5").is_file()
+        assert f'pool = "{pool}"' in (tmp_path / "out" / run / "config.toml").read_text()
     # "from scratch" starts from the trainer's random initialisation (seed 1337), unmoved
     untrained, _ = load_params(tmp_path / "out" / "untrained" / "params.h5")
     initial = gpt.init_params(load_config("tiny", {}).model_config(), 1337, np, np.float64)
