@@ -5,6 +5,8 @@ Each (config, threads) cell runs in its own process, because BLAS fixes its thre
 when it loads. Inside a cell both models train on the same random token batches from the
 same initial parameters, timed in alternating rounds so that drift of the machine hits both
 alike; the table reports medians and the ours/torch ratio measured in that one process.
+The NumPy-only column is our same step with the numba kernels (models/kernels.py) switched
+off, timed in the same rounds: its ratio is what the kernels buy.
 
 The second table uses the machine's 2 cores the way each system uses them best, at one
 global batch (twice the first table's): ours as 2 MPI ranks x 1 thread (data parallel over
@@ -53,6 +55,15 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
 
     runners = {"ours": ours}
     first_loss = {"ours": ours(0)}
+    from models import kernels
+    if kernels.ENABLED and device == "cpu":  # the same step with the NumPy forms only
+        def numpy_only(i):
+            kernels.ENABLED = False
+            try:
+                return ours(i)
+            finally:
+                kernels.ENABLED = True
+        runners["numpy"] = numpy_only
     if use_torch:
         import torch
 
@@ -111,7 +122,10 @@ def run_cell(config_name, threads, steps, rounds, use_torch, device):
 
 def print_table(rows, out=sys.stdout):
     has_torch = any("torch" in r for r in rows)
+    has_numpy = any("numpy" in r for r in rows)
     head = (f"{'config':<7}{'thr':>4}{'peak GF/s':>10} | {'ours ms':>8}{'tok/s':>9}{'MFU':>7}")
+    if has_numpy:
+        head += f" | {'NumPy-only ms':>13}{'kernels':>8}"
     if has_torch:
         head += f" | {'torch ms':>8}{'tok/s':>9}{'MFU':>7} | {'ours/torch':>10}"
     print(head, file=out)
@@ -120,6 +134,8 @@ def print_table(rows, out=sys.stdout):
         o = r["ours"]
         line = (f"{r['config']:<7}{r['threads']:>4}{r['peak_gflops']:>10.1f} | "
                 f"{o['ms']:>8.1f}{o['tokens_per_s']:>9.0f}{100 * o['mfu']:>6.1f}%")
+        if "numpy" in r:
+            line += f" | {r['numpy']['ms']:>13.1f}{r['numpy']['ms'] / o['ms']:>7.2f}x"
         if "torch" in r:
             t = r["torch"]
             line += (f" | {t['ms']:>8.1f}{t['tokens_per_s']:>9.0f}{100 * t['mfu']:>6.1f}%"
