@@ -160,6 +160,13 @@ def test_bad_inputs_are_one_line(inputs, tmp_path):
         finetune(config(data), tmp_path / "nowhere-run", init=tmp_path / "nowhere")
     missing = app("finetune", "--data", data, "--out", tmp_path / "out")
     assert_user_error(missing, "--init is missing")
+    # a checkpoint directory of the run (not its params.h5) of another width: the same line
+    checkpoint = list_checkpoints(run)[0]
+    wider = app("finetune", "--config", "tiny", "--block-size", 16, "--data", data, "--init",
+                checkpoint, "--out", tmp_path / "out", "--n-embd", 64)
+    assert_user_error(wider, str(checkpoint), "n_embd = 32", "n_embd = 64",
+                      "expected the same n_embd")
+    assert not (tmp_path / "out").exists()
 
 
 def ranked_finetune(inputs, out, *extra):
