@@ -78,12 +78,15 @@ def _tanh_rational32(u):
 
 
 def _tanh(u):
+    """tanh inside kernels, typed by its argument (the overloads at the end of this file):
+    float32 takes the rational form, float64 libm's."""
     return math.tanh(u)
 
 
 @_jit
 def _gelu(x, out, slope, k, a):
-    half, one, three = k / k / 2, k / k, 3 * k / k  # in x's dtype: float32 stays float32
+    one = k / k  # constants in x's dtype (k's): float32 math stays float32
+    half, three = one / 2, one * 3
     for i in range(x.size):
         xi = x[i]
         t = _tanh(k * (xi + a * xi * xi * xi))
@@ -208,6 +211,7 @@ def _exp32(x):
 
 
 def _exp(x):
+    """exp inside kernels, typed like `_tanh`: float32 `_exp32`, float64 libm's."""
     return math.exp(x)
 
 
