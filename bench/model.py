@@ -35,7 +35,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     from app.config import load_config
     from app.parallel.engine import TrainStep
     from comm.backend import get_xp, keep_freed_host_memory, to_host
-    from models import gpt
+    from models import gpt, kernels
 
     keep_freed_host_memory()
     cfg = load_config(config_name, {"batch_size": SHAPES.get(config_name)})
@@ -55,7 +55,6 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
 
     runners = {"ours": ours}
     first_loss = {"ours": ours(0)}
-    from models import kernels
     if kernels.ENABLED and device == "cpu":  # the same step with the NumPy forms only
         def numpy_only(i):
             kernels.ENABLED = False
