@@ -10,6 +10,17 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from app.errors import UserError
+
+
+def output_file(out) -> Path:
+    """`out` as a Path; a one-line UserError if it names a directory (a file is expected)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"output {str(out)!r} is a directory: expected a file name like "
+                        "data/NAME.h5")
+    return out
+
 
 def fsync_path(path):
     """Flushes a file's data, or a directory's entries, to disk."""

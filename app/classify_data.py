@@ -21,7 +21,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from app.atomic import replacing
+from app.atomic import output_file, replacing
 from app.data import h5_attr, rank_rows
 from app.errors import UserError
 from app.tokenizer import get_tokenizer, token_dtype
@@ -315,10 +315,7 @@ def prepare_classify(item, out, tokenizer="bytes", max_len=128, val_fraction=0.1
     _check_fractions(val_fraction, test_fraction)
     if max_len < 1:
         raise UserError(f"max_len {max_len!r} is out of range: expected a positive integer")
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"output {str(out)!r} is a directory: expected a file name like "
-                        "data/NAME.h5")
+    out = output_file(out)
     tok = get_tokenizer(tokenizer)
     names = _label_set(labels)
     records, files = input_records(str(item))

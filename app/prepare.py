@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 
 from app import classify_data
-from app.atomic import replacing
+from app.atomic import output_file, replacing
 from app.data import FORMAT, FORMAT_VERSION
 from app.errors import UserError
 from app.tokenizer import get_tokenizer, known_tokenizers, token_dtype
@@ -139,10 +139,7 @@ def prepare(inputs, out, tokenizer="bytes", val_fraction=0.1) -> dict:
     """Tokenize `inputs` (paths or 'embedded') into the token file `out`; return a summary."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction {val_fraction!r} is out of range: expected 0 < f < 1")
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"output {str(out)!r} is a directory: expected a file name like "
-                        "data/NAME.h5")
+    out = output_file(out)
     tok = get_tokenizer(tokenizer)
     if not inputs:
         raise UserError("no inputs given: expected text files, directories, or "
