@@ -35,8 +35,8 @@ from app.memory import check_fits
 from app.parallel import layout as layouts
 from app.parallel.state import gather_full_params, placement
 from app.pretrained import check_trunk, initial_params, read_pretrained
-from app.trainer import (array_backend, claim_run, make_engine, out_dir, ranks_on_this_node,
-                         stop_here)
+from app.trainer import (array_backend, check_resume_flags, claim_run, make_engine, out_dir,
+                         ranks_on_this_node, stop_here)
 from comm import watchdog
 from comm.backend import to_host
 from comm.grid import ProcessGrid
@@ -73,9 +73,7 @@ def _run(args):
     comm = MPI.COMM_WORLD
     with together(comm):
         cfg = load_config(args.config, {name: getattr(args, name) for name in field_names()})
-        if args.resume and args.overwrite:
-            raise UserError("--resume and --overwrite together: expected one of them (continue "
-                            "the run, or replace it)")
+        check_resume_flags(args)
         if not args.init and args.resume in (None, "auto"):
             raise UserError("--init is missing: expected the pre-trained run directory or "
                             "checkpoint to fine-tune")

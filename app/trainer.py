@@ -70,9 +70,7 @@ def _run(args):
         cfg = load_config(args.config, overrides)
         if args.peak_gflops is not None and not args.peak_gflops > 0:
             raise UserError(f"--peak-gflops {args.peak_gflops}: expected a number > 0")
-        if args.resume and args.overwrite:
-            raise UserError("--resume and --overwrite together: expected one of them (continue "
-                            "the run, or replace it)")
+        check_resume_flags(args)
         if cfg.n_classes:
             raise UserError(f"config n_classes = {cfg.n_classes}: expected 0 (a language "
                             "model) for `app train`; `app finetune` trains a classifier")
@@ -80,6 +78,13 @@ def _run(args):
     history = train(cfg, out, peak_gflops=args.peak_gflops, overwrite=args.overwrite,
                     comm=comm, resume=args.resume)
     return preempt.REQUEUE_EXIT_CODE if history.get("stopped") else 0
+
+
+def check_resume_flags(args):
+    """--resume continues a run and --overwrite replaces it: one of them at most."""
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite together: expected one of them (continue "
+                        "the run, or replace it)")
 
 
 def out_dir(args, default, comm, timeout) -> str:
