@@ -58,3 +58,18 @@ def check_gradients(forward, backward, inputs, rng, tol=1e-6, max_samples=40):
         numeric = numerical_grad(loss, array, idx)
         error = max_relative_error(analytic[name].reshape(-1)[idx], numeric)
         assert error < tol, f"{name}: max relative error {error:.2e}"
+
+
+def model_gradient_errors(params, cfg, ids, targets, rng, max_samples):
+    """{tensor name: max relative error} of gpt.backward against finite differences of
+    gpt.forward's loss, over up to `max_samples` random elements of every tensor."""
+    from models import gpt
+    _, cache = gpt.forward(params, cfg, ids, targets)
+    grads = gpt.backward(cache, params.like())
+    errors = {}
+    for name in params:
+        sample = sample_indices(params[name].shape, max_samples, rng)
+        numeric = numerical_grad(lambda: gpt.forward(params, cfg, ids, targets)[0],
+                                 params[name], sample, eps=1e-3)
+        errors[name] = max_relative_error(grads[name].reshape(-1)[sample], numeric)
+    return errors

@@ -12,7 +12,7 @@ from app.parallel.state import gather_full_params
 from models import gpt
 from models.classifier import ClassTargets
 from models.optim import lr_at
-from tests.gradcheck import max_relative_error, numerical_grad, sample_indices
+from tests.gradcheck import model_gradient_errors
 from tests.mpi_util import Verdict, groups_of, skip_unless_ranks
 
 POOLS = ("last", "mean")
@@ -54,14 +54,7 @@ def test_whole_gradient_matches_finite_differences(pool):
     params = gpt.init_params(cfg, seed=0, dtype=np.float64)
     params.flat += rng.normal(0.0, 0.2, params.size)
     ids, targets = random_batch(rng, cfg, 4, cfg.block_size)
-    _, cache = gpt.forward(params, cfg, ids, targets)
-    grads = gpt.backward(cache, params.like())
-    errors = {}
-    for name in params:
-        sample = sample_indices(params[name].shape, 6, rng)
-        numeric = numerical_grad(lambda: gpt.forward(params, cfg, ids, targets)[0],
-                                 params[name], sample, eps=1e-3)
-        errors[name] = max_relative_error(grads[name].reshape(-1)[sample], numeric)
+    errors = model_gradient_errors(params, cfg, ids, targets, rng, max_samples=6)
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-6, f"{worst}: {errors[worst]:.2e}"
     assert {"cls.weight", "cls.bias"} <= set(errors)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from models import gpt
-from tests.gradcheck import max_relative_error, numerical_grad, sample_indices
+from tests.gradcheck import model_gradient_errors
 
 CFG = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
 
@@ -16,14 +16,7 @@ def test_whole_model_gradients_match_finite_differences():
     params.flat += rng.normal(0.0, 0.2, params.size)
     idx = rng.integers(0, CFG.vocab_size, (3, CFG.block_size))
     targets = rng.integers(0, CFG.vocab_size, (3, CFG.block_size))
-    loss, cache = gpt.forward(params, CFG, idx, targets)
-    grads = gpt.backward(cache, params.like())
-    errors = {}
-    for name in params:
-        sample = sample_indices(params[name].shape, 12, rng)
-        numeric = numerical_grad(lambda: gpt.forward(params, CFG, idx, targets)[0],
-                                 params[name], sample, eps=1e-3)
-        errors[name] = max_relative_error(grads[name].reshape(-1)[sample], numeric)
+    errors = model_gradient_errors(params, CFG, idx, targets, rng, max_samples=12)
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-6, f"{worst}: {errors[worst]:.2e}"
     assert len(errors) == len(gpt.param_shapes(CFG))
