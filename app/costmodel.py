@@ -93,6 +93,10 @@ class Cluster:
     memory_bandwidth: float  # bytes/s per device, for the optimizer's passes
     layer_overhead: float = 0.0  # s per layer per micro-batch (forward + backward): Python's
     bucket_mb: float = 1.0       # gradient bucket size the commands ask for
+    # How much longer a rank computes when other ranks compute beside it on the node: CPU
+    # cores share caches and memory bandwidth, and ranks that exchange every step wait for
+    # the slowest. Measured on the laptop (bench/costcheck.py); 1.0 for one rank per GPU.
+    colocated_slowdown: float = 1.0
 
     @property
     def world(self) -> int:
@@ -237,7 +241,7 @@ def stage_costs(model: GPTConfig, layout: TrainingLayout, cluster: Cluster,
         / model.n_layer
     recompute_extra = {"none": 0.0, "selective": 2 * T * C, "full": block_flops / 3}
     blocks = stage_blocks(model, layout, head_flops / block_flops)
-    sharing = oversubscription(layout, cluster)
+    sharing = oversubscription(layout, cluster) * colocation(layout, cluster)
     rate = cluster.rate(implementation) / sharing
     act_bytes = tokens * C * implementation.activation_bytes
     tp_link = cluster.link(tp)
@@ -269,6 +273,12 @@ def oversubscription(layout: TrainingLayout, cluster: Cluster) -> float:
     return max(1.0, layout.world / cluster.world)
 
 
+def colocation(layout: TrainingLayout, cluster: Cluster) -> float:
+    """The slowdown of a rank's compute that shares its node with other ranks."""
+    return cluster.colocated_slowdown if min(layout.world, cluster.devices_per_node) > 1 \
+        else 1.0
+
+
 def predict(model: GPTConfig, layout: TrainingLayout, cluster: Cluster,
             implementation: Implementation = OURS) -> Prediction:
     """One step of `layout` on `cluster` (ValueError if the batch does not split)."""
@@ -276,7 +286,7 @@ def predict(model: GPTConfig, layout: TrainingLayout, cluster: Cluster,
     pp, T, C = layout.pp, model.block_size, model.n_embd
     sim = simulate_step(layout.schedule if pp > 1 else "1f1b", pp, layout.micro_batches,
                         layout.chunks, costs.forward, costs.backward, costs.transfer)
-    sharing = oversubscription(layout, cluster)
+    sharing = oversubscription(layout, cluster) * colocation(layout, cluster)
     dp_link = cluster.link(layout.tp * layout.dp)
     bucket = cluster.bucket_mb * 2 ** 20
     n_params = num_params(model)

@@ -9,13 +9,23 @@ and judges the target: within 15% for every configuration of 1 or 2 ranks. Rows 
 ranks than cores are marked oversubscribed and left out of the judgement; load is the
 cores' worth of CPU other processes used while the row was measured (bench/report.py).
 
+Ranks that share the laptop's two cores compute slower than one rank alone: they share the
+L3 cache and memory bandwidth, and ranks that exchange every step wait for the slower. That
+factor (the cluster's colocated_slowdown) is measured here for each model, apart from every
+judged row: `mpiexec -n 2` runs the model's 1-rank step (no communication) first on rank 0
+alone, then on both ranks with a barrier after every step, in alternating phases so that the
+machine's drift hits both alike; the factor is the median over phases of together / alone.
+
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
 ranks, and each step's exchange is a push and a pull through the servers' links, exposed
 when synchronous and hidden behind compute when stale.
 """
 import argparse
 import json
+import os
+import subprocess
 import sys
+import time
 
 from app.config import load_config
 from dataclasses import replace
@@ -83,6 +93,72 @@ def calibrated_on_rows(rows, cluster):
             inverse, overhead = (c1 - b1 * cluster.layer_overhead) / a1, cluster.layer_overhead
         clusters[name] = replace(cluster, efficiency=1 / inverse, layer_overhead=overhead)
     return clusters
+
+
+def colocation_worker(args):
+    """Under `mpiexec -n 2`: prints {"alone": [ms], "together": [ms]}, one median per phase."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from app.parallel.engine import TrainStep
+    from comm.backend import keep_freed_host_memory
+    from models import gpt
+
+    comm, rank = MPI.COMM_WORLD, MPI.COMM_WORLD.Get_rank()
+    keep_freed_host_memory()
+    cfg = load_config(args.config, {"batch_size": args.batch})
+    model = cfg.model_config()
+    step = TrainStep(model, gpt.init_params(model, cfg.seed, np, np.float32), cfg)
+    x = np.random.default_rng(rank).integers(0, model.vocab_size, (args.batch, model.block_size))
+
+    def timed(lockstep):
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step(x, x, cfg.lr)
+            if lockstep:
+                comm.Barrier()
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times))
+
+    def idle_until_everyone_arrives():
+        request = comm.Ibarrier()
+        while not request.Test():
+            time.sleep(0.0005)  # the idle rank leaves its core to the working one
+
+    for _ in range(2):
+        step(x, x, cfg.lr)  # warm-up: allocations, caches, compiled kernels
+    alone, together = [], []
+    for _ in range(args.phases):
+        if rank == 0:
+            alone.append(timed(lockstep=False))
+        idle_until_everyone_arrives()
+        comm.Barrier()
+        together.append(comm.allreduce(timed(lockstep=True), op=MPI.MAX))
+    if rank == 0:
+        print(json.dumps({"alone": alone, "together": together}))
+
+
+def measure_colocation(models, steps=3, phases=5, timeout=300):
+    """Model name -> (its 1-rank batch, together / alone) on 2 ranks of this machine."""
+    from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
+
+    env = {**os.environ, **THREAD_ENV}
+    for key, value in YIELD_ENV.items():
+        env.setdefault(key, value)
+    factors = {}
+    for name, batch in models.items():
+        cmd = [*mpiexec_command(), "-n", "2", sys.executable, "-m", "bench.costcheck",
+               "--worker", "--config", name, "--batch", str(batch), "--steps", str(steps),
+               "--phases", str(phases)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode:
+            raise SystemExit(f"the co-location probe of {name} failed (exit {out.returncode}): "
+                             + " | ".join(out.stderr.strip().splitlines()[-3:]))
+        times = json.loads(out.stdout.strip().splitlines()[-1])
+        ratios = sorted(t / a for a, t in zip(times["alone"], times["together"]))
+        factors[name] = ratios[len(ratios) // 2]
+    return factors
 
 
 def predict_row(row, cluster):
@@ -159,6 +235,17 @@ def main(argv=None):
     parser.add_argument("--from-rows", action="store_true",
                         help="then set each model's efficiency from its own measured 1-rank "
                              "row, taken under the same load as the others")
+    parser.add_argument("--no-colocation", action="store_true",
+                        help="skip the 2-rank co-location probe (factor 1: ranks compute as "
+                             "fast side by side as alone)")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" in argv:  # one rank of the co-location probe, started by the driver
+        worker = argparse.ArgumentParser(allow_abbrev=False)
+        worker.add_argument("--worker", action="store_true")
+        for flag in ("--batch", "--steps", "--phases"):
+            worker.add_argument(flag, type=int, required=True)
+        worker.add_argument("--config", required=True)
+        return colocation_worker(worker.parse_args(argv))
     args = parser.parse_args(argv)
     rows = read_rows(args.measurements)
     cluster = calibrate_laptop(args.calibrate)
@@ -172,6 +259,17 @@ def main(argv=None):
         print("from the measured 1-rank rows: " + ", ".join(
             f"{name} {c.rate(OURS) / 1e9:.1f} GFLOP/s and {c.layer_overhead * 1e3:.2f} ms per "
             "layer" for name, c in clusters.items() if name))
+    if not args.no_colocation:
+        batches = {}
+        for row in rows:
+            if row["ranks"] == 1 and row["mode"] == "ring":
+                batches[row["model"]] = min(row["batch_size"], batches.get(row["model"], 10 ** 9))
+        factors = measure_colocation(batches)
+        for name, factor in factors.items():
+            clusters[name] = replace(clusters.get(name, cluster), colocated_slowdown=factor)
+        print("2 ranks side by side, each step after a barrier, against 1 alone (measured here): "
+              + ", ".join(f"{name} (batch {batches[name]}) x{factor:.3f}"
+                          for name, factor in factors.items()))
     return 0 if check(rows, clusters) else 1
 
 

@@ -161,3 +161,15 @@ def test_costcheck_reads_measured_rows_and_judges_the_one_and_two_rank_ones(tmp_
     path.write_text(json.dumps([{k: v for k, v in row.items() if k != "step_ms"}]))
     with pytest.raises(SystemExit, match="row 0 lacks step_ms: expected bench/report.py's"):
         read_rows(path)
+
+
+def test_ranks_sharing_a_node_compute_slower_by_its_measured_factor():
+    base, shared = flat_cluster(), flat_cluster(colocated_slowdown=1.25)
+    alone = TrainingLayout(1, global_batch=4)
+    assert predict(MODEL, alone, shared).compute_s == predict(MODEL, alone, base).compute_s
+    pair = TrainingLayout(1, tp=2, global_batch=4)
+    assert predict(MODEL, pair, shared).compute_s == \
+        pytest.approx(1.25 * predict(MODEL, pair, base).compute_s)
+    one_per_node = replace(shared, nodes=2, devices_per_node=1)
+    assert predict(MODEL, pair, one_per_node).compute_s == \
+        pytest.approx(predict(MODEL, pair, replace(base, nodes=2, devices_per_node=1)).compute_s)
