@@ -67,7 +67,7 @@ def worker_ours(args):
     rank, size = comm.Get_rank(), comm.Get_size()
     keep_freed_host_memory()
     cfg = load_config(args.config, {"batch_size": args.batch, "bucket_mb": args.bucket_mb or None,
-                                    "overlap": args.overlap == "on"})
+                                    "overlap": args.overlap == "on", "zero": int(args.zero)})
     mcfg = cfg.model_config()
     params = gpt.init_params(mcfg, cfg.seed, np, np.float32)
     dp_comm = None if args.no_comm or size == 1 else comm
@@ -274,12 +274,13 @@ class Cell:
 
     def __init__(self, key, impl, ranks, overlap="-", bucket_mb=None, no_comm=False,
                  no_test=False, async_progress=False, yield_vars=True, torch=False,
-                 paired=False, config=CONFIG, batch=PER_RANK_BATCH, threads=1):
+                 paired=False, config=CONFIG, batch=PER_RANK_BATCH, threads=1, zero=False):
         self.key, self.impl, self.ranks, self.overlap = key, impl, ranks, overlap
         self.bucket_mb, self.no_comm, self.no_test = bucket_mb, no_comm, no_test
         self.async_progress, self.yield_vars, self.torch = async_progress, yield_vars, torch
         self.paired = paired
         self.config, self.batch, self.threads = config, batch, threads
+        self.zero = zero
         self.results = []  # one worker JSON per round
         self.other_load = []  # cores used by other processes during each result
         self.max_load = 0.15
@@ -337,6 +338,8 @@ class Cell:
             cmd.append("--no-comm")
         if self.no_test:
             cmd.append("--no-test")
+        if self.zero:
+            cmd.append("--zero")
         if self.paired:
             cmd += ["--paired", "--pairs", str(self.pairs)]
         out = subprocess.run(cmd, env=self.env(), cwd=ROOT, capture_output=True, text=True,
@@ -530,6 +533,7 @@ def main(argv=None):
     parser.add_argument("--bucket-mb", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-comm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-test", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--zero", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=int, default=6, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -10,7 +10,8 @@ off, timed in the same rounds: its ratio is what the kernels buy.
 
 The second table uses the machine's 2 cores the way each system uses them best, at one
 global batch (twice the first table's): ours as 2 MPI ranks x 1 thread (data parallel over
-the ring) or 1 rank x 2 BLAS threads; PyTorch as DDP over gloo, 2 x 1, or 1 process x 2
+the ring, plain or with ZeRO-1, whose AdamW updates half the parameters on each rank) or
+1 rank x 2 BLAS threads; PyTorch as DDP over gloo, 2 x 1, or 1 process x 2
 threads. Its cells are `bench.dp` jobs, run in interleaved rounds; it compares the best of
 each system in global tokens/s.
 """
@@ -152,6 +153,7 @@ def two_core_cells(config_name, use_torch):
     batch = SHAPES.get(config_name) or _config_batch(config_name)
     common = {"config": config_name}
     cells = [Cell("ours 2x1", "ours", 2, "on", batch=batch, **common),
+             Cell("ours 2x1 ZeRO-1", "ours", 2, "on", batch=batch, zero=True, **common),
              Cell("ours 1x2", "ours", 1, batch=2 * batch, threads=2, **common)]
     if use_torch:
         cells += [Cell("torch DDP 2x1", "torch", 2, torch=True, batch=batch, **common),
@@ -166,6 +168,7 @@ def _config_batch(config_name):
 
 
 TWO_CORE_LAYOUT = {"ours 2x1": "2 ranks x 1 thread (ring DP)",
+                   "ours 2x1 ZeRO-1": "2 x 1 thread, ZeRO-1",
                    "ours 1x2": "1 rank x 2 threads",
                    "torch DDP 2x1": "DDP-gloo 2 x 1 thread",
                    "torch 1x2": "1 process x 2 threads"}

@@ -16,11 +16,11 @@ first and last step, no sample, no checkpoints, a log line every step, --peak-gf
 (no GEMM probe). A layout the trainer's rules refuse (6 heads on tp = 4) is listed as
 skipped with the trainer's reason; a job that both kinds share runs once.
 
-- tok/s: the global batch's tokens per step over the wall time between the logging rank's
-  step-0 and last step lines as they reach this driver (steps 1..S-1: set-up and
-  validation are outside it); in ps mode the logging rank is the first worker, which may
-  end up to 2 steps (the staleness) ahead of the slowest: with 3 async workers the rate
-  may overstate the job's by up to 2/(S-1). step ms: the same rate, inverted.
+- step ms: the median wall time between the logging rank's consecutive step lines as they
+  reach this driver (steps 1..S-1: set-up and validation are outside it). A median, not the
+  mean: on a shared machine one disturbed step would otherwise move a 10-step row by 5% or
+  more. In ps mode the logging rank is the first worker, which may run up to 2 steps (the
+  staleness) ahead of the slowest. tok/s: the global batch's tokens over step ms.
 - speedup: tok/s over the 1-rank run of the same table (the same config and strong batch,
   or per-rank batch); efficiency: speedup / ranks, a parameter server counted as a rank.
 - One step split: compute is the ideal share of the 1-rank step (this rank's share of the
@@ -226,9 +226,10 @@ def measure(case, args, runs, index):
             result["comm_wait_ms"] = median_comm_wait(os.path.join(out, "metrics.jsonl"))
         except (OSError, ValueError, KeyError) as err:
             result["failure"] = f"unreadable metrics.jsonl: {err}"
-    if not result["failure"]:  # the rate between the step-0 and the last step line
-        (s0, t0), (s1, t1) = job["seen"][0], job["seen"][-1]
-        result["tok_s"] = (s1 - s0) * case.batch * case.cfg.block_size / max(t1 - t0, 1e-9)
+    if not result["failure"]:  # the median gap between step lines, from step 0's on
+        step_s = statistics.median((t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1)
+                                   in zip(job["seen"], job["seen"][1:]) if s1 > s0)
+        result["tok_s"] = case.batch * case.cfg.block_size / max(step_s, 1e-9)
     what = result["failure"] or f"{result['tok_s']:.0f} tok/s"
     print(f"  {case.model} {case.mode:<8} {case.ranks} ranks, batch {case.batch:>3}: {what} "
           f"({job['wall']:.1f} s, other processes {meter.cores:.2f} cores)", file=sys.stderr)
