@@ -9,12 +9,19 @@ and judges the target: within 15% for every configuration of 1 or 2 ranks. Rows 
 ranks than cores are marked oversubscribed and left out of the judgement; load is the
 cores' worth of CPU other processes used while the row was measured (bench/report.py).
 
+With --from-rows each model's efficiency comes from its own 1-rank rows (make report's
+batches of 12 and 3 sequences: GEMMs run faster on more rows, so a row takes the efficiency
+at its own micro-batch size, interpolated between the two), Python's per-layer overhead
+from this process's calibration.
+
 Ranks that share the laptop's two cores compute slower than one rank alone: they share the
 L3 cache and memory bandwidth, and ranks that exchange every step wait for the slower. That
-factor (the cluster's colocated_slowdown) is measured here for each model, apart from every
+factor (the cluster's colocated_slowdown) is measured for each model apart from every
 judged row: `mpiexec -n 2` runs the model's 1-rank step (no communication) first on rank 0
-alone, then on both ranks with a barrier after every step, in alternating phases so that the
-machine's drift hits both alike; the factor is the median over phases of together / alone.
+alone, then on both ranks with a barrier after every step, in alternating phases of a
+second or more; the factor is the median over phases of together / alone. `make report`
+measures it beside its rows (it drifts with the machine's other tenants, by 1.0-1.3 within
+an hour here) and stores it in each row; on a file without it, it is measured here.
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
 ranks, and each step's exchange is a push and a pull through the servers' links, exposed
@@ -22,6 +29,7 @@ when synchronous and hidden behind compute when stale.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,36 +71,44 @@ def model_and_layout(row):
 
 
 def calibrated_on_rows(rows, cluster):
-    """Model name -> the cluster refitted to that model's measured 1-rank steps, taken under
-    the same conditions as the other rows: with two batch sizes (make report's strong and
-    weak tables) both the rate of its FLOPs and Python's overhead per layer, with one the
-    rate alone. The 1-rank rows then match by construction."""
-    singles = {}
+    """Model name -> [(sequences per micro-batch, efficiency)], one pair per measured 1-rank
+    row of that model (make report's strong and weak batches), each row solved for the
+    efficiency of its FLOPs with Python's per-layer overhead as calibrated in this process.
+    Two sizes, because GEMMs run faster on more rows: a layout takes the efficiency at its
+    own micro-batch size (`efficiency_at`). The 1-rank rows then match by construction."""
+    fits = {}
     for row in rows:
-        if row["ranks"] == 1 and row["mode"] == "ring":
-            singles.setdefault(row["model"], {})[row["batch_size"]] = row
-    clusters = {}
-    for name, by_batch in singles.items():
-        # step = compute / efficiency + layers * overhead + optimizer: linear in the two
-        # unknowns 1/efficiency and overhead, read off predictions at two settings
-        base = replace(cluster, efficiency=1.0, layer_overhead=0.0)
-        equations = []
-        for row in list(by_batch.values())[:2]:
-            model, layout = model_and_layout(row)
-            plain = predict(model, layout, base, OURS)
-            layers = predict(model, layout, replace(base, layer_overhead=1.0), OURS).step_s \
-                - plain.step_s
-            equations.append((plain.compute_s, layers,
-                              row["step_ms"] / 1e3 - (plain.step_s - plain.compute_s)))
-        if len(equations) == 2:
-            (a1, b1, c1), (a2, b2, c2) = equations
-            inverse = (c1 * b2 - c2 * b1) / (a1 * b2 - a2 * b1)
-            overhead = (c1 - a1 * inverse) / b1
-        else:
-            (a1, b1, c1), = equations
-            inverse, overhead = (c1 - b1 * cluster.layer_overhead) / a1, cluster.layer_overhead
-        clusters[name] = replace(cluster, efficiency=1 / inverse, layer_overhead=overhead)
-    return clusters
+        if row["ranks"] != 1 or row["mode"] != "ring":
+            continue
+        model, layout = model_and_layout(row)
+        bare = predict(model, layout, replace(cluster, efficiency=1.0, layer_overhead=0.0))
+        overhead = predict(model, layout, replace(cluster, efficiency=1.0)).step_s - bare.step_s
+        gemms = bare.step_s - bare.optimizer_s
+        rest = row["step_ms"] / 1e3 - overhead - bare.optimizer_s
+        fits.setdefault(row["model"], []).append((layout.rows, min(1.0, gemms / rest)))
+    return {name: sorted(pairs) for name, pairs in fits.items()}
+
+
+def efficiency_at(pairs, rows):
+    """The efficiency at `rows` sequences per micro-batch: log-linear between the measured
+    sizes, the nearest one's outside them."""
+    (r0, e0), (r1, e1) = pairs[0], pairs[-1]
+    if rows <= r0 or r0 == r1:
+        return e0
+    if rows >= r1:
+        return e1
+    return e0 + (e1 - e0) * math.log(rows / r0) / math.log(r1 / r0)
+
+
+def cluster_for(row, cluster, fits, factors):
+    """The laptop as it ran `row`: its model's efficiency at the row's micro-batch size and
+    its model's co-location factor, where measured."""
+    changes = {}
+    if row["model"] in fits:
+        changes["efficiency"] = efficiency_at(fits[row["model"]], model_and_layout(row)[1].rows)
+    if row["model"] in factors:
+        changes["colocated_slowdown"] = factors[row["model"]]
+    return replace(cluster, **changes)
 
 
 def colocation_worker(args):
@@ -127,7 +143,10 @@ def colocation_worker(args):
             time.sleep(0.0005)  # the idle rank leaves its core to the working one
 
     for _ in range(2):
+        start = time.perf_counter()
         step(x, x, cfg.lr)  # warm-up: allocations, caches, compiled kernels
+    # phases of a second at least: a short model's few steps would be mostly noise
+    args.steps = comm.bcast(max(args.steps, math.ceil(1.0 / (time.perf_counter() - start))))
     alone, together = [], []
     for _ in range(args.phases):
         if rank == 0:
@@ -137,6 +156,15 @@ def colocation_worker(args):
         together.append(comm.allreduce(timed(lockstep=True), op=MPI.MAX))
     if rank == 0:
         print(json.dumps({"alone": alone, "together": together}))
+
+
+def colocation_batches(rows):
+    """Model name -> the smallest batch of its 1-rank rows: the probe's batch."""
+    batches = {}
+    for row in rows:
+        if row["ranks"] == 1 and row["mode"] == "ring":
+            batches[row["model"]] = min(row["batch_size"], batches.get(row["model"], 10 ** 9))
+    return batches
 
 
 def measure_colocation(models, steps=3, phases=5, timeout=300):
@@ -193,16 +221,16 @@ def ratio_text(predicted, measured):
     return f"{predicted / measured:6.2f}" if measured else "     -"
 
 
-def check(rows, cluster, out=print):
+def check(rows, cluster_of, cores, out=print):
     """Prints the table and the judgement; True when every 1-2 rank row is within 15%.
-    cluster: model name -> its calibrated cluster, None -> the one for the others."""
+    cluster_of(row): the cluster that predicts the row; cores: the machine's."""
     out(f"{'model':<6} {'layout':<34} {'ranks':>5} | {'step ms':>8} {'pred':>8} {'ratio':>6} | "
         f"{'mem MiB':>8} {'pred':>8} {'ratio':>6} | load")
     judged = {"step time": [], "memory": []}
     for row in rows:
-        step, memory = predict_row(row, cluster.get(row["model"], cluster[None]))
+        step, memory = predict_row(row, cluster_of(row))
         measured_memory = row.get("peak_mem_bytes")
-        oversubscribed = row["ranks"] > cluster[None].devices_per_node
+        oversubscribed = row["ranks"] > cores
         out(f"{row['model']:<6} {describe(row):<34} {row['ranks']:>5} | {row['step_ms']:>8.1f} "
             f"{step * 1e3:>8.1f} {ratio_text(step * 1e3, row['step_ms'])} | "
             f"{(measured_memory or 0) / 2 ** 20:>8.2f} {memory / 2 ** 20:>8.2f} "
@@ -234,7 +262,7 @@ def main(argv=None):
                         help="config whose 1-rank step calibrates the laptop here (default baby)")
     parser.add_argument("--from-rows", action="store_true",
                         help="then set each model's efficiency from its own measured 1-rank "
-                             "row, taken under the same load as the others")
+                             "rows, taken under the same conditions as the others")
     parser.add_argument("--no-colocation", action="store_true",
                         help="skip the 2-rank co-location probe (factor 1: ranks compute as "
                              "fast side by side as alone)")
@@ -253,24 +281,22 @@ def main(argv=None):
           f"{cluster.peak_flops / 1e9:.1f} GFLOP/s, step efficiency {cluster.efficiency:.2f}, "
           f"Python {cluster.layer_overhead * 1e3:.2f} ms per layer per micro-batch; links "
           f"{cluster.intra.latency * 1e6:.0f} us + bytes / {cluster.intra.bandwidth / 1e9:g} GB/s")
-    clusters = {None: cluster}
-    if args.from_rows:
-        clusters.update(calibrated_on_rows(rows, cluster))
-        print("from the measured 1-rank rows: " + ", ".join(
-            f"{name} {c.rate(OURS) / 1e9:.1f} GFLOP/s and {c.layer_overhead * 1e3:.2f} ms per "
-            "layer" for name, c in clusters.items() if name))
+    fits = calibrated_on_rows(rows, cluster) if args.from_rows else {}
+    if fits:
+        print("from the measured 1-rank rows, efficiency at sequences per micro-batch: " +
+              "; ".join(f"{name} " + ", ".join(f"{e:.2f} at {r}" for r, e in pairs)
+                        for name, pairs in fits.items()))
+    factors = {}
     if not args.no_colocation:
-        batches = {}
-        for row in rows:
-            if row["ranks"] == 1 and row["mode"] == "ring":
-                batches[row["model"]] = min(row["batch_size"], batches.get(row["model"], 10 ** 9))
-        factors = measure_colocation(batches)
-        for name, factor in factors.items():
-            clusters[name] = replace(clusters.get(name, cluster), colocated_slowdown=factor)
-        print("2 ranks side by side, each step after a barrier, against 1 alone (measured here): "
-              + ", ".join(f"{name} (batch {batches[name]}) x{factor:.3f}"
-                          for name, factor in factors.items()))
-    return 0 if check(rows, clusters) else 1
+        factors = {row["model"]: row["colocated_slowdown"] for row in rows
+                   if row.get("colocated_slowdown")}
+        where = "measured by make report beside the rows"
+        if not factors:
+            factors, where = measure_colocation(colocation_batches(rows)), "measured here"
+        print(f"2 ranks side by side against 1 alone ({where}): "
+              + ", ".join(f"{name} x{factor:.3f}" for name, factor in factors.items()))
+    cores = cluster.devices_per_node
+    return 0 if check(rows, lambda row: cluster_for(row, cluster, fits, factors), cores) else 1
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from app.errors import UserError
 from app.parallel.layout import plan
 from app.parallel.partition import model_costs, stage_costs
 from app.parallel.schedules import Backward, Forward, one_f_one_b, simulate
+from bench.costcheck import measure_colocation
 from bench.dp import LoadMeter, wait_until_quiet
 from bench.ps import read_metrics, stream
 from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
@@ -473,11 +474,17 @@ def main(argv=None):
     args.mpiexec = mpiexec_command()
     started = time.perf_counter()
     cases = plan_cases(args.configs, args.ranks, args.modes, args.batch, args.weak_batch)
-    jobs = {}
+    jobs, factors = {}, {}
     with tempfile.TemporaryDirectory(prefix="report-") as runs:
         for case in cases:
             if case.skipped:
                 continue
+            if case.model not in factors and (os.cpu_count() or 1) >= 2 and \
+                    any(r > 1 for r in args.ranks):  # for the cost model's check
+                factors[case.model] = measure_colocation({case.model: args.weak_batch})[
+                    case.model]
+                print(f"  {case.model}: 2 ranks side by side compute x{factors[case.model]:.3f} "
+                      "as long as 1 alone", file=sys.stderr)
             if case.key not in jobs:
                 jobs[case.key] = measure(case, args, runs, len(jobs))
             case.result = jobs[case.key]
@@ -493,8 +500,9 @@ def main(argv=None):
                     measured.append(case)
     os.makedirs(args.out, exist_ok=True)
     unique = {}
-    for case in measured:
-        unique.setdefault(case.key, measurement(case))  # strong first: its baseline
+    for case in measured:  # strong first: its baseline
+        unique.setdefault(case.key, {**measurement(case),
+                                     "colocated_slowdown": factors.get(case.model)})
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)
     elapsed = time.perf_counter() - started

@@ -141,7 +141,7 @@ def test_a_batch_that_does_not_split_is_an_error():
 
 
 def test_costcheck_reads_measured_rows_and_judges_the_one_and_two_rank_ones(tmp_path):
-    from bench.costcheck import calibrated_on_rows, check, read_rows
+    from bench.costcheck import calibrated_on_rows, check, cluster_for, read_rows
     row = {"model": "tiny", "mode": "ring", "dp": 1, "tp": 1, "pp": 1, "schedule": "1f1b",
            "chunks": 1, "micro_batches": 1, "zero": 0, "servers": 0, "staleness": 0,
            "ranks": 1, "batch_size": 8, "block_size": 32, "tokens_per_s": 1.0, "step_ms": 10.0,
@@ -152,9 +152,11 @@ def test_costcheck_reads_measured_rows_and_judges_the_one_and_two_rank_ones(tmp_
     path = tmp_path / "measurements.json"
     path.write_text(json.dumps(rows))
     laptop = flat_cluster(devices_per_node=2, intra=LINK)
-    clusters = {None: laptop, **calibrated_on_rows(read_rows(path), laptop)}
+    fits = calibrated_on_rows(read_rows(path), laptop)
+    assert list(fits) == ["tiny"] and len(fits["tiny"]) == 1
     lines = []
-    assert not check(read_rows(path), clusters, out=lines.append)
+    assert not check(read_rows(path), lambda r: cluster_for(r, laptop, fits, {}), 2,
+                     out=lines.append)
     assert lines[1].split("|")[1].split()[-1] == "1.00"  # the calibrating row
     assert lines[3].endswith("oversubscribed")
     assert any(line.startswith("FAIL step time") and "1 of 2" in line for line in lines)
@@ -173,3 +175,11 @@ def test_ranks_sharing_a_node_compute_slower_by_its_measured_factor():
     one_per_node = replace(shared, nodes=2, devices_per_node=1)
     assert predict(MODEL, pair, one_per_node).compute_s == \
         pytest.approx(predict(MODEL, pair, replace(base, nodes=2, devices_per_node=1)).compute_s)
+
+
+def test_costcheck_takes_the_efficiency_at_the_rows_micro_batch_size():
+    from bench.costcheck import efficiency_at
+    pairs = [(3, 0.4), (12, 0.6)]
+    assert efficiency_at(pairs, 3) == 0.4 and efficiency_at(pairs, 1) == 0.4
+    assert efficiency_at(pairs, 12) == 0.6 and efficiency_at(pairs, 24) == 0.6
+    assert efficiency_at(pairs, 6) == pytest.approx(0.5)  # halfway in log rows

@@ -88,6 +88,8 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
             assert isinstance(entry[key], types), (key, entry)
         assert entry["oversubscribed"] == (entry["ranks"] > os.cpu_count())
         assert entry["tokens_per_s"] > 0 and entry["peak_mem_bytes"] > 0
+        if os.cpu_count() >= 2:  # the 2-rank co-location probe ran beside the rows
+            assert 0.5 < entry["colocated_slowdown"] < 3, entry
     by_layout = {(e["mode"], e["ranks"], e["pp"], e["tp"], e["zero"], e["staleness"],
                   e["batch_size"]) for e in measured}
     assert ("ps", 2, 1, 1, 0, 2, 3) in by_layout  # weak ps-async: 1 worker x 3 sequences
