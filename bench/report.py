@@ -45,7 +45,9 @@ Rows with more ranks than cores (4 on 2 cores) are marked oversubscribed: they m
 time-sharing more than the method and are not scaling results.
 
 Output under --out (runs/report/): report.md (a table per config and kind),
-measurements.json (one dict per measured configuration, for the cost model) and, with
+measurements.json (one dict per measured configuration, for the cost model, each with its
+model's 2-rank co-location factor, measured by bench.costcheck's probe before the model's
+first row) and, with
 matplotlib (optional, benchmark-only), speedup_C.png and step_time_C.png (report_plots.py).
 """
 import argparse
