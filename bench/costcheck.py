@@ -20,8 +20,8 @@ factor (the cluster's colocated_slowdown) is measured for each model apart from 
 judged row: `mpiexec -n 2` runs the model's 1-rank step (no communication) first on rank 0
 alone, then on both ranks with a barrier after every step, in alternating phases of a
 second or more; the factor is the median over phases of together / alone. `make report`
-measures it beside its rows (it drifts with the machine's other tenants, by 1.0-1.3 within
-an hour here) and stores it in each row; on a file without it, it is measured here.
+measures it beside its rows (it drifts with the machine's other tenants: 1.07-1.36 for `baby`
+within an hour here) and stores it in each row; on a file without it, it is measured here.
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
 ranks, and each step's exchange is a push and a pull through the servers' links, exposed
@@ -168,7 +168,8 @@ def colocation_batches(rows):
 
 
 def measure_colocation(models, steps=3, phases=5, timeout=300):
-    """Model name -> (its 1-rank batch, together / alone) on 2 ranks of this machine."""
+    """Model name -> batch: model name -> its step's time on 2 ranks side by side over its
+    time alone, at that batch, on this machine (the median of the probe's phases)."""
     from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 
     env = {**os.environ, **THREAD_ENV}
