@@ -129,7 +129,7 @@ def colocation_worker(args):
 
     def timed(lockstep):
         times = []
-        for _ in range(args.steps):
+        for _ in range(steps):
             start = time.perf_counter()
             step(x, x, cfg.lr)
             if lockstep:
@@ -146,7 +146,7 @@ def colocation_worker(args):
         start = time.perf_counter()
         step(x, x, cfg.lr)  # warm-up: allocations, caches, compiled kernels
     # phases of a second at least: a short model's few steps would be mostly noise
-    args.steps = comm.bcast(max(args.steps, math.ceil(1.0 / (time.perf_counter() - start))))
+    steps = comm.bcast(max(args.steps, math.ceil(1.0 / (time.perf_counter() - start))))
     alone, together = [], []
     for _ in range(args.phases):
         if rank == 0:
