@@ -92,6 +92,9 @@ class Cluster:
     inter: Link             # between nodes, per device
     memory_bandwidth: float  # bytes/s per device, for the optimizer's passes
     layer_overhead: float = 0.0  # s per layer per micro-batch (forward + backward): Python's
+    # s per step on every rank whatever its share of the batch: the step engine's Python
+    # (slicing, the loss's reduction, clipping), which neither tp nor pp divides
+    step_overhead: float = 0.0
     bucket_mb: float = 1.0       # gradient bucket size the commands ask for
     # How much longer a rank computes when other ranks compute beside it on the node: CPU
     # cores share caches and memory bandwidth, and ranks that exchange every step wait for
@@ -308,9 +311,10 @@ def predict(model: GPTConfig, layout: TrainingLayout, cluster: Cluster,
         # AdamW reads p, g, m, v and writes p, m, v: 7 float32 passes
         optimizer = owned * 7 * 4 / (cluster.memory_bandwidth / sharing)
         finish = sim.timeline[s][-1][2] if sim.timeline[s] else 0.0
-        ends.append(finish + exposed + optimizer)
-        parts.append((costs.compute[s], costs.tp_comm[s], exposed, finish - sim.busy[s],
-                      optimizer))
+        fixed = cluster.step_overhead * sharing
+        ends.append(finish + exposed + optimizer + fixed)
+        parts.append((costs.compute[s] + fixed, costs.tp_comm[s], exposed,
+                      finish - sim.busy[s], optimizer))
     critical = max(range(pp), key=ends.__getitem__)
     step = ends[critical]
     global_tokens = layout.global_batch * T
@@ -392,7 +396,7 @@ LAPTOP_LINK = Link(11e-6, 7 * GB)
 MEMCPY_BANDWIDTH = 11.5 * GB  # a large NumPy copy on this machine
 
 
-def calibrate_laptop(config="baby", repeats=5) -> Cluster:
+def calibrate_laptop(config="baby", repeats=9) -> Cluster:
     """The laptop preset, calibrated in this process: the GEMM peak of its BLAS threads
     (one under make), then one rank's `config` step timed at 1 and 4 micro-batches and
     solved for the efficiency of its FLOPs and Python's overhead per layer."""
@@ -410,17 +414,18 @@ def calibrate_laptop(config="baby", repeats=5) -> Cluster:
     cfg = load_config(config)
     model = cfg.model_config()
     x = np.random.default_rng(0).integers(0, model.vocab_size, (cfg.batch_size, model.block_size))
-    times = {}
+    steps = {}
     for micro in (1, 4):
         options = load_config(config, {"micro_batches": micro})
-        step = TrainStep(model, gpt.init_params(model, 0, np, np.float32), options)
-        step(x, x, 1e-3)  # warm-up: allocations, caches
-        samples = []
-        for _ in range(repeats):
+        steps[micro] = TrainStep(model, gpt.init_params(model, 0, np, np.float32), options)
+        steps[micro](x, x, 1e-3)  # warm-up: allocations, caches
+    samples = {micro: [] for micro in steps}
+    for _ in range(repeats):  # in turn: the machine's drift weighs on both alike
+        for micro, step in steps.items():
             start = time.perf_counter()
             step(x, x, 1e-3)
-            samples.append(time.perf_counter() - start)
-        times[micro] = float(np.median(samples))
+            samples[micro].append(time.perf_counter() - start)
+    times = {micro: float(np.median(t)) for micro, t in samples.items()}
     layers = model.n_layer + 1  # the head counts as one
     overhead = max(0.0, (times[4] - times[1]) / (3 * layers))
     n_params = num_params(model)

@@ -36,7 +36,7 @@ import sys
 import time
 
 from app.config import load_config
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from app.costmodel import OURS, TrainingLayout, calibrate_laptop, p2p_time, predict
 
@@ -71,22 +71,37 @@ def model_and_layout(row):
 
 
 def calibrated_on_rows(rows, cluster):
-    """Model name -> [(sequences per micro-batch, efficiency)], one pair per measured 1-rank
-    row of that model (make report's strong and weak batches), each row solved for the
-    efficiency of its FLOPs with Python's per-layer overhead as calibrated in this process.
-    Two sizes, because GEMMs run faster on more rows: a layout takes the efficiency at its
-    own micro-batch size (`efficiency_at`). The 1-rank rows then match by construction."""
-    fits = {}
+    """Model name -> Fit, from that model's measured 1-rank rows (make report's strong and
+    weak batches), with Python's per-layer overhead as calibrated in this process. Each row
+    is its GEMMs at an efficiency plus a fixed cost per step; the line through the smallest
+    and the largest batch gives both. Where noise puts that cost below 0, it is 0 and each
+    row keeps its own efficiency (GEMMs run faster on more rows): a layout then takes the
+    efficiency at its own micro-batch size (`efficiency_at`). The 1-rank rows match by
+    construction."""
+    points = {}
     for row in rows:
         if row["ranks"] != 1 or row["mode"] != "ring":
             continue
         model, layout = model_and_layout(row)
-        bare = predict(model, layout, replace(cluster, efficiency=1.0, layer_overhead=0.0))
-        overhead = predict(model, layout, replace(cluster, efficiency=1.0)).step_s - bare.step_s
-        gemms = bare.step_s - bare.optimizer_s
+        plain = replace(cluster, efficiency=1.0, step_overhead=0.0)
+        bare = predict(model, layout, replace(plain, layer_overhead=0.0))
+        overhead = predict(model, layout, plain).step_s - bare.step_s
+        gemms = bare.step_s - bare.optimizer_s  # seconds at the GEMM peak
         rest = row["step_ms"] / 1e3 - overhead - bare.optimizer_s
-        fits.setdefault(row["model"], []).append((layout.rows, min(1.0, gemms / rest)))
-    return {name: sorted(pairs) for name, pairs in fits.items()}
+        points.setdefault(row["model"], []).append((layout.rows, gemms, rest))
+    fits = {}
+    for name, measured in points.items():
+        (_, g0, t0), (_, g1, t1) = min(measured), max(measured)
+        fixed = t0 - g0 * (t1 - t0) / (g1 - g0) if g1 > g0 else 0.0
+        fixed = min(max(fixed, 0.0), t0 / 2)
+        fits[name] = Fit(fixed, sorted((r, min(1.0, g / (t - fixed))) for r, g, t in measured))
+    return fits
+
+
+@dataclass(frozen=True)
+class Fit:
+    step_overhead: float  # s per step
+    efficiencies: list    # [(sequences per micro-batch, efficiency)]
 
 
 def efficiency_at(pairs, rows):
@@ -105,7 +120,9 @@ def cluster_for(row, cluster, fits, factors):
     its model's co-location factor, where measured."""
     changes = {}
     if row["model"] in fits:
-        changes["efficiency"] = efficiency_at(fits[row["model"]], model_and_layout(row)[1].rows)
+        fit = fits[row["model"]]
+        changes["efficiency"] = efficiency_at(fit.efficiencies, model_and_layout(row)[1].rows)
+        changes["step_overhead"] = fit.step_overhead
     if row["model"] in factors:
         changes["colocated_slowdown"] = factors[row["model"]]
     return replace(cluster, **changes)
@@ -284,9 +301,11 @@ def main(argv=None):
           f"{cluster.intra.latency * 1e6:.0f} us + bytes / {cluster.intra.bandwidth / 1e9:g} GB/s")
     fits = calibrated_on_rows(rows, cluster) if args.from_rows else {}
     if fits:
-        print("from the measured 1-rank rows, efficiency at sequences per micro-batch: " +
-              "; ".join(f"{name} " + ", ".join(f"{e:.2f} at {r}" for r, e in pairs)
-                        for name, pairs in fits.items()))
+        print("from the measured 1-rank rows, a fixed cost per step and the efficiency at "
+              "sequences per micro-batch: " + "; ".join(
+                  f"{name} {fit.step_overhead * 1e3:.1f} ms, " + ", ".join(
+                      f"{e:.2f} at {r}" for r, e in fit.efficiencies)
+                  for name, fit in fits.items()))
     factors = {}
     if not args.no_colocation:
         factors = {row["model"]: row["colocated_slowdown"] for row in rows

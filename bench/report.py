@@ -20,7 +20,9 @@ skipped with the trainer's reason; a job that both kinds share runs once.
   reach this driver (steps 1..S-1: set-up and validation are outside it). A median, not the
   mean: on a shared machine one disturbed step would otherwise move a 10-step row by 5% or
   more. In ps mode the logging rank is the first worker, which may run up to 2 steps (the
-  staleness) ahead of the slowest. tok/s: the global batch's tokens over step ms.
+  staleness) ahead of the slowest. tok/s: the global batch's tokens over step ms. With
+  --rounds R (`baby`'s default: 3) every job of a config runs R times, in turn with the
+  others (every other round in reverse order), and the row is the median round's job.
 - speedup: tok/s over the 1-rank run of the same table (the same config and strong batch,
   or per-rank batch); efficiency: speedup / ranks, a parameter server counted as a rank.
 - One step split: compute is the ideal share of the 1-rank step (this rank's share of the
@@ -46,11 +48,12 @@ time-sharing more than the method and are not scaling results.
 
 Output under --out (runs/report/): report.md (a table per config and kind),
 measurements.json (one dict per measured configuration, for the cost model, each with its
-model's 2-rank co-location factor, measured by bench.costcheck's probe before the model's
-first row) and, with
+model's 2-rank co-location factor: bench.costcheck's probe, run before each round of the
+model's rows, the median over rounds) and, with
 matplotlib (optional, benchmark-only), speedup_C.png and step_time_C.png (report_plots.py).
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -74,8 +77,14 @@ from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 MODES = ["dp", "zero", "pp", "tp", "dp-pp", "ps", "ps-async"]
 KINDS = ("strong", "weak")
 STALENESS = 2
-STEPS = {"baby": 60, "small": 10}  # est. 10 min on 2 idle cores; 20 min with others on ~1
+STEPS = {"baby": 30, "small": 10}  # est. 12 min on 2 idle cores
 OTHER_STEPS = 10
+# A baby job steps for a second: this VM's speed drifts by 20-35% within a minute (a
+# 1-rank baby step read 26.9, 32.0 and 37.0 ms in three jobs 10 s apart), so each baby row
+# is the median of 3 rounds, every round all of the config's jobs in turn. A small job
+# steps for 10-40 s, which averages the drift out: one round.
+ROUNDS = {"baby": 3}
+OTHER_ROUNDS = 1
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
 FOOTPRINT = re.compile(r"^memory per rank \(the largest\): (.*?); sent per step")
@@ -209,7 +218,16 @@ def run_job(mpiexec, ranks, train_args, run_dir, timeout):
             "rss_bytes": memory.stop(), "wall": time.perf_counter() - start}
 
 
-def measure(case, args, runs, index):
+def median_round(results):
+    """The round whose step time is the median (of an even number, the faster of the
+    middle two), every field from that one job; a failed round fails the row."""
+    failed = [r for r in results if r["failure"]]
+    if failed:
+        return failed[0]
+    return sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]
+
+
+def measure(case, args, runs, index, round_=0):
     steps = steps_of(case.model, args)
     flags = [x for key, value in case.overrides.items()
              for x in (f"--{key.replace('_', '-')}", str(value))]
@@ -234,7 +252,8 @@ def measure(case, args, runs, index):
                                    in zip(job["seen"], job["seen"][1:]) if s1 > s0)
         result["tok_s"] = case.batch * case.cfg.block_size / max(step_s, 1e-9)
     what = result["failure"] or f"{result['tok_s']:.0f} tok/s"
-    print(f"  {case.model} {case.mode:<8} {case.ranks} ranks, batch {case.batch:>3}: {what} "
+    print(f"  {case.model} {case.mode:<8} {case.ranks} ranks, batch {case.batch:>3}, round "
+          f"{round_ + 1}: {what} "
           f"({job['wall']:.1f} s, other processes {meter.cores:.2f} cores)", file=sys.stderr)
     return result
 
@@ -373,8 +392,9 @@ def write_report(args, cases, elapsed, steps):
     lines = ["# Scaling report", "",
              f"`python -m bench.report` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              f", {cpu_name()}, {cores} cores; {elapsed:.0f} s in all. Steps per job: "
-             + ", ".join(f"`{m}` {s}" for m, s in steps.items())
-             + " (tok/s over steps 1 to the last). Strong scaling: a global batch of "
+             + ", ".join(f"`{m}` {s}" + (f", the median of {r} rounds" if r > 1 else "")
+                         for m, (s, r) in steps.items())
+             + " (step ms: the median gap between step lines). Strong scaling: a global batch of "
              f"{args.batch} sequences; weak scaling: {args.weak_batch} sequences per rank "
              "(per worker in ps mode).", "",
              "speedup, efficiency: against the 1-rank run of the same table (a server counts "
@@ -436,6 +456,9 @@ def parse_args(argv):
     parser.add_argument("--modes", default=",".join(MODES), help=", ".join(MODES))
     parser.add_argument("--steps", default="0",
                         help=f"steps per job, >= 2 (default: {STEPS}, else {OTHER_STEPS})")
+    parser.add_argument("--rounds", default="0",
+                        help="times each job runs, in turn with the others, the median kept "
+                             f"(default: {ROUNDS}, else {OTHER_ROUNDS})")
     parser.add_argument("--batch", default="12", help="strong scaling's global batch")
     parser.add_argument("--weak-batch", default="3", help="weak scaling's batch per rank")
     parser.add_argument("--data", default="data/embedded.h5")
@@ -452,10 +475,10 @@ def parse_args(argv):
             raise SystemExit(f"error: --configs: {err}")
     args.ranks = sorted(set(parse_list(args.ranks, "--ranks", convert=int)) | {1})
     args.modes = parse_list(args.modes, "--modes", allowed=MODES)
-    for option, minimum in (("steps", 2), ("batch", 1), ("weak_batch", 1), ("timeout", 1),
-                            ("quiet_s", 0)):
+    for option, minimum in (("steps", 2), ("rounds", 1), ("batch", 1), ("weak_batch", 1),
+                            ("timeout", 1), ("quiet_s", 0)):
         value = getattr(args, option)
-        if option != "steps" or value != "0":  # 0 steps: each config's default
+        if option not in ("steps", "rounds") or value != "0":  # 0: each config's default
             flag = "--" + option.replace("_", "-")
             value, *more = parse_list(value, flag, convert=int, minimum=minimum)
             if more:
@@ -471,25 +494,37 @@ def steps_of(model, args):
     return args.steps or STEPS.get(model, OTHER_STEPS)
 
 
+def rounds_of(model, args):
+    return args.rounds or ROUNDS.get(model, OTHER_ROUNDS)
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.mpiexec = mpiexec_command()
     started = time.perf_counter()
     cases = plan_cases(args.configs, args.ranks, args.modes, args.batch, args.weak_batch)
-    jobs, factors = {}, {}
+    jobs, factors, index = {}, {}, itertools.count()
     with tempfile.TemporaryDirectory(prefix="report-") as runs:
+        for model in args.configs:
+            todo = list({c.key: c for c in cases if c.model == model and not c.skipped}
+                        .values())
+            rounds, probes = {case.key: [] for case in todo}, []
+            for r in range(rounds_of(model, args)):
+                if (os.cpu_count() or 1) >= 2 and any(n > 1 for n in args.ranks):
+                    # for the cost model's check: measured beside the rows, as it drifts
+                    probes.append(measure_colocation({model: args.weak_batch})[model])
+                # every other round backwards: a drift in time weighs on every row alike
+                for case in todo if r % 2 == 0 else todo[::-1]:
+                    rounds[case.key].append(measure(case, args, runs, next(index), r))
+            jobs.update({case.key: median_round(rounds[case.key]) for case in todo})
+            if probes:
+                factors[model] = statistics.median(probes)
+                print(f"  {model}: 2 ranks side by side compute x{factors[model]:.3f} as long "
+                      f"as 1 alone (median of {', '.join(f'{p:.3f}' for p in probes)})",
+                      file=sys.stderr)
         for case in cases:
-            if case.skipped:
-                continue
-            if case.model not in factors and (os.cpu_count() or 1) >= 2 and \
-                    any(r > 1 for r in args.ranks):  # for the cost model's check
-                factors[case.model] = measure_colocation({case.model: args.weak_batch})[
-                    case.model]
-                print(f"  {case.model}: 2 ranks side by side compute x{factors[case.model]:.3f} "
-                      "as long as 1 alone", file=sys.stderr)
-            if case.key not in jobs:
-                jobs[case.key] = measure(case, args, runs, len(jobs))
-            case.result = jobs[case.key]
+            if not case.skipped:
+                case.result = jobs[case.key]
     measured = []
     for model in args.configs:
         for kind in KINDS:
@@ -508,7 +543,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)
     elapsed = time.perf_counter() - started
-    write_report(args, cases, elapsed, {m: steps_of(m, args) for m in args.configs})
+    write_report(args, cases, elapsed, {m: (steps_of(m, args), rounds_of(m, args))
+                                        for m in args.configs})
     return 1 if any(c.result and c.result["failure"] for c in cases) else 0
 
 

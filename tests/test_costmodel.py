@@ -153,7 +153,8 @@ def test_costcheck_reads_measured_rows_and_judges_the_one_and_two_rank_ones(tmp_
     path.write_text(json.dumps(rows))
     laptop = flat_cluster(devices_per_node=2, intra=LINK)
     fits = calibrated_on_rows(read_rows(path), laptop)
-    assert list(fits) == ["tiny"] and len(fits["tiny"]) == 1
+    assert list(fits) == ["tiny"] and len(fits["tiny"].efficiencies) == 1
+    assert fits["tiny"].step_overhead == 0.0  # one batch size: no line to fit
     lines = []
     assert not check(read_rows(path), lambda r: cluster_for(r, laptop, fits, {}), 2,
                      out=lines.append)
@@ -183,3 +184,31 @@ def test_costcheck_takes_the_efficiency_at_the_rows_micro_batch_size():
     assert efficiency_at(pairs, 3) == 0.4 and efficiency_at(pairs, 1) == 0.4
     assert efficiency_at(pairs, 12) == 0.6 and efficiency_at(pairs, 24) == 0.6
     assert efficiency_at(pairs, 6) == pytest.approx(0.5)  # halfway in log rows
+
+
+def test_the_fixed_cost_per_step_is_paid_once_by_every_rank_whatever_its_share():
+    fixed = replace(flat_cluster(), step_overhead=5e-3)
+    for layout in (TrainingLayout(1, global_batch=4), TrainingLayout(1, tp=2, global_batch=4),
+                   TrainingLayout(1, pp=2, micro_batches=4, global_batch=4)):
+        assert predict(MODEL, layout, fixed).step_s == \
+            pytest.approx(predict(MODEL, layout, flat_cluster()).step_s + 5e-3)
+
+
+def test_costcheck_recovers_the_fixed_cost_and_efficiency_of_two_one_rank_rows():
+    from bench.costcheck import calibrated_on_rows, model_and_layout
+    truth = replace(flat_cluster(fp32_flops=1e9), efficiency=0.4, step_overhead=5e-3,
+                    layer_overhead=1e-4, memory_bandwidth=1e10)
+    row = {"model": "tiny", "mode": "ring", "dp": 1, "tp": 1, "pp": 1, "schedule": "1f1b",
+           "chunks": 1, "micro_batches": 1, "zero": 0, "servers": 0, "staleness": 0,
+           "ranks": 1, "block_size": 32}
+    rows = []
+    for batch in (3, 12):
+        row = {**row, "batch_size": batch}
+        rows.append({**row, "step_ms": 1e3 * predict(*model_and_layout(row), truth).step_s})
+    fit = calibrated_on_rows(rows, replace(truth, efficiency=1.0, step_overhead=0.0))["tiny"]
+    assert fit.step_overhead == pytest.approx(5e-3)
+    assert [e for _, e in fit.efficiencies] == pytest.approx([0.4, 0.4])
+    # noise that puts the fixed cost below 0: none, and each row its own efficiency
+    rows[0]["step_ms"] /= 2
+    fit = calibrated_on_rows(rows, replace(truth, efficiency=1.0, step_overhead=0.0))["tiny"]
+    assert fit.step_overhead == 0.0 and fit.efficiencies[0][1] > 0.4 > fit.efficiencies[1][1]

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from app_util import ENV, MPIEXEC, ROOT
-from bench.report import (MODES, global_batch, main, micro_batches, mode_overrides, scaling,
-                          split_step)
+from bench.report import (MODES, global_batch, main, median_round, micro_batches,
+                          mode_overrides, scaling, split_step)
 
 SCHEMA = {"model": str, "mode": str, "dp": int, "tp": int, "pp": int, "schedule": str,
           "chunks": int, "micro_batches": int, "zero": int, "servers": int, "staleness": int,
@@ -52,10 +52,19 @@ def test_layouts_and_batches():
     assert global_batch("weak", "ps", 4, 12, 3) == 9  # 3 workers
 
 
+def test_a_row_is_its_median_round_and_fails_with_any_round():
+    rounds = [{"failure": None, "tok_s": t, "job": i} for i, t in enumerate((30, 10, 20))]
+    assert median_round(rounds)["job"] == 2
+    assert median_round(rounds[:2])["job"] == 0  # of two, the faster
+    failed = {"failure": "exit 1", "tok_s": None}
+    assert median_round([rounds[0], failed, rounds[1]]) is failed
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "dp,xp"], "error: --modes: 'xp' is not one of dp, "),
     (["--ranks", "1,two"], "error: --ranks: 'two' is not an integer >= 1"),
     (["--steps", "1"], "error: --steps: '1' is not an integer >= 2"),
+    (["--rounds", "-1"], "error: --rounds: '-1' is not an integer >= 1"),
     (["--batch", "12,24"], "error: --batch: expected one integer"),
     (["--configs", "huge"], "error: --configs: config 'huge' not found"),
 ])
