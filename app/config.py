@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "float32"
     device: str = "cpu"
+    cuda_aware_mpi: str = "auto"
     data: str = "data/embedded.h5"
     log_interval: int = 10
     eval_interval: int = 250
@@ -105,7 +106,10 @@ HELP = {
     "warmup_steps": "linear warm-up steps", "weight_decay": "AdamW decoupled decay (matrices only)",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "global-norm clip (0 = off)",
     "seed": "seed for init and batches", "dtype": "float32 or float64",
-    "device": "cpu (NumPy) or gpu (CuPy)", "data": "token file made by `app prepare`",
+    "device": "cpu (NumPy) or gpu (CuPy; one GPU per rank, by local rank)",
+    "cuda_aware_mpi": "gpu: whether MPI reads device memory: auto (ask the library), yes, or "
+                      "no (stage every transfer through pinned host buffers)",
+    "data": "token file made by `app prepare`",
     "log_interval": "steps between log lines", "eval_interval": "steps between validation",
     "eval_windows": "fixed validation windows", "sample_tokens": "tokens sampled at the end",
     "dp": "data-parallel ranks (0 = all ranks)",
@@ -154,6 +158,7 @@ NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_inter
                      "save_interval", "keep", "max_skips", "staleness", "compress_warmup",
                      "n_classes")
 CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
+           "cuda_aware_mpi": ("auto", "yes", "no"),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform"),
            "recompute": ("none", "selective", "full"), "mode": ("ring", "ps"),
            "balance": ("static", "dynamic"), "pool": ("last", "mean"),

@@ -38,7 +38,7 @@ from app.pretrained import check_trunk, initial_params, read_pretrained
 from app.trainer import (array_backend, check_resume_flags, claim_run, make_engine, out_dir,
                          ranks_on_this_node, stop_here)
 from comm import watchdog
-from comm.backend import to_host
+from comm.backend import configure_mpi_buffers, to_host
 from comm.grid import ProcessGrid
 from models import gpt, sharding
 from models.classifier import ClassTargets
@@ -113,7 +113,8 @@ def finetune(cfg, run_dir, init=None, log=print, comm=None, overwrite=False, res
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
         with together(comm):
-            xp = array_backend(cfg)
+            xp = array_backend(cfg, comm)
+            configure_mpi_buffers(cfg.cuda_aware_mpi, xp)
             data = ClassifyData(cfg.data)
             cfg = classifier_config(cfg, data)
             layout = layouts.plan(cfg, comm.Get_size())

@@ -8,7 +8,7 @@ from app.checkpoint import load_params, read_checkpoint_params
 from app.config import make_config
 from app.errors import UserError
 from app.tokenizer import get_tokenizer
-from comm.backend import array_module
+from comm.backend import array_module, to_host
 from models import gpt
 
 
@@ -23,7 +23,7 @@ def sample_stream(params, cfg: gpt.GPTConfig, prompt_ids, max_new_tokens, temper
     for _ in range(max_new_tokens):
         context = xp.asarray(np.array(ids[-cfg.block_size:], dtype=np.int64)[None])
         logits = gpt.logits(params, cfg, context)[0]
-        logits = np.asarray(logits.get() if hasattr(logits, "get") else logits, np.float64)
+        logits = np.asarray(to_host(logits), np.float64)
         if temperature == 0:
             token = int(logits.argmax())
         else:

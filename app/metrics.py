@@ -1,8 +1,11 @@
 """Throughput accounting: model FLOPs, a GEMM peak probe, MFU, and the metrics.jsonl log."""
+import functools
 import json
 import time
 
 import numpy as np
+
+from comm.backend import synchronize
 
 
 def flops_per_token(n_params: int, n_layer: int, block_size: int, n_embd: int) -> int:
@@ -33,9 +36,8 @@ def measure_gemm_gflops(xp=np, n=512, seconds=0.25, dtype=np.float32) -> float:
 
 
 def synchronizer(xp):
-    if xp is np:
-        return lambda: None
-    return xp.cuda.runtime.deviceSynchronize
+    """A function that waits for xp's queued device work (a timer must not stop before it)."""
+    return functools.partial(synchronize, xp)
 
 
 class MetricsLog:

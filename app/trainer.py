@@ -35,7 +35,8 @@ from app.slurm import check_world_matches_slurm
 from app.tokenizer import get_tokenizer
 from comm import watchdog
 from comm.compress import make_compressor
-from comm.backend import BackendUnavailable, get_xp, keep_freed_host_memory, to_host
+from comm.backend import (BackendUnavailable, configure_mpi_buffers, get_xp,
+                          keep_freed_host_memory, to_host, use_local_device)
 from comm.grid import ProcessGrid
 from models import gpt, sharding
 from models.optim import lr_at
@@ -126,18 +127,29 @@ def claim_run(comm, cfg, run_dir, overwrite, resume, cleanup):
 
 
 def ranks_on_this_node(comm) -> int:
+    return place_on_node(comm)[1]
+
+
+def place_on_node(comm) -> tuple[int, int]:
+    """(this rank's rank among the ranks of its node, how many they are)."""
     from mpi4py import MPI
     with watchdog.waiting("the other ranks to count the ranks per node"):
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    size = node.Get_size()
+    place = node.Get_rank(), node.Get_size()
     node.Free()
-    return size
+    return place
 
 
-def array_backend(cfg):
-    """The array module of cfg.device; a device that is not there is the user's error."""
+def array_backend(cfg, comm=None):
+    """The array module of cfg.device, on a GPU of this rank's own when it is gpu (one per
+    rank: device = rank on the node, comm's ranks); a device that is not there is the
+    user's error."""
+    local = place_on_node(comm)[0] if comm is not None and cfg.device == "gpu" else 0
     try:
-        return get_xp(cfg.device)
+        xp = get_xp(cfg.device)
+        if xp is not np:
+            use_local_device(local)
+        return xp
     except BackendUnavailable as err:
         raise UserError(str(err)) from None
 
@@ -157,8 +169,9 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
         with together(comm):
-            xp = array_backend(cfg)
+            xp = array_backend(cfg, comm)
             layout = layouts.plan(cfg, comm.Get_size())
+            mpi_buffers = configure_mpi_buffers(cfg.cuda_aware_mpi, xp)
         is_logger = comm.Get_rank() == layout.logger
         if not is_logger:
             log = _silent
@@ -184,6 +197,7 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         resume_from = claim_run(comm, cfg, run_dir, overwrite, resume, cleanup)
         keep_freed_host_memory()
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+        log(f"device: {cfg.device}; {mpi_buffers}")
         if is_server:
             return parameter_server.serve(cfg, layout, comm, role, run_dir, data.tokenizer,
                                           resume_from)

@@ -17,10 +17,8 @@ The ring cuts a flat buffer into `shard_bounds` blocks, rank r's block r. Parts 
 axis is moved to the front (one contiguous copy) and back. A group of one returns its input
 itself, without copying or counting.
 """
-import numpy as np
-
 from comm import ring
-from comm.backend import array_module
+from comm.backend import array_module, synchronize
 
 
 def ring_bytes_sent(kind: str, n: int, p: int, r: int, itemsize: int) -> int:
@@ -50,7 +48,8 @@ class RingGroup:
         """Sums the C-contiguous x over the group in place; returns x."""
         if self.size == 1:
             return x
-        _sync(array_module(x))  # the ring reads x at once: the writes that made it must be done
+        synchronize(array_module(x))  # the ring reads x at once: the writes that made it
+        # must be done
         ring.all_reduce(self.comm, x, self.segment_bytes)
         self._count("all_reduce", x)
         return x
@@ -65,7 +64,7 @@ class RingGroup:
         n = part.shape[0]
         full = xp.empty((self.size * n,) + part.shape[1:], x.dtype)
         full[self.rank * n:(self.rank + 1) * n] = part  # the ring expects its own block in place
-        _sync(xp)
+        synchronize(xp)
         ring.all_gather(self.comm, full, self.segment_bytes)
         self._count("all_gather", full)
         return xp.ascontiguousarray(xp.moveaxis(full, 0, axis))
@@ -81,7 +80,7 @@ class RingGroup:
                              f"into {self.size} equal parts")
         # Always a copy: the ring sums in place and leaves the other blocks as scratch.
         full = xp.array(xp.moveaxis(x, axis, 0), order="C")
-        _sync(xp)
+        synchronize(xp)
         mine = ring.reduce_scatter(self.comm, full, self.segment_bytes)
         self._count("reduce_scatter", full)
         part = mine.reshape((full.shape[0] // self.size,) + full.shape[1:])
@@ -90,9 +89,3 @@ class RingGroup:
 
     def _count(self, kind, buf):
         self.bytes_sent += ring_bytes_sent(kind, buf.size, self.size, self.rank, buf.itemsize)
-
-
-def _sync(xp):
-    """Waits for CuPy's stream (the ring sends from the buffer without it); no-op on NumPy."""
-    if xp is not np:
-        xp.cuda.get_current_stream().synchronize()

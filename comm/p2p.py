@@ -7,12 +7,18 @@ which virtual stage sent it, activation or gradient), so messages never cross.
 Waiting polls and yields the core (MPICH's Waitall spins), under the watchdog
 (comm/watchdog.py): a group still incomplete after `timeout` seconds prints what it waits
 for and aborts the whole job, instead of leaving every rank hanging.
+
+Staged (comm/backend.py: device arrays on an MPI that cannot read them), each message
+travels in a host buffer from the pool: a send's is filled before its Isend, a receive's
+copied to the device once the whole group is done.
 """
 import os
 
 from mpi4py import MPI
 
 from comm import watchdog
+from comm.backend import (copy_from_host, copy_to_host, give_back_host_buffer, needs_staging,
+                          take_host_buffer)
 
 ACTIVATION, GRADIENT = 0, 1
 
@@ -26,10 +32,26 @@ def exchange(comm, sends, recvs, timeout=None, what="transfer"):
     """sends/recvs: lists of (peer rank, contiguous array, tag). Returns when all are done.
 
     `what` describes the group for the watchdog's message."""
-    requests = [comm.Irecv(buf, peer, tag) for peer, buf, tag in recvs]
-    requests += [comm.Isend(buf, peer, tag) for peer, buf, tag in sends]
+    landing = [(buf, take_host_buffer(buf.size, buf.dtype)) if needs_staging(buf) else (buf, None)
+               for _, buf, _ in recvs]
+    requests = [comm.Irecv(buf if host is None else host, peer, tag)
+                for (peer, _, tag), (buf, host) in zip(recvs, landing)]
+    leaving = []
+    for peer, buf, tag in sends:
+        if needs_staging(buf):
+            host = take_host_buffer(buf.size, buf.dtype)
+            copy_to_host(buf, host)
+            leaving.append(host)
+            buf = host
+        requests.append(comm.Isend(buf, peer, tag))
     if not requests:
         return
     with watchdog.waiting(what, timeout):
         while not MPI.Request.Testall(requests):
             os.sched_yield()
+    for buf, host in landing:
+        if host is not None:
+            copy_from_host(host, buf)
+            give_back_host_buffer(host)
+    for host in leaving:
+        give_back_host_buffer(host)

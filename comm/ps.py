@@ -42,6 +42,8 @@ With `--balance dynamic`, server 0 also hands out a clock's micro-batches (`take
 at a time, fewer as they run out), so a faster worker computes more of them; a clock is
 complete once its pushes cover every micro-batch.
 
+A worker's parameters and gradients may live on a device: staged (comm/backend.py), they
+pass through host buffers; the servers hold theirs on the host.
 Waiting polls and yields the core, under the watchdog: a lost worker or server aborts the
 job after `timeout` instead of hanging it. comm/ knows no model: the server's update is a
 callback.
@@ -53,6 +55,8 @@ import numpy as np
 from mpi4py import MPI
 
 from comm import ring, watchdog
+from comm.backend import (copy_from_host, copy_to_host, give_back_host_buffer, needs_staging,
+                          take_host_buffer)
 
 TAG_PUSH, TAG_PUSH_DATA, TAG_PULL, TAG_PARAMS, TAG_PARAMS_DATA, TAG_TAKE, TAG_GIVEN, \
     TAG_STOP, TAG_SYNC = range(700, 709)
@@ -246,9 +250,15 @@ class Client:
         requests = [self.comm.Isend(wanted, s, TAG_PULL) for s in range(self.servers)]
         headers = [np.empty_like(self.info) for _ in range(self.servers)]
         requests += [self.comm.Irecv(h, s, TAG_PARAMS) for s, h in enumerate(headers)]
-        requests += [self.comm.Irecv(self.flat[lo:hi], s, TAG_PARAMS_DATA)
-                     for s, (lo, hi) in enumerate(self.bounds)]
+        landing = [(self.flat[lo:hi], take_host_buffer(hi - lo, self.flat.dtype)
+                    if needs_staging(self.flat) else None) for lo, hi in self.bounds]
+        requests += [self.comm.Irecv(shard if host is None else host, s, TAG_PARAMS_DATA)
+                     for s, (shard, host) in enumerate(landing)]
         self._wait(requests, f"the servers' parameters for clock {clock}")
+        for shard, host in landing:  # staged: the device's copy is filled now
+            if host is not None:
+                copy_from_host(host, shard)
+                give_back_host_buffer(host)
         self.bytes_sent += wanted.nbytes * self.servers
         self.version = int(min(h[0] for h in headers))
         self.info = headers[0]
@@ -258,14 +268,21 @@ class Client:
         """Sends every server its shard of `grad` (computed on `self.version`); a nonzero
         `stop_flag` asks every worker to stop (see the module docstring)."""
         header = np.array([clock, self.version, micro, loss, stop_flag], np.float64)
-        requests, sent = [], 0
+        requests, sent, leaving = [], 0, []
         for s, (lo, hi) in enumerate(self.bounds):
             shard = grad[lo:hi]
             payload = shard if self.encode is None else self.encode(s, shard)
+            if needs_staging(payload):
+                host = take_host_buffer(payload.size, payload.dtype)
+                copy_to_host(payload, host)
+                leaving.append(host)
+                payload = host
             requests.append(self.comm.Isend(header, s, TAG_PUSH))
             requests.append(self.comm.Isend(payload, s, TAG_PUSH_DATA))
             sent += header.nbytes + payload.nbytes
         self._wait(requests, f"the servers to take the gradient of clock {clock}")
+        for host in leaving:
+            give_back_host_buffer(host)
         self.bytes_sent += sent
 
     def take(self, clock) -> range:

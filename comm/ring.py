@@ -51,6 +51,13 @@ instead of 0.3 ms.
 With CuPy buffers the adds run on the current stream, which is synchronized before a
 segment they produced is sent; the caller's own writes to `buf` must be complete (synchronize)
 before the collective starts.
+
+Host staging (comm/backend.py, an MPI that cannot read device memory): each operation takes
+`WINDOW` segment-sized host slots for its sends and as many for its receives, from the pool
+(the same sizes every step). A send copies its segment into a free slot and posts the Isend
+from there; the window keeps segment k's Isend in flight while segment k+1 is copied. A
+receive lands in a slot and is copied to its place (or to the scratch slot that is added)
+when it completes. The slots go back to the pool with the operation.
 """
 import functools
 import os
@@ -59,7 +66,8 @@ import numpy as np
 from mpi4py import MPI
 
 from comm import watchdog
-from comm.backend import array_module
+from comm.backend import (array_module, copy_from_host, copy_to_host, give_back_host_buffer,
+                          needs_staging, synchronize, take_host_buffer)
 
 # `mpiexec -n 2 python -m bench.comm --segment-bytes S`, ours/MPI busbw at 1M 4M 16M 64M:
 #   256K: 0.84 0.92 0.96 1.62   512K: 1.01 1.04 1.13 1.83   1M: 1.02 1.06 1.09 1.98
@@ -178,16 +186,21 @@ class RingRequest:
         self._recv_done = bytearray(len(self._recvs))
         self._next_send = self._next_recv = 0
         self._sending = self._receiving = 0
-        self._in_flight, self._what = [], []  # MPI requests; (is_send, index, scratch slot)
+        self._in_flight, self._what = [], []  # MPI requests; (is_send, index, slot, host slot)
         self._left = len(self._sends) + len(self._recvs)
         self._scratch = self._slots = None
         if kind != "all_gather" and self._recvs:
             self._scratch = _take_scratch(xp, flat.dtype, window * seg)
             self._slots = self._scratch[:window * seg].reshape(window, seg)
         self._free_slots = list(range(window))
+        self._staging = None  # host slots (sends, receives) and their free lists
+        if needs_staging(flat) and (self._sends or self._recvs):
+            self._staging = [take_host_buffer(window * seg, flat.dtype) for _ in range(2)]
+            self._host_slots = [b.reshape(window, seg) for b in self._staging]
+            self._free_host = [list(range(window)), list(range(window))]
         self._out_of_place = flat.nbytes <= OUT_OF_PLACE_MAX_BYTES
         # CuPy adds run on a stream; a send must not read the segment before they finish.
-        self._sync = (lambda: None) if xp is np else xp.cuda.get_current_stream().synchronize
+        self._sync = (lambda: None) if xp is np else (lambda: synchronize(xp))
         self.done = False
         self._finish([])  # nothing to send (n = 0 or p = 1): done at once
         self._post()      # the first messages go out now, not at the first test()
@@ -202,8 +215,12 @@ class RingRequest:
                 break
             slot = self._free_slots.pop() if add else None
             target = self._slots[slot, :hi - lo] if add else flat[lo:hi]
+            host = None
+            if self._staging:
+                host = self._free_host[1].pop()
+                target = self._host_slots[1][host, :hi - lo]
             self._in_flight.append(comm.Irecv(target, self._src, self._tag))
-            self._what.append((False, j, slot))
+            self._what.append((False, j, slot, host))
             self._next_recv += 1
             self._receiving += 1
         while self._next_send < len(self._sends) and self._sending < self._window:
@@ -211,8 +228,13 @@ class RingRequest:
             lo, hi, after_recv = self._sends[i]
             if after_recv >= 0 and not self._recv_done[after_recv]:
                 break
-            self._in_flight.append(comm.Isend(flat[lo:hi], self._dest, self._tag))
-            self._what.append((True, i, None))
+            source, host = flat[lo:hi], None
+            if self._staging:
+                host = self._free_host[0].pop()
+                source = self._host_slots[0][host, :hi - lo]
+                copy_to_host(flat[lo:hi], source)
+            self._in_flight.append(comm.Isend(source, self._dest, self._tag))
+            self._what.append((True, i, None, host))
             self._next_send += 1
             self._sending += 1
 
@@ -220,12 +242,18 @@ class RingRequest:
         """Books completed requests (positions in `_in_flight`); adds received segments."""
         added = False
         for x in indices:
-            is_send, i, slot = self._what[x]
+            is_send, i, slot, host = self._what[x]
             if is_send:
                 self._send_done[i] = 1
                 self._sending -= 1
+                if host is not None:
+                    self._free_host[0].append(host)
                 continue
             lo, hi, add, _ = self._recvs[i]
+            if host is not None:  # staged: the data is in a host slot
+                copy_from_host(self._host_slots[1][host, :hi - lo],
+                               self._slots[slot, :hi - lo] if add else self._flat[lo:hi])
+                self._free_host[1].append(host)
             if add:
                 mine, theirs = self._flat[lo:hi], self._slots[slot, :hi - lo]
                 if self._out_of_place:
@@ -249,6 +277,10 @@ class RingRequest:
             if self._scratch is not None:
                 _give_back_scratch(self._xp, self._scratch)
                 self._scratch = self._slots = None
+            if self._staging:
+                for buf in self._staging:
+                    give_back_host_buffer(buf)
+                self._staging = None
 
     def _step(self, block):
         """Posts what it can, then waits for (or tests) the requests in flight."""

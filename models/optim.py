@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from comm.backend import array_module
+from comm.backend import array_module, to_host
 from models import kernels
 
 
@@ -125,7 +125,7 @@ def _cut_by_scales(pieces, scales):
 
 def _runs_of_ones(mask):
     """[(start, stop), ...] of the maximal runs of 1 in a 0/1 vector (computed on the host)."""
-    host = np.asarray(mask.get() if hasattr(mask, "get") else mask) != 0
+    host = to_host(mask) != 0
     edges = np.flatnonzero(np.diff(np.concatenate([[False], host, [False]]).astype(np.int8)))
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 

@@ -107,6 +107,34 @@ def test_layout_matches_one_process(dp, pp, tp, options):
     verdict.check(world)
 
 
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("dp, pp, tp, options", [(4, 1, 1, {}), (2, 2, 1, {"micro": 2})],
+                         ids=["dp4", "pp2xdp2"])
+def test_layouts_staged_through_host_buffers_match_one_process(dp, pp, tp, options):
+    """The transfers of a GPU whose MPI cannot read device memory (comm/backend.py), forced
+    on NumPy buffers: every ring segment and pipeline message goes through a host buffer."""
+    from comm import backend
+    name = "staged " + name_of(dp, pp, tp, options)
+    skip_unless_ranks(4, name)
+    world, verdict = pytest.importorskip("mpi4py.MPI").COMM_WORLD, Verdict()
+    with verdict.guard("reference"):
+        ref_losses, ref_params = reference()
+    group = groups_of(world, 4)
+    if group is not None:
+        with verdict.guard(name):
+            before = backend.staged_bytes[0]
+            with backend.forced_host_staging():
+                losses, params, _, grid = run_layout(group, dp, pp, tp, **options)
+            assert backend.staged_bytes[0] > before, "nothing went through a host buffer"
+            verdict.close(f"{name} losses", losses, ref_losses, RTOL)
+            for pname in gpt.param_shapes(CFG):
+                verdict.close(f"{name} {pname}", params[pname], ref_params[pname], RTOL,
+                              atol=1e-12)
+            grid.free()
+        group.Free()
+    verdict.check(world)
+
+
 @pytest.mark.mpi(min_size=8)
 def test_dp2_pp2_tp2_on_eight_ranks_matches_one_process():
     skip_unless_ranks(8, "dp=2 x pp=2 x tp=2")

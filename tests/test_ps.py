@@ -2,6 +2,7 @@
 asynchronous mode at staleness 0, equal the single process on the same global batch
 (float64, 5 steps, rtol 1e-5), through the whole trainer on the 4 ranks of `mpiexec -n 4`;
 a stale run stays within its bound; bad settings are one line on every rank."""
+import contextlib
 import json
 import os
 import signal
@@ -64,17 +65,26 @@ def reference(tmpdir):
 
 
 @pytest.mark.mpi(min_size=4)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + ["sync 1 server + 3 workers, staged"])
 def test_parameter_server_matches_one_process(name, corpus):
+    """staged: pulls and pushes through host buffers (comm/backend.py), as a GPU worker's on
+    an MPI that cannot read device memory, forced on NumPy buffers."""
+    from comm import backend
     skip_unless_ranks(4, name)
     world, verdict = MPI.COMM_WORLD, Verdict()
     with verdict.guard("reference"):
         ref = reference(corpus)
     group = groups_of(world, 4)
-    values = dict(MODEL, data=str(corpus / "c.h5"), **CASES[name])
+    staged = name.endswith(", staged")
+    values = dict(MODEL, data=str(corpus / "c.h5"), **CASES[name.removesuffix(", staged")])
     got = None
-    with verdict.guard(name):
-        got = run(values, corpus / name.replace(" ", "_"), group)
+    with verdict.guard(name), \
+            backend.forced_host_staging() if staged else contextlib.nullcontext():
+        before = backend.staged_bytes[0]
+        got = run(values, corpus / name.replace(" ", "_").replace(",", ""), group)
+    if group.Get_rank() >= values["servers"] and staged:  # a worker's pulls and pushes
+        with verdict.guard(f"{name}: staging"):
+            assert backend.staged_bytes[0] > before, "nothing went through a host buffer"
     if group.Get_rank() >= values["servers"]:  # workers hold the losses and parameters
         verdict.close(f"{name} losses", got["loss"], ref["loss"], RTOL)
         verdict.close(f"{name} val", list(got["val"].values()), list(ref["val"].values()), RTOL)

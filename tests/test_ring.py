@@ -310,3 +310,35 @@ def test_many_buckets_in_flight_like_the_reducer():
         for i, buf in enumerate(bufs):
             np.testing.assert_array_equal(buf, np.full(37 + i, p * (p - 1) / 2 + p * i))
     verdict.check(world)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_staged_collectives_match_mpi_and_copy_every_message_through_host_buffers():
+    """The path of a GPU without CUDA-aware MPI, forced on NumPy buffers: every segment sent
+    is copied out to a host slot and every segment received copied in from one."""
+    from comm import backend
+    world, verdict = MPI.COMM_WORLD, Verdict()
+    run = {"all_reduce": ring.all_reduce, "reduce_scatter": ring.reduce_scatter,
+           "all_gather": ring.all_gather}
+    for size, sub in each_subcomm(world):
+        if sub is None:
+            continue
+        for n, seg in [(1, 64), (size + 1, 64), (1000, 64), (100003, 4096)]:
+            for kind in KINDS:
+                what = f"staged {kind} p={size} n={n} seg={seg}"
+                data = local_data(n, np.float64, sub, True, KINDS.index(kind))
+                with verdict.guard(what):
+                    reference = mpi_reference(kind, sub, data)
+                    buf = our_input(kind, sub, data)
+                    before = backend.staged_bytes[0]
+                    with backend.forced_host_staging():
+                        out = run[kind](sub, buf, seg)
+                    check(verdict, what, kind, sub, buf, out, reference, True)
+                    r = sub.Get_rank()
+                    sent = ring.sent_elements(kind, n, size, r)
+                    received = sum(np.subtract(*ring.shard_bounds(n, size, block)[::-1])
+                                   for _, block, _ in ring.ring_schedule(kind, size, r))
+                    staged = backend.staged_bytes[0] - before
+                    assert staged == (sent + received) * buf.itemsize * (size > 1), staged
+        sub.Free()
+    verdict.check(world)
