@@ -24,8 +24,12 @@ measures it beside its rows (it drifts with the machine's other tenants: 1.07-1.
 within an hour here) and stores it in each row; on a file without it, it is measured here.
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
-ranks, and each step's exchange is a push and a pull through the servers' links, exposed
-when synchronous and hidden behind compute when stale.
+ranks, and each step's exchange is a push and a pull through the servers' links, then
+the servers' AdamW, which a single worker waits for even when stale (`predict_row`).
+
+The probe also times a ring all-reduce between the two ranks when each computes ~1 ms of
+GEMMs between collectives, as tensor-parallel ranks do, at 64 KB and 4 MB: that busy
+link's alpha and beta replace `make bench-comm`'s idle ones for every row.
 """
 import argparse
 import json
@@ -38,9 +42,10 @@ import time
 from app.config import load_config
 from dataclasses import dataclass, replace
 
-from app.costmodel import OURS, TrainingLayout, calibrate_laptop, p2p_time, predict
+from app.costmodel import OURS, Link, TrainingLayout, calibrate_laptop, p2p_time, predict
 
 TOLERANCE = 0.15
+PROBED = ("colocated_slowdown", "busy_link")  # what make report's probe adds to each row
 REQUIRED = ("model", "mode", "dp", "tp", "pp", "schedule", "chunks", "micro_batches", "zero",
             "servers", "staleness", "ranks", "batch_size", "block_size", "step_ms")
 
@@ -115,16 +120,19 @@ def efficiency_at(pairs, rows):
     return e0 + (e1 - e0) * math.log(rows / r0) / math.log(r1 / r0)
 
 
-def cluster_for(row, cluster, fits, factors):
-    """The laptop as it ran `row`: its model's efficiency at the row's micro-batch size and
-    its model's co-location factor, where measured."""
+def cluster_for(row, cluster, fits, probes):
+    """The laptop as it ran `row`: its model's efficiency at the row's micro-batch size, and
+    its model's co-location factor and busy link (`measure_colocation`), where measured."""
     changes = {}
     if row["model"] in fits:
         fit = fits[row["model"]]
         changes["efficiency"] = efficiency_at(fit.efficiencies, model_and_layout(row)[1].rows)
         changes["step_overhead"] = fit.step_overhead
-    if row["model"] in factors:
-        changes["colocated_slowdown"] = factors[row["model"]]
+    probe = probes.get(row["model"], {})
+    if probe.get("colocated_slowdown"):
+        changes["colocated_slowdown"] = probe["colocated_slowdown"]
+    if probe.get("busy_link"):
+        changes["intra"] = changes["inter"] = Link(*probe["busy_link"])
     return replace(cluster, **changes)
 
 
@@ -171,8 +179,54 @@ def colocation_worker(args):
         idle_until_everyone_arrives()
         comm.Barrier()
         together.append(comm.allreduce(timed(lockstep=True), op=MPI.MAX))
+    costs = {n: collective_cost(comm, n, args.phases) for n in BUSY_SIZES}
     if rank == 0:
-        print(json.dumps({"alone": alone, "together": together}))
+        print(json.dumps({"alone": alone, "together": together, "collective": costs}))
+
+
+# A ring all-reduce between ranks that compute between collectives, as tensor parallelism's
+# do, costs far more than `make bench-comm`'s back-to-back ones (11 us + bytes / 7 GB/s):
+# the ranks arrive apart, the data has left the cache, the other rank's GEMMs share the
+# memory bandwidth. Two sizes give that busy link's alpha and beta.
+BUSY_SIZES = (64 * 1024, 4 * 2 ** 20)
+BUSY_ITERATIONS = 40
+
+
+def collective_cost(comm, nbytes, phases):
+    """Seconds per all-reduce of `nbytes` over `comm`'s 2 ranks, each after ~1 ms of GEMMs:
+    per phase, (GEMMs + all-reduce) - (GEMMs alone) per iteration, in alternating phases;
+    the list of phases (the slower rank's)."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from comm import ring
+
+    a = np.ones((256, 256), np.float32)
+    out, buf = np.empty_like(a), np.ones(nbytes // 4, np.float32)
+
+    def phase(reduce):
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(BUSY_ITERATIONS):
+            for _ in range(2):
+                np.matmul(a, a, out=out)
+            if reduce:
+                ring.all_reduce(comm, buf)
+        comm.Barrier()
+        return comm.allreduce(time.perf_counter() - start, op=MPI.MAX) / BUSY_ITERATIONS
+
+    phase(True)  # warm-up: the ring's plan, scratch and tags
+    return [phase(True) - phase(False) for _ in range(phases)]
+
+
+def busy_link(costs):
+    """Link(alpha, beta) from {nbytes: [seconds per all-reduce]} at two sizes, p = 2 (an
+    all-reduce there is 2 alpha + n / beta); None when noise leaves no positive pair."""
+    (n0, t0), (n1, t1) = sorted((int(n), sorted(t)[len(t) // 2]) for n, t in costs.items())
+    if t1 <= t0:
+        return None
+    bandwidth = (n1 - n0) / (t1 - t0)
+    return Link(max(0.0, (t0 - n0 / bandwidth) / 2), bandwidth)
 
 
 def colocation_batches(rows):
@@ -185,8 +239,9 @@ def colocation_batches(rows):
 
 
 def measure_colocation(models, steps=3, phases=5, timeout=300):
-    """Model name -> batch: model name -> its step's time on 2 ranks side by side over its
-    time alone, at that batch, on this machine (the median of the probe's phases)."""
+    """Model name -> batch: model name -> {"colocated_slowdown": its step's time on 2 ranks
+    side by side over its time alone, at that batch, on this machine (the median of the
+    probe's phases); "busy_link": [alpha s, beta bytes/s] of `busy_link`, or None}."""
     from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 
     env = {**os.environ, **THREAD_ENV}
@@ -203,7 +258,9 @@ def measure_colocation(models, steps=3, phases=5, timeout=300):
                              + " | ".join(out.stderr.strip().splitlines()[-3:]))
         times = json.loads(out.stdout.strip().splitlines()[-1])
         ratios = sorted(t / a for a, t in zip(times["alone"], times["together"]))
-        factors[name] = ratios[len(ratios) // 2]
+        link = busy_link(times["collective"])
+        factors[name] = {"colocated_slowdown": ratios[len(ratios) // 2],
+                         "busy_link": [link.latency, link.bandwidth] if link else None}
     return factors
 
 
@@ -215,8 +272,10 @@ def predict_row(row, cluster):
         # workers alone compute; each pushes its gradients and pulls the parameters, and
         # every worker's bytes pass through the servers' links
         gradient_bytes = prediction.memory["grads"] / (2 if row["micro_batches"] > 1 else 1)
-        exchange = 2 * p2p_time(gradient_bytes * row["dp"] / row["servers"], cluster.intra)
-        step += exchange if row["staleness"] == 0 else max(0.0, exchange - step)
+        # A server applies a clock as soon as its pushes are in, before it answers the pulls
+        # queued behind them: a single worker waits for the update whatever the staleness,
+        # which hides only other workers' lateness.
+        step += 2 * p2p_time(gradient_bytes * row["dp"] / row["servers"], cluster.intra)
     memory = sum(prediction.memory.values()) - prediction.memory["whole_model"]
     if row["mode"] == "ps":
         memory -= prediction.memory["optimizer"]  # the servers hold it
@@ -306,17 +365,20 @@ def main(argv=None):
                   f"{name} {fit.step_overhead * 1e3:.1f} ms, " + ", ".join(
                       f"{e:.2f} at {r}" for r, e in fit.efficiencies)
                   for name, fit in fits.items()))
-    factors = {}
+    probes = {}
     if not args.no_colocation:
-        factors = {row["model"]: row["colocated_slowdown"] for row in rows
-                   if row.get("colocated_slowdown")}
+        probes = {row["model"]: {key: row.get(key) for key in PROBED} for row in rows
+                  if row.get("colocated_slowdown")}
         where = "measured by make report beside the rows"
-        if not factors:
-            factors, where = measure_colocation(colocation_batches(rows)), "measured here"
-        print(f"2 ranks side by side against 1 alone ({where}): "
-              + ", ".join(f"{name} x{factor:.3f}" for name, factor in factors.items()))
+        if not probes:
+            probes, where = measure_colocation(colocation_batches(rows)), "measured here"
+        print(f"2 ranks side by side against 1 alone ({where}): " + "; ".join(
+            f"{name} x{probe['colocated_slowdown']:.3f}" + (
+                f", an all-reduce between busy ranks {probe['busy_link'][0] * 1e6:.0f} us + "
+                f"bytes / {probe['busy_link'][1] / 1e9:.2f} GB/s" if probe.get("busy_link")
+                else "") for name, probe in probes.items()))
     cores = cluster.devices_per_node
-    return 0 if check(rows, lambda row: cluster_for(row, cluster, fits, factors), cores) else 1
+    return 0 if check(rows, lambda row: cluster_for(row, cluster, fits, probes), cores) else 1
 
 
 if __name__ == "__main__":

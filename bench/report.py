@@ -21,8 +21,9 @@ skipped with the trainer's reason; a job that both kinds share runs once.
   mean: on a shared machine one disturbed step would otherwise move a 10-step row by 5% or
   more. In ps mode the logging rank is the first worker, which may run up to 2 steps (the
   staleness) ahead of the slowest. tok/s: the global batch's tokens over step ms. With
-  --rounds R (`baby`'s default: 3) every job of a config runs R times, in turn with the
-  others (every other round in reverse order), and the row is the median round's job.
+  --rounds R (defaults: `baby` 3, `small` 2) every job of a config that does not
+  oversubscribe the cores runs R times, in turn with the others (every other round in
+  reverse order), and the row is the median round's job (of two, the faster).
 - speedup: tok/s over the 1-rank run of the same table (the same config and strong batch,
   or per-rank batch); efficiency: speedup / ranks, a parameter server counted as a rank.
 - One step split: compute is the ideal share of the 1-rank step (this rank's share of the
@@ -77,13 +78,14 @@ from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 MODES = ["dp", "zero", "pp", "tp", "dp-pp", "ps", "ps-async"]
 KINDS = ("strong", "weak")
 STALENESS = 2
-STEPS = {"baby": 30, "small": 10}  # est. 12 min on 2 idle cores
+STEPS = {"baby": 30, "small": 5}  # 15 min in all on 2 cores
 OTHER_STEPS = 10
-# A baby job steps for a second: this VM's speed drifts by 20-35% within a minute (a
-# 1-rank baby step read 26.9, 32.0 and 37.0 ms in three jobs 10 s apart), so each baby row
-# is the median of 3 rounds, every round all of the config's jobs in turn. A small job
-# steps for 10-40 s, which averages the drift out: one round.
-ROUNDS = {"baby": 3}
+# This VM's speed drifts by 20-35% within a minute (a 1-rank baby step read 26.9, 32.0 and
+# 37.0 ms in three jobs 10 s apart; a small tp=2 row 1295 ms in one report, 1016 ms when
+# run again), so each row is the median of rounds, every round all of the config's jobs
+# in turn: 3 for baby, 2 (the faster) for small, whose jobs are longer. Oversubscribed
+# rows run once: they are not scaling results, and small's would take 5 minutes a round.
+ROUNDS = {"baby": 3, "small": 2}
 OTHER_ROUNDS = 1
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
@@ -216,6 +218,14 @@ def run_job(mpiexec, ranks, train_args, run_dir, timeout):
         failure = "fewer than 2 step lines"
     return {"failure": failure, "seen": seen, "state_bytes": states[-1] if states else None,
             "rss_bytes": memory.stop(), "wall": time.perf_counter() - start}
+
+
+def median_probe(probes):
+    """The co-location probes of a model's rounds (bench.costcheck.measure_colocation) as
+    one: the median factor, and the median of each of the busy link's alpha and beta."""
+    links = [p["busy_link"] for p in probes if p["busy_link"]]
+    return {"colocated_slowdown": statistics.median(p["colocated_slowdown"] for p in probes),
+            "busy_link": [statistics.median(x) for x in zip(*links)] if links else None}
 
 
 def median_round(results):
@@ -504,24 +514,27 @@ def main(argv=None):
     started = time.perf_counter()
     cases = plan_cases(args.configs, args.ranks, args.modes, args.batch, args.weak_batch)
     jobs, factors, index = {}, {}, itertools.count()
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="report-") as runs:
         for model in args.configs:
             todo = list({c.key: c for c in cases if c.model == model and not c.skipped}
                         .values())
             rounds, probes = {case.key: [] for case in todo}, []
             for r in range(rounds_of(model, args)):
-                if (os.cpu_count() or 1) >= 2 and any(n > 1 for n in args.ranks):
+                if cores >= 2 and any(n > 1 for n in args.ranks):
                     # for the cost model's check: measured beside the rows, as it drifts
                     probes.append(measure_colocation({model: args.weak_batch})[model])
                 # every other round backwards: a drift in time weighs on every row alike
-                for case in todo if r % 2 == 0 else todo[::-1]:
+                again = [case for case in todo if r == 0 or case.ranks <= cores]
+                for case in again if r % 2 == 0 else again[::-1]:
                     rounds[case.key].append(measure(case, args, runs, next(index), r))
             jobs.update({case.key: median_round(rounds[case.key]) for case in todo})
             if probes:
-                factors[model] = statistics.median(probes)
-                print(f"  {model}: 2 ranks side by side compute x{factors[model]:.3f} as long "
-                      f"as 1 alone (median of {', '.join(f'{p:.3f}' for p in probes)})",
-                      file=sys.stderr)
+                factors[model] = median_probe(probes)
+                each = ", ".join(f"{p['colocated_slowdown']:.3f}" for p in probes)
+                print(f"  {model}: 2 ranks side by side compute x"
+                      f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone (median "
+                      f"of {each})", file=sys.stderr)
         for case in cases:
             if not case.skipped:
                 case.result = jobs[case.key]
@@ -538,8 +551,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     unique = {}
     for case in measured:  # strong first: its baseline
-        unique.setdefault(case.key, {**measurement(case),
-                                     "colocated_slowdown": factors.get(case.model)})
+        unique.setdefault(case.key, {**measurement(case), **factors.get(
+            case.model, {"colocated_slowdown": None, "busy_link": None})})
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)
     elapsed = time.perf_counter() - started

@@ -212,3 +212,19 @@ def test_costcheck_recovers_the_fixed_cost_and_efficiency_of_two_one_rank_rows()
     rows[0]["step_ms"] /= 2
     fit = calibrated_on_rows(rows, replace(truth, efficiency=1.0, step_overhead=0.0))["tiny"]
     assert fit.step_overhead == 0.0 and fit.efficiencies[0][1] > 0.4 > fit.efficiencies[1][1]
+
+
+def test_the_busy_link_is_the_line_through_two_measured_all_reduce_costs():
+    from bench.costcheck import busy_link, cluster_for
+    # p = 2: an all-reduce costs 2 alpha + n / beta; alpha 50 us, beta 2 GB/s
+    costs = {str(n): [2 * 50e-6 + n / 2e9 + noise for noise in (1e-3, 0.0, -1e-3)]
+             for n in (65536, 4194304)}
+    link = busy_link(costs)
+    assert link.latency == pytest.approx(50e-6) and link.bandwidth == pytest.approx(2e9)
+    assert busy_link({"65536": [2e-3], "4194304": [1e-3]}) is None  # noise: no line
+    row = {"model": "tiny", "batch_size": 8, "block_size": 32, "dp": 1, "tp": 2, "pp": 1,
+           "schedule": "1f1b", "chunks": 1, "micro_batches": 1, "zero": 0}
+    probed = cluster_for(row, flat_cluster(), {}, {"tiny": {"colocated_slowdown": 1.2,
+                                                             "busy_link": [50e-6, 2e9]}})
+    assert probed.intra == probed.inter == Link(50e-6, 2e9)
+    assert probed.colocated_slowdown == 1.2
