@@ -21,9 +21,9 @@ skipped with the trainer's reason; a job that both kinds share runs once.
   mean: on a shared machine one disturbed step would otherwise move a 10-step row by 5% or
   more. In ps mode the logging rank is the first worker, which may run up to 2 steps (the
   staleness) ahead of the slowest. tok/s: the global batch's tokens over step ms. With
-  --rounds R (defaults: `baby` 3, `small` 2) every job of a config that does not
-  oversubscribe the cores runs R times, in turn with the others (every other round in
-  reverse order), and the row is the median round's job (of two, the faster).
+  --rounds R (defaults: `baby` 5, `small` 2) every job of a config that does not
+  oversubscribe the cores runs R times, in turn with the others (round r starting r/R of
+  the way along the list), and the row is the median round's job (of two, the faster).
 - speedup: tok/s over the 1-rank run of the same table (the same config and strong batch,
   or per-rank batch); efficiency: speedup / ranks, a parameter server counted as a rank.
 - One step split: compute is the ideal share of the 1-rank step (this rank's share of the
@@ -78,14 +78,16 @@ from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
 MODES = ["dp", "zero", "pp", "tp", "dp-pp", "ps", "ps-async"]
 KINDS = ("strong", "weak")
 STALENESS = 2
-STEPS = {"baby": 30, "small": 5}  # 15 min in all on 2 cores
+STEPS = {"baby": 20, "small": 5}  # 16 min in all on 2 cores
 OTHER_STEPS = 10
 # This VM's speed drifts by 20-35% within a minute (a 1-rank baby step read 26.9, 32.0 and
 # 37.0 ms in three jobs 10 s apart; a small tp=2 row 1295 ms in one report, 1016 ms when
 # run again), so each row is the median of rounds, every round all of the config's jobs
-# in turn: 3 for baby, 2 (the faster) for small, whose jobs are longer. Oversubscribed
-# rows run once: they are not scaling results, and small's would take 5 minutes a round.
-ROUNDS = {"baby": 3, "small": 2}
+# in turn, each round starting further along the list (reversing it instead measured one
+# job twice within seconds, at the turn): 5 for baby, 2 (the faster) for small, whose
+# jobs are longer. Oversubscribed rows run once: they are not scaling results, and
+# small's would take 5 minutes a round.
+ROUNDS = {"baby": 5, "small": 2}
 OTHER_ROUNDS = 1
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
@@ -524,9 +526,10 @@ def main(argv=None):
                 if cores >= 2 and any(n > 1 for n in args.ranks):
                     # for the cost model's check: measured beside the rows, as it drifts
                     probes.append(measure_colocation({model: args.weak_batch})[model])
-                # every other round backwards: a drift in time weighs on every row alike
+                # each round from a point further along: a drift weighs on every row alike
                 again = [case for case in todo if r == 0 or case.ranks <= cores]
-                for case in again if r % 2 == 0 else again[::-1]:
+                turn = r * len(again) // rounds_of(model, args)
+                for case in again[turn:] + again[:turn]:
                     rounds[case.key].append(measure(case, args, runs, next(index), r))
             jobs.update({case.key: median_round(rounds[case.key]) for case in todo})
             if probes:
