@@ -25,7 +25,8 @@ within an hour here) and stores it in each row; on a file without it, it is meas
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
 ranks, and each step's exchange is a push and a pull through the servers' links, then
-the servers' AdamW, which a single worker waits for even when stale (`predict_row`).
+the servers' passes over their shards and AdamW, which a single worker waits for even when
+stale, and the polling latency of both ends (`predict_row`).
 
 The probe also times a ring all-reduce between the two ranks when each computes ~1 ms of
 GEMMs between collectives, as tensor-parallel ranks do, at 64 KB and 4 MB: that busy
@@ -43,6 +44,7 @@ from app.config import load_config
 from dataclasses import dataclass, replace
 
 from app.costmodel import OURS, Link, TrainingLayout, calibrate_laptop, p2p_time, predict
+from comm.ps import MAX_POLL_PAUSE
 
 TOLERANCE = 0.15
 PROBED = ("colocated_slowdown", "busy_link")  # what make report's probe adds to each row
@@ -275,7 +277,12 @@ def predict_row(row, cluster):
         # A server applies a clock as soon as its pushes are in, before it answers the pulls
         # queued behind them: a single worker waits for the update whatever the staleness,
         # which hides only other workers' lateness.
-        step += 2 * p2p_time(gradient_bytes * row["dp"] / row["servers"], cluster.intra)
+        shard_bytes = gradient_bytes * row["dp"] / row["servers"]
+        step += 2 * p2p_time(shard_bytes, cluster.intra)
+        # Beside AdamW a server reads and writes its shard 5 times (the gradient's norm, its
+        # copy into place, the clip), and each end notices the other's message on average
+        # half a polling pause late (comm/ps.py `_poll`: its sleeps double up to 1 ms).
+        step += 5 * shard_bytes / cluster.memory_bandwidth + MAX_POLL_PAUSE
     memory = sum(prediction.memory.values()) - prediction.memory["whole_model"]
     if row["mode"] == "ps":
         memory -= prediction.memory["optimizer"]  # the servers hold it

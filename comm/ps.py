@@ -71,6 +71,9 @@ def shard_of(n: int, servers: int, s: int):
     return ring.shard_bounds(n, servers, s)
 
 
+MAX_POLL_PAUSE = 1e-3  # s: a waiting rank's sleeps double up to this
+
+
 def _poll(test, what, timeout):
     """Waits until test() is true, yielding the core between polls (MPICH's blocking calls
     spin, and servers share cores with workers)."""
@@ -83,7 +86,7 @@ def _poll(test, what, timeout):
                 time.sleep(pause)
             else:
                 os.sched_yield()
-            pause = min(max(pause * 2, 1e-5), 1e-3)
+            pause = min(max(pause * 2, 1e-5), MAX_POLL_PAUSE)
 
 
 class Server:

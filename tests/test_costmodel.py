@@ -228,3 +228,19 @@ def test_the_busy_link_is_the_line_through_two_measured_all_reduce_costs():
                                                              "busy_link": [50e-6, 2e9]}})
     assert probed.intra == probed.inter == Link(50e-6, 2e9)
     assert probed.colocated_slowdown == 1.2
+
+
+def test_a_parameter_server_step_adds_the_exchange_the_servers_passes_and_polling():
+    from bench.costcheck import model_and_layout, predict_row
+    from comm.ps import MAX_POLL_PAUSE
+    cluster = replace(flat_cluster(), intra=LINK, memory_bandwidth=1e10)
+    row = {"model": "tiny", "mode": "ring", "dp": 1, "tp": 1, "pp": 1, "schedule": "1f1b",
+           "chunks": 1, "micro_batches": 1, "zero": 0, "servers": 0, "staleness": 0,
+           "batch_size": 4, "block_size": 32}
+    alone, _ = predict_row(row, cluster)
+    for staleness in (0, 2):  # one worker waits for the update either way
+        ps = {**row, "mode": "ps", "servers": 1, "staleness": staleness}
+        step, _ = predict_row(ps, cluster)
+        grads = 4 * num_params(model_and_layout(row)[0])
+        assert step == pytest.approx(alone + 2 * p2p_time(grads, LINK) + 5 * grads / 1e10
+                                     + MAX_POLL_PAUSE)
