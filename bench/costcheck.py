@@ -9,10 +9,10 @@ and judges the target: within 15% for every configuration of 1 or 2 ranks. Rows 
 ranks than cores are marked oversubscribed and left out of the judgement; load is the
 cores' worth of CPU other processes used while the row was measured (bench/report.py).
 
-With --from-rows each model's efficiency comes from its own 1-rank rows (make report's
-batches of 12 and 3 sequences: GEMMs run faster on more rows, so a row takes the efficiency
-at its own micro-batch size, interpolated between the two), Python's per-layer overhead
-from this process's calibration.
+With --from-rows each model's efficiency and fixed cost per step come from its own 1-rank
+rows (make report's batches of 12 and 3 sequences; `calibrated_on_rows`), Python's
+per-layer overhead from this process's calibration, which runs at check time: on a busy
+machine its GEMM probe, and so the verdict, is off.
 
 Ranks that share the laptop's two cores compute slower than one rank alone: they share the
 L3 cache and memory bandwidth, and ranks that exchange every step wait for the slower. That
@@ -20,8 +20,9 @@ factor (the cluster's colocated_slowdown) is measured for each model apart from 
 judged row: `mpiexec -n 2` runs the model's 1-rank step (no communication) first on rank 0
 alone, then on both ranks with a barrier after every step, in alternating phases of a
 second or more; the factor is the median over phases of together / alone. `make report`
-measures it beside its rows (it drifts with the machine's other tenants: 1.07-1.36 for `baby`
-within an hour here) and stores it in each row; on a file without it, it is measured here.
+runs the probe before each round of a model's rows (the factor drifts with the machine's
+other tenants: 0.99-1.36 for `baby` in a day here) and stores the medians in each row; on
+a file without them, it is measured here.
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
 ranks, and each step's exchange is a push and a pull through the servers' links, then

@@ -98,13 +98,16 @@ def test_layout_matches_one_process(dp, pp, tp, options):
         name = name_of(dp, pp, tp, options)
         with verdict.guard(name):
             losses, params, _, grid = run_layout(group, dp, pp, tp, **options)
-            verdict.close(f"{name} losses", losses, ref_losses, RTOL)
-            for pname in gpt.param_shapes(CFG):
-                verdict.close(f"{name} {pname}", params[pname], ref_params[pname], RTOL,
-                              atol=1e-12)
+            close_to_reference(verdict, name, losses, params, ref_losses, ref_params)
             grid.free()
         group.Free()
     verdict.check(world)
+
+
+def close_to_reference(verdict, name, losses, params, ref_losses, ref_params):
+    verdict.close(f"{name} losses", losses, ref_losses, RTOL)
+    for pname in gpt.param_shapes(CFG):
+        verdict.close(f"{name} {pname}", params[pname], ref_params[pname], RTOL, atol=1e-12)
 
 
 @pytest.mark.mpi(min_size=4)
@@ -126,10 +129,7 @@ def test_layouts_staged_through_host_buffers_match_one_process(dp, pp, tp, optio
             with backend.forced_host_staging():
                 losses, params, _, grid = run_layout(group, dp, pp, tp, **options)
             assert backend.staged_bytes[0] > before, "nothing went through a host buffer"
-            verdict.close(f"{name} losses", losses, ref_losses, RTOL)
-            for pname in gpt.param_shapes(CFG):
-                verdict.close(f"{name} {pname}", params[pname], ref_params[pname], RTOL,
-                              atol=1e-12)
+            close_to_reference(verdict, name, losses, params, ref_losses, ref_params)
             grid.free()
         group.Free()
     verdict.check(world)
