@@ -162,6 +162,34 @@ def give_back_host_buffer(buf):
     _host_pool.setdefault((buf.dtype, buf.size), []).append(buf)
 
 
+def send_buffer(buf):
+    """What MPI sends for `buf`: buf itself, or (staged) a host copy of it from the pool,
+    which `after_transfer` gives back."""
+    if not needs_staging(buf):
+        return buf
+    host = take_host_buffer(buf.size, buf.dtype)
+    copy_to_host(buf, host)
+    return host
+
+
+def receive_buffer(buf):
+    """What MPI receives `buf` into: buf itself, or (staged) a host buffer from the pool,
+    which `after_transfer` copies into buf."""
+    return take_host_buffer(buf.size, buf.dtype) if needs_staging(buf) else buf
+
+
+def after_transfer(received=(), sent=()):
+    """Once the transfers are complete: each staged receive copied into its buffer, and
+    every staging buffer back in the pool. received, sent: [(buf, what MPI used for it)]."""
+    for buf, used in received:
+        if used is not buf:
+            copy_from_host(used, buf)
+            give_back_host_buffer(used)
+    for buf, used in sent:
+        if used is not buf:
+            give_back_host_buffer(used)
+
+
 def copy_to_host(src, out):
     """out (a 1-D host array of src.size elements) = src, from the device or the host. A
     device copy runs on the current stream, after the kernels that wrote src, and returns

@@ -17,8 +17,7 @@ import os
 from mpi4py import MPI
 
 from comm import watchdog
-from comm.backend import (copy_from_host, copy_to_host, give_back_host_buffer, needs_staging,
-                          take_host_buffer)
+from comm.backend import after_transfer, receive_buffer, send_buffer
 
 ACTIVATION, GRADIENT = 0, 1
 
@@ -32,26 +31,13 @@ def exchange(comm, sends, recvs, timeout=None, what="transfer"):
     """sends/recvs: lists of (peer rank, contiguous array, tag). Returns when all are done.
 
     `what` describes the group for the watchdog's message."""
-    landing = [(buf, take_host_buffer(buf.size, buf.dtype)) if needs_staging(buf) else (buf, None)
-               for _, buf, _ in recvs]
-    requests = [comm.Irecv(buf if host is None else host, peer, tag)
-                for (peer, _, tag), (buf, host) in zip(recvs, landing)]
-    leaving = []
-    for peer, buf, tag in sends:
-        if needs_staging(buf):
-            host = take_host_buffer(buf.size, buf.dtype)
-            copy_to_host(buf, host)
-            leaving.append(host)
-            buf = host
-        requests.append(comm.Isend(buf, peer, tag))
+    received = [(buf, receive_buffer(buf)) for _, buf, _ in recvs]
+    sent = [(buf, send_buffer(buf)) for _, buf, _ in sends]
+    requests = [comm.Irecv(used, peer, tag) for (peer, _, tag), (_, used) in zip(recvs, received)]
+    requests += [comm.Isend(used, peer, tag) for (peer, _, tag), (_, used) in zip(sends, sent)]
     if not requests:
         return
     with watchdog.waiting(what, timeout):
         while not MPI.Request.Testall(requests):
             os.sched_yield()
-    for buf, host in landing:
-        if host is not None:
-            copy_from_host(host, buf)
-            give_back_host_buffer(host)
-    for host in leaving:
-        give_back_host_buffer(host)
+    after_transfer(received, sent)

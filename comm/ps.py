@@ -55,8 +55,7 @@ import numpy as np
 from mpi4py import MPI
 
 from comm import ring, watchdog
-from comm.backend import (copy_from_host, copy_to_host, give_back_host_buffer, needs_staging,
-                          take_host_buffer)
+from comm.backend import after_transfer, receive_buffer, send_buffer
 
 TAG_PUSH, TAG_PUSH_DATA, TAG_PULL, TAG_PARAMS, TAG_PARAMS_DATA, TAG_TAKE, TAG_GIVEN, \
     TAG_STOP, TAG_SYNC = range(700, 709)
@@ -253,15 +252,12 @@ class Client:
         requests = [self.comm.Isend(wanted, s, TAG_PULL) for s in range(self.servers)]
         headers = [np.empty_like(self.info) for _ in range(self.servers)]
         requests += [self.comm.Irecv(h, s, TAG_PARAMS) for s, h in enumerate(headers)]
-        landing = [(self.flat[lo:hi], take_host_buffer(hi - lo, self.flat.dtype)
-                    if needs_staging(self.flat) else None) for lo, hi in self.bounds]
-        requests += [self.comm.Irecv(shard if host is None else host, s, TAG_PARAMS_DATA)
-                     for s, (shard, host) in enumerate(landing)]
+        received = [(shard, receive_buffer(shard))
+                    for shard in (self.flat[lo:hi] for lo, hi in self.bounds)]
+        requests += [self.comm.Irecv(used, s, TAG_PARAMS_DATA)
+                     for s, (_, used) in enumerate(received)]
         self._wait(requests, f"the servers' parameters for clock {clock}")
-        for shard, host in landing:  # staged: the device's copy is filled now
-            if host is not None:
-                copy_from_host(host, shard)
-                give_back_host_buffer(host)
+        after_transfer(received=received)
         self.bytes_sent += wanted.nbytes * self.servers
         self.version = int(min(h[0] for h in headers))
         self.info = headers[0]
@@ -271,21 +267,16 @@ class Client:
         """Sends every server its shard of `grad` (computed on `self.version`); a nonzero
         `stop_flag` asks every worker to stop (see the module docstring)."""
         header = np.array([clock, self.version, micro, loss, stop_flag], np.float64)
-        requests, sent, leaving = [], 0, []
+        requests, sent, staged = [], 0, []
         for s, (lo, hi) in enumerate(self.bounds):
             shard = grad[lo:hi]
             payload = shard if self.encode is None else self.encode(s, shard)
-            if needs_staging(payload):
-                host = take_host_buffer(payload.size, payload.dtype)
-                copy_to_host(payload, host)
-                leaving.append(host)
-                payload = host
+            staged.append((payload, send_buffer(payload)))
             requests.append(self.comm.Isend(header, s, TAG_PUSH))
-            requests.append(self.comm.Isend(payload, s, TAG_PUSH_DATA))
+            requests.append(self.comm.Isend(staged[-1][1], s, TAG_PUSH_DATA))
             sent += header.nbytes + payload.nbytes
         self._wait(requests, f"the servers to take the gradient of clock {clock}")
-        for host in leaving:
-            give_back_host_buffer(host)
+        after_transfer(sent=staged)
         self.bytes_sent += sent
 
     def take(self, clock) -> range:
