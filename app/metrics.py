@@ -1,5 +1,4 @@
 """Throughput accounting: model FLOPs, a GEMM peak probe, MFU, and the metrics.jsonl log."""
-import functools
 import json
 import time
 
@@ -21,23 +20,17 @@ def measure_gemm_gflops(xp=np, n=512, seconds=0.25, dtype=np.float32) -> float:
     b = xp.ones((n, n), dtype)
     out = xp.empty((n, n), dtype)
     xp.matmul(a, b, out=out)  # warm-up: threads, caches, cuBLAS handles
-    sync = synchronizer(xp)
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while True:
         start = time.perf_counter()
         for _ in range(4):
             xp.matmul(a, b, out=out)
-        sync()
+        synchronize(xp)
         best = min(best, (time.perf_counter() - start) / 4)
         if time.perf_counter() > deadline:
             break
     return 2 * n ** 3 / best / 1e9
-
-
-def synchronizer(xp):
-    """A function that waits for xp's queued device work (a timer must not stop before it)."""
-    return functools.partial(synchronize, xp)
 
 
 class MetricsLog:

@@ -35,7 +35,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     from app import metrics
     from app.config import load_config
     from app.parallel.engine import TrainStep
-    from comm.backend import get_xp, keep_freed_host_memory, to_host
+    from comm.backend import get_xp, keep_freed_host_memory, synchronize, to_host
     from models import gpt, kernels
 
     keep_freed_host_memory()
@@ -48,7 +48,6 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     params = gpt.init_params(mcfg, cfg.seed, xp, np.float32)
     host_init = {name: np.array(to_host(v)) for name, v in params.items()}
     train_step = TrainStep(mcfg, params, cfg)  # the trainer's own step
-    sync = metrics.synchronizer(xp)
 
     def ours(i):
         loss, _ = train_step(xp.asarray(batches[i][0]), xp.asarray(batches[i][1]), cfg.lr)
@@ -83,7 +82,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
             for s in range(steps):
                 start = time.perf_counter()
                 fn(s % len(batches))
-                sync()
+                synchronize(xp)
                 times[name].append(time.perf_counter() - start)
 
     peak = metrics.measure_gemm_gflops(xp, seconds=0.5)

@@ -48,8 +48,8 @@ class RingGroup:
         """Sums the C-contiguous x over the group in place; returns x."""
         if self.size == 1:
             return x
-        synchronize(array_module(x))  # the ring reads x at once: the writes that made it
-        # must be done
+        # the ring reads x at once: the writes that made it must be done
+        synchronize(array_module(x))
         ring.all_reduce(self.comm, x, self.segment_bytes)
         self._count("all_reduce", x)
         return x
