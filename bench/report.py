@@ -522,13 +522,14 @@ def main(argv=None):
             todo = list({c.key: c for c in cases if c.model == model and not c.skipped}
                         .values())
             rounds, probes = {case.key: [] for case in todo}, []
-            for r in range(rounds_of(model, args)):
+            n_rounds = rounds_of(model, args)
+            for r in range(n_rounds):
                 if cores >= 2 and any(n > 1 for n in args.ranks):
                     # for the cost model's check: measured beside the rows, as it drifts
                     probes.append(measure_colocation({model: args.weak_batch})[model])
                 # each round from a point further along: a drift weighs on every row alike
                 again = [case for case in todo if r == 0 or case.ranks <= cores]
-                turn = r * len(again) // rounds_of(model, args)
+                turn = r * len(again) // n_rounds
                 for case in again[turn:] + again[:turn]:
                     rounds[case.key].append(measure(case, args, runs, next(index), r))
             jobs.update({case.key: median_round(rounds[case.key]) for case in todo})
