@@ -40,12 +40,13 @@ export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 10
 export MPIR_CVAR_POSIX_POLL_FREQUENCY ?= 10
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-single test-mpi bench bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp bench-ps bench-delay plan costcheck report sentiment data clean clean-runs help
+.PHONY: setup train test test-single test-mpi bench bench-gpu bench-dp bench-comm bench-pipeline bench-checkpoint bench-tp bench-ps bench-delay plan costcheck report sentiment data clean clean-runs help
 
 help:
 	@echo "make train   - set up $(VENV), prepare the embedded corpus, train '$(CONFIG)' on $(NP) MPI ranks"
 	@echo "make test    - single-process tests, then mpirun -n $(NP) tests"
 	@echo "make bench   - model speed table (ours vs PyTorch eager if installed)"
+	@echo "make bench-gpu - GPT-2 124M on one GPU vs PyTorch eager (fp32, bf16); bf16 vs fp32 loss on small"
 	@echo "make bench-dp, make bench-comm - data-parallel scaling, ring all-reduce vs MPI"
 	@echo "make bench-checkpoint - checkpoint save/load, sharded vs one file; --save-interval cost"
 	@echo "make bench-tp - tensor parallelism of small: tp=1/2/4, sequence parallelism, bytes vs theory, memory"
@@ -112,6 +113,12 @@ test-mpi: setup
 
 bench: setup
 	$(PYTHON) -m bench.model
+
+# GPT-2 124M on one GPU against PyTorch eager (needs CuPy, a CUDA device and torch), then
+# bf16 against float32 on `small` for 1000 steps
+bench-gpu: setup $(DATA)
+	$(PYTHON) -m bench.gpu
+	$(PYTHON) -m bench.precision
 
 # Build leftovers only: runs and data are results, kept unless asked for by name.
 clean:

@@ -19,6 +19,7 @@ import numpy as np
 from app.atomic import fsync_path, replacing
 from app.errors import damaged_file, UserError
 from app.parallel.state import checkpoint_names, placement
+from app.parallel.precision import master_dtype_of
 from comm import watchdog
 from comm.backend import array_module, to_host
 from models.gpt import param_shapes
@@ -221,7 +222,7 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
         listings = comm.gather((file_name, [box for box, _ in listing]), root=0)
     if rank == 0:
         files = {name: boxes_ for name, boxes_ in listings if boxes_}
-        _write_view(tmp / VIEW, files, meta["shapes"], meta["dtype"])
+        _write_view(tmp / VIEW, files, meta["shapes"], master_dtype_of(meta["dtype"]))
         manifest = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                     "adam_t": optimizer.t, "config": meta["config"], "layout": meta["layout"],
                     "dtype": meta["dtype"], "tokenizer": meta.get("tokenizer", "bytes"),

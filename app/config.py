@@ -105,7 +105,10 @@ HELP = {
     "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
     "warmup_steps": "linear warm-up steps", "weight_decay": "AdamW decoupled decay (matrices only)",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "global-norm clip (0 = off)",
-    "seed": "seed for init and batches", "dtype": "float32 or float64",
+    "seed": "seed for init and batches",
+    "dtype": "float32, float64, or on a GPU bf16 or fp16 (mixed precision: float32 master "
+             "weights and optimizer, 16-bit activations and GEMMs; fp16 with a dynamic loss "
+             "scale)",
     "device": "cpu (NumPy) or gpu (CuPy; one GPU per rank, by local rank)",
     "cuda_aware_mpi": "gpu: whether MPI reads device memory: auto (ask the library), yes, or "
                       "no (stage every transfer through pinned host buffers)",
@@ -157,7 +160,8 @@ POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bat
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_interval",
                      "save_interval", "keep", "max_skips", "staleness", "compress_warmup",
                      "n_classes")
-CHOICES = {"dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "zero": (0, 1),
+CHOICES = {"dtype": ("float32", "float64", "bf16", "fp16"), "device": ("cpu", "gpu"),
+           "zero": (0, 1),
            "cuda_aware_mpi": ("auto", "yes", "no"),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform"),
            "recompute": ("none", "selective", "full"), "mode": ("ring", "ps"),
@@ -294,6 +298,15 @@ def validate(cfg: TrainConfig):
         bad("timeout", "a number of seconds > 0")
     if not 0 < cfg.compress_ratio <= 1:
         bad("compress_ratio", "a fraction in (0, 1]")
+    if cfg.dtype in ("bf16", "fp16"):
+        if cfg.device != "gpu":
+            raise UserError(f"config dtype = {cfg.dtype!r} needs device = 'gpu' (16-bit "
+                            f"GEMMs run on tensor cores; NumPy has none): expected dtype "
+                            f"float32 or float64 with device = {cfg.device!r}")
+        if cfg.pp > 1 or cfg.tp > 1 or cfg.mode != "ring":
+            raise UserError(f"config dtype = {cfg.dtype!r} runs with data parallelism only "
+                            f"(pp = {cfg.pp}, tp = {cfg.tp}, mode = {cfg.mode!r}): expected "
+                            "pp = 1, tp = 1 and mode 'ring', or dtype float32")
     check_config(cfg)  # the layout rules that need no world size
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "

@@ -21,15 +21,14 @@ refuses only configs that certainly cannot fit:
   pp for 1F1B, all of them for GPipe), and for a validation batch of batch_size rows.
 """
 
-import numpy as np
-
 from app.errors import UserError
+from app.parallel.precision import master_dtype_of
 
 
 def estimate_bytes(cfg, dp: int) -> int:
     """Lower bound of the peak bytes one rank needs for `cfg` on a dp x pp x tp grid."""
     from models.gpt import num_params
-    itemsize = np.dtype(cfg.dtype).itemsize
+    itemsize = master_dtype_of(cfg.dtype).itemsize
     n_params = num_params(cfg.model_config())
     stage_params = n_params / (cfg.pp * cfg.tp)  # tensor parallelism splits (nearly) all
     moments = 2 * stage_params / (dp if cfg.zero else 1)

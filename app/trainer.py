@@ -26,6 +26,7 @@ from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
 from app.evaluate import shared_validation_loss
 from app.failures import together
+from app.parallel.precision import compute_dtype_of, master_dtype_of
 from app.generate import sample
 from app.memory import check_fits
 from app.parallel import layout as layouts, ps as parameter_server
@@ -235,7 +236,8 @@ def stop_here(step, first, steps, comm, metrics_log, log):
 def make_engine(cfg, layout, xp, grid, comm, resume_from, **extra):
     """The step engine of this rank (`extra`: more StepEngine options)."""
     options = dict(extra, schedule=layout.schedule, chunks=layout.chunks,
-                   ranges=list(layout.ranges), seed=cfg.seed, dtype=np.dtype(cfg.dtype), xp=xp,
+                   ranges=list(layout.ranges), seed=cfg.seed, dtype=master_dtype_of(cfg.dtype),
+                   compute_dtype=compute_dtype_of(cfg.dtype), xp=xp,
                    timeout=cfg.timeout, sequence_parallel=layout.sequence_parallel,
                    recompute=layout.recompute)
     if layout.mode == "ps":
@@ -368,6 +370,12 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
         if step == first:  # what this layout costs, now that a step has measured it
             log(metrics.footprint_line(engine, grid.comm))
         history["loss"].append(loss)
+        if engine.skipped and engine.overflowed:  # fp16: a lower loss scale, then go on
+            metrics_log.write({"step": step, "skipped": "float16 overflow",
+                               "loss_scale": engine.mixed.scale})
+            log(f"step {step:5d}/{cfg.steps} | skipped: float16 gradients overflowed; loss "
+                f"scale lowered to {engine.mixed.scale:g}")
+            continue
         if engine.skipped:  # decided on global values: every rank is here alike
             skips += 1
             metrics_log.write({"step": step, "skipped": f"loss {loss}, gradient norm {norm}"})

@@ -106,9 +106,10 @@ class FlatParams:
         shape = self.shapes[name]
         return self.flat[start:start + int(np.prod(shape))].reshape(shape)
 
-    def like(self):
-        """A zeroed FlatParams of the same layout (for gradients or optimizer moments)."""
-        return FlatParams(self.shapes, array_module(self.flat), self.flat.dtype)
+    def like(self, dtype=None):
+        """A zeroed FlatParams of the same layout (for gradients or optimizer moments), of
+        this one's dtype unless another is given."""
+        return FlatParams(self.shapes, array_module(self.flat), dtype or self.flat.dtype)
 
     def __getitem__(self, name):
         return self.views[name]
@@ -214,7 +215,7 @@ def block_backward(grads, prefix, cache, dout):
         _, params, prefix, x, n_head, mask, tp = cache
         cache = block_forward(params, prefix, x, n_head, mask, tp)[1]
     c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp, tp = cache
-    if isinstance(c_att[0], str):  # selective: the attention core again
+    if isinstance(c_att[0], str) and c_att[0] == "recompute":  # selective: the core again
         _, qkv, heads, mask = c_att
         c_att = layers.attention_forward(qkv, heads, mask)[1]
 
@@ -299,10 +300,10 @@ def _lm_loss_forward(wte, h, targets, tp, vocab_start, vocab_size):
                    else parallel.copy_forward)(h, tp.group)
     B, T, C = h.shape
     h2 = h.reshape(B * T, C)
-    logits_t = wte @ h2.T  # (V, B*T), class-major
     if tp.size == 1:
-        loss, c_loss = layers.softmax_cross_entropy_forward(logits_t, targets.reshape(-1))
+        loss, c_loss = layers.lm_loss_forward(wte, h2, targets.reshape(-1))
     else:
+        logits_t = wte @ h2.T  # (V, B*T), class-major
         loss, c_loss = parallel.vocab_cross_entropy_forward(
             logits_t, targets.reshape(-1), vocab_start, vocab_size, tp.group)
     return loss, (h2, c_loss, wte, (B, T, C), tp, c_in)
@@ -313,9 +314,9 @@ def _lm_loss_backward(grads, cache, dloss):
     h2, c_loss, wte, h_shape, tp, c_in = cache
     xp = array_module(h2)
     if tp.size == 1:
-        dlogits_t, _ = layers.softmax_cross_entropy_backward(c_loss, dloss)  # (V, B*T)
-    else:
-        dlogits_t, _ = parallel.vocab_cross_entropy_backward(c_loss, dloss)
+        dh, _ = layers.lm_loss_backward(c_loss, dloss, {"wte": grads["wte"]})
+        return dh.reshape(h_shape)
+    dlogits_t, _ = parallel.vocab_cross_entropy_backward(c_loss, dloss)
     xp.matmul(dlogits_t, h2, out=grads["wte"])
     dh = (dlogits_t.T @ wte).reshape(h_shape)  # (B*T, C): a partial sum under tp
     if tp.size > 1:

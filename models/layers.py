@@ -16,7 +16,10 @@ import math
 import numpy as np
 
 from comm.backend import array_module
-from models import kernels
+from models import gpu_kernels, kernels
+
+# Marks a cache built by a fused GPU kernel (models/gpu_kernels.py): its backward is too.
+FUSED_GPU = "fused-gpu"
 
 # --------------------------------------------------------------------------- embedding
 
@@ -46,8 +49,12 @@ def embedding_backward(cache, dout, grads=None):
 def _scatter_add(xp, target, rows, values):
     """target[rows[i]] += values[i], repeated rows accumulating."""
     if xp is not np:
-        import cupyx
-        cupyx.scatter_add(target, rows, values)
+        if target.dtype.itemsize < 4:  # 16-bit sums of many repeated tokens lose too much
+            wide = target.astype(np.float32)
+            xp.add.at(wide, rows, values.astype(np.float32))
+            target[...] = wide
+        else:
+            xp.add.at(target, rows, values)
         return
     # Sort, then sum each run of equal ids: 2-3x faster than the unbuffered np.add.at.
     order = np.argsort(rows, kind="stable")
@@ -64,6 +71,9 @@ def layernorm_forward(weight, bias, x, eps=1e-5):
     xp = array_module(x)
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
+    if gpu_kernels.enabled_for(x2, weight, bias):
+        out, mean, rstd = gpu_kernels.layernorm_forward(weight, bias, x2, eps)
+        return out.reshape(x.shape), (FUSED_GPU, x2, weight, mean, rstd)
     if kernels.enabled_for(x2, weight, bias):
         x2 = np.ascontiguousarray(x2)
         out, xhat, rstd = np.empty_like(x2), np.empty_like(x2), np.empty(len(x2), x.dtype)
@@ -85,8 +95,17 @@ def layernorm_forward(weight, bias, x, eps=1e-5):
 
 def layernorm_backward(cache, dout, grads=None):
     """dout (...,C) -> dx (...,C), {weight, bias}: (C,)."""
-    xhat, rstd, weight = cache
     xp = array_module(dout)
+    if cache[0] is FUSED_GPU:
+        _, x2, weight, mean, rstd = cache
+        C = x2.shape[1]
+        if grads is None:
+            grads = {"weight": xp.empty(C, dout.dtype), "bias": xp.empty(C, dout.dtype)}
+        dx = gpu_kernels.layernorm_backward(x2, weight, mean, rstd,
+                                            xp.ascontiguousarray(dout.reshape(-1, C)),
+                                            grads["weight"], grads["bias"])
+        return dx.reshape(dout.shape), grads
+    xhat, rstd, weight = cache
     N, C = xhat.shape
     d2 = dout.reshape(N, C)
     if grads is None:
@@ -166,6 +185,8 @@ def gelu_forward(x):
     here while each chunk of x and t is still in cache, and cached instead of t: backward
     is then a single multiply instead of a dozen passes over data long gone from cache.
     """
+    if gpu_kernels.enabled_for(x):  # recomputes the slope in backward: one pass fewer here
+        return gpu_kernels.gelu_forward(x), (FUSED_GPU, x)
     xp = array_module(x)
     out = xp.empty_like(x)
     slope = xp.empty_like(x)
@@ -196,6 +217,8 @@ def gelu_forward(x):
 
 def gelu_backward(cache, dout):
     """dout (...) -> dx (...) = dout * gelu'(x), the slope cached by forward."""
+    if isinstance(cache, tuple):
+        return gpu_kernels.gelu_backward(cache[1], array_module(dout).ascontiguousarray(dout)), {}
     return dout * cache, {}
 
 
@@ -234,6 +257,9 @@ def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
     Scores are kept transposed, (B,H,key,query), so the softmax reduces over axis -2: NumPy
     reduces across rows several times faster than along them. BLAS takes transposes free.
     """
+    if gpu_kernels.enabled_for(qkv):
+        y, cache = gpu_kernels.attention_forward(qkv, n_head)
+        return y, (FUSED_GPU, cache)
     xp = array_module(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
@@ -265,6 +291,8 @@ def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
 
 def attention_backward(cache, dout):
     """dout (B,T,C) -> d_qkv (B,T,3C)."""
+    if cache[0] is FUSED_GPU:
+        return gpu_kernels.attention_backward(cache[1], dout), {}
     q, k, v, blocks = cache  # q is pre-scaled by 1/sqrt(D); each att is (B,H,keys,queries)
     xp = array_module(dout)
     B, H, T, D = q.shape
@@ -296,11 +324,44 @@ def attention_backward(cache, dout):
 # --------------------------------------------------------------------------- loss
 
 
+def lm_loss_forward(wte, h2, targets):
+    """(V,C) tied embedding, (N,C) final hidden states, (N,) ids -> mean cross-entropy of
+    the logits h2 wte^T. Class-major (V,N) logits on the CPU, where reductions across rows
+    are fastest; row-major (N,V) on a GPU, one fused kernel per token row."""
+    if gpu_kernels.enabled_for(wte, h2):
+        logits = h2 @ wte.T
+        loss = gpu_kernels.cross_entropy_forward(logits, targets)
+        return loss, (FUSED_GPU, logits, h2, wte)  # logits now hold softmax - onehot
+    loss, c_loss = softmax_cross_entropy_forward(wte @ h2.T, targets)
+    return loss, (None, c_loss, h2, wte)
+
+
+def lm_loss_backward(cache, dloss, grads=None):
+    """scalar dloss -> dh2 (N,C), {wte: (V,C)} (overwritten: the embedding adds its share)."""
+    fused, c_loss, h2, wte = cache
+    xp = array_module(h2)
+    if grads is None:
+        grads = {"wte": xp.empty_like(wte)}
+    if fused is FUSED_GPU:  # dloss / N scales the two small GEMM outputs, not (N,V) logits
+        scale = dloss / h2.shape[0]
+        xp.matmul(c_loss.T, h2, out=grads["wte"])
+        grads["wte"] *= scale
+        dh = c_loss @ wte
+        dh *= scale
+        return dh, grads
+    dlogits_t, _ = softmax_cross_entropy_backward(c_loss, dloss)  # (V,N)
+    dlogits_t = dlogits_t.astype(h2.dtype, copy=False)
+    xp.matmul(dlogits_t, h2, out=grads["wte"])
+    return dlogits_t.T @ wte, grads
+
+
 def softmax_cross_entropy_forward(logits_t, targets):
     """(V,N) class-major logits, (N,) int -> scalar mean over the N tokens of
     -log softmax(logits)[target]. Class-major so that the reductions run across rows."""
     xp = array_module(logits_t)
     V, N = logits_t.shape
+    if logits_t.dtype.itemsize < 4:  # 16-bit logits: the loss and its softmax in float32
+        logits_t = logits_t.astype(np.float32)
     probs = logits_t - logits_t.max(axis=0)
     xp.exp(probs, out=probs)
     probs /= _filled(xp, V, 1.0, probs.dtype) @ probs

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from comm.backend import array_module, to_host
-from models import kernels
+from models import gpu_kernels, kernels
 
 
 def decay_mask(flat_params, is_decayed, xp=np):
@@ -76,6 +76,10 @@ class AdamW:
     def _adam(self, p, g, m, v, lr):
         xp = array_module(p)
         b1, b2 = self.beta1, self.beta2
+        if gpu_kernels.enabled_for(p, g, m, v):
+            gpu_kernels.adam(p, g, m, v, b1, b2, lr / (1.0 - b1 ** self.t),
+                             1.0 / math.sqrt(1.0 - b2 ** self.t), self.eps)
+            return
         if kernels.enabled_for(p, g, m, v):
             kernels.adam(p, g, m, v, b1, b2, lr / (1.0 - b1 ** self.t),
                          1.0 / math.sqrt(1.0 - b2 ** self.t), self.eps)

@@ -263,7 +263,7 @@ BAD_VALUES = (
         ("weight_decay", -0.1, "a number >= 0"),
         ("weight_decay", math.nan, "a number >= 0"),
         ("grad_clip", -1.0, "a number >= 0"),
-        ("dtype", "float16", "one of float32, float64"),
+        ("dtype", "float16", "one of float32, float64, bf16, fp16"),
         ("device", "tpu", "one of cpu, gpu"),
         ("n_classes", -1, "an integer >= 0"),
         ("pool", "max", "one of last, mean"),
@@ -309,3 +309,17 @@ def test_model_config_matches():
     cfg = load_config("tiny")
     m = cfg.model_config()
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (2, 2, 32, 32, 256)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_16_bit_training_is_refused_on_the_cpu(dtype):
+    with pytest.raises(UserError, match=rf"dtype = '{dtype}' needs device = 'gpu'.*expected "
+                                        r"dtype float32 or float64 with device = 'cpu'"):
+        make_config({"dtype": dtype})
+
+
+@pytest.mark.parametrize("layout", [{"pp": 2}, {"tp": 2}, {"mode": "ps"}])
+def test_16_bit_training_runs_with_data_parallelism_only(layout):
+    with pytest.raises(UserError, match=r"dtype = 'bf16' runs with data parallelism only.*"
+                                        r"expected pp = 1, tp = 1 and mode 'ring'"):
+        make_config({"dtype": "bf16", "device": "gpu", **layout})

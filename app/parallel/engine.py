@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.parallel.interpreter import Interpreter
+from app.parallel.precision import MixedPrecision
 from app.parallel.partition import uniform
 from app.parallel.schedules import gpipe, interleaved_1f1b, one_f_one_b
 from comm import ring, watchdog
@@ -86,14 +87,17 @@ class StepEngine:
     def __init__(self, model_cfg, options, comms=Comms(), *, schedule="1f1b", chunks=1,
                  ranges=None, params=None, seed=0, dtype=np.float64, xp=np, timeout=None,
                  sequence_parallel=False, recompute="none", data_shards=None,
-                 local_optimizer=True, compressor=None, lr_scales=None):
+                 local_optimizer=True, compressor=None, lr_scales=None, compute_dtype=None,
+                 mixed_options=None):
         """options: a TrainConfig (micro_batches, grad_clip, betas, weight_decay, bucket_mb,
         zero, overlap). `params`: this rank's FlatParams, updated in place (default: built
         here, with the values the whole model is initialised with). `data_shards`: the
         slices the global batch is cut into (default dp; a parameter server's workers);
         without `local_optimizer` the update is a subclass's (app/parallel/ps.py);
         `compressor` (comm/compress.py) compresses the data-parallel reduction; `lr_scales`:
-        name -> learning-rate factor of that tensor (a fine-tuned classifier's head)."""
+        name -> learning-rate factor of that tensor (a fine-tuned classifier's head);
+        `compute_dtype`: the dtype the model runs in, when not the parameters' (mixed
+        precision, app/parallel/precision.py; `mixed_options`: MixedPrecision's)."""
         self.cfg, self.options, self.comms = model_cfg, options, comms
         self.timeout, self.recompute = timeout, recompute
         self.dp, self.p, self.tp_size = _size(comms.dp), _size(comms.pp), _size(comms.tp)
@@ -107,7 +111,18 @@ class StepEngine:
         xp, dtype = array_module(params.flat), params.flat.dtype
         self.params = params
         self.grads = params.like()
-        self.scratch = params.like() if options.micro_batches > 1 else None
+        self.mixed = None
+        if compute_dtype is not None and np.dtype(compute_dtype) != dtype:
+            if self.p > 1 or self.tp_size > 1:
+                raise ValueError(f"mixed precision ({np.dtype(compute_dtype)}) runs with data "
+                                 f"parallelism only: expected pp = tp = 1, got pp = {self.p}, "
+                                 f"tp = {self.tp_size}")
+            self.mixed = MixedPrecision(params, compute_dtype, **(mixed_options or {}))
+            dtype = np.dtype(compute_dtype)
+        # the model's weights: the 16-bit copy under mixed precision, else the parameters
+        self.model_params = self.mixed.params if self.mixed else params
+        self.overflowed = False  # the last step was skipped for a float16 overflow
+        self.scratch = params.like() if options.micro_batches > 1 and not self.mixed else None
         self.program = make_program(schedule, self.p, options.micro_batches, chunks,
                                     self.stage)
         group = RingGroup(comms.tp) if comms.tp is not None else parallel.SOLO
@@ -163,6 +178,8 @@ class StepEngine:
             self.tp.group.reset_bytes()
         if self.reducer:
             self.reducer.begin_step()
+        if self.mixed:
+            self.mixed.cast_params()
         pp_bytes = self.interpreter.run(xs, ys)
         self.bytes_sent = {"dp": self.reducer.bytes_per_step() if self.reducer else 0,
                            "pp": pp_bytes + self._tied_bytes(),
@@ -170,7 +187,7 @@ class StepEngine:
         return self.result
 
     def forward(self, chunk, inp, targets):
-        return gpt.stage_forward(self.params, self.cfg, self.specs[chunk], inp, targets,
+        return gpt.stage_forward(self.model_params, self.cfg, self.specs[chunk], inp, targets,
                                  self.mask, self.tp, self.recompute)
 
     def record_loss(self, loss):
@@ -183,10 +200,12 @@ class StepEngine:
         done = self.backwards_done[chunk]
         self.backwards_done[chunk] += 1
         first, last = done == 0, done == M - 1
-        target = self.grads if first else self.scratch
+        target = self.mixed.grads if self.mixed else self.grads if first else self.scratch
 
         def on_ready(names):
-            if not first:
+            if self.mixed:
+                self.mixed.collect(self.grads, names, first)
+            elif not first:
                 for name in names:
                     accumulated = self.grads[name]
                     accumulated += self.scratch[name]
@@ -194,7 +213,7 @@ class StepEngine:
                 # the tied wte waits for the other stage's share (reduce_grads)
                 self.reducer.ready([n for n in names if not (n == "wte" and self.tied_active)])
 
-        dloss = 1.0 / (M * self.shards)
+        dloss = (self.mixed.scale if self.mixed else 1.0) / (M * self.shards)
         return gpt.stage_backward(self.specs[chunk], cache, target,
                                   dloss if upstream is None else upstream, on_ready)
 
@@ -218,6 +237,9 @@ class StepEngine:
         # Both are global: every rank skips a non-finite step alike, leaving parameters and
         # moments as they were.
         self.skipped = not (math.isfinite(loss) and math.isfinite(norm))
+        # a finite loss with an infinite norm is a float16 overflow: a lower scale, no harm
+        self.overflowed = bool(self.mixed and self.mixed.update_scale(not self.skipped)
+                               and math.isfinite(loss))
         if not self.skipped:
             self.optimizer.step(self.grads.flat, self.lr)
             if self.reducer and self.options.zero:
