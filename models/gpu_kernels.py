@@ -98,25 +98,16 @@ __device__ __forceinline__ acc_t warp_max(acc_t v) {
     for (int o = 16; o > 0; o >>= 1) v = FMAX(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-// Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread
-// gets the result. `shared` holds 32 values.
-__device__ acc_t block_sum(acc_t v, acc_t* shared) {
+// Sum (or max) over a block of blockDim.x threads (a multiple of 32, at most 1024); every
+// thread gets the result. `shared` holds 32 values.
+__device__ acc_t block_reduce(acc_t v, acc_t* shared, bool is_max) {
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    v = warp_sum(v);
+    v = is_max ? warp_max(v) : warp_sum(v);
     __syncthreads();
     if (lane == 0) shared[warp] = v;
     __syncthreads();
-    v = lane < warps ? shared[lane] : (acc_t)0;
-    return warp_sum(v);
-}
-__device__ acc_t block_max(acc_t v, acc_t* shared) {
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    v = shared[lane < warps ? lane : 0];
-    return warp_max(v);
+    v = lane < warps ? shared[lane] : is_max ? shared[0] : (acc_t)0;
+    return is_max ? warp_max(v) : warp_sum(v);
 }
 #define GRID_STRIDE(i, n) \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
@@ -251,10 +242,10 @@ extern "C" __global__ void cross_entropy_forward(T* logits, const long long* tar
     T* z = logits + row * V;
     acc_t mx = load(z[0]);
     for (int j = threadIdx.x; j < V; j += blockDim.x) mx = FMAX(mx, load(z[j]));
-    mx = block_max(mx, shared);
+    mx = block_reduce(mx, shared, true);
     acc_t s = 0;
     for (int j = threadIdx.x; j < V; j += blockDim.x) s += EXP(load(z[j]) - mx);
-    s = block_sum(s, shared);
+    s = block_reduce(s, shared, false);
     long long t = targets[row];
     acc_t picked = load(z[t]);
     __syncthreads();  // every thread has read z[t] before anyone overwrites it

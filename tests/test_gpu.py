@@ -112,57 +112,48 @@ def layer_runs(dtype):
             "lm_loss": (lm_loss, [(300, 24), (40, 24), "targets"])}
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("layer", ["layernorm", "gelu", "attention", "attention-blocks",
-                                   "lm_loss"])
-def test_fused_gpu_layer_equals_numpy(layer, dtype, monkeypatch):
-    import cupy
-
-    from models import gpu_kernels
-    if layer == "attention-blocks":  # 70 queries in blocks of 32, 32 and 6
-        monkeypatch.setattr(gpu_kernels, "ATTENTION_QUERY_BLOCK", 32)
-        layer = "attention"
-    fn, shapes = layer_runs(dtype)[layer]
-    rng = np.random.default_rng(4)
-    host, dev = [], []
-    for shape in shapes:
-        if shape == "targets":
-            t = rng.integers(0, 300, 40)
-            host.append(t)
-            dev.append(cupy.asarray(t))
-        else:
-            h, d = pair(shape, rng, dtype)
-            host.append(h)
-            dev.append(d)
-    assert gpu_kernels.enabled_for(dev[0])  # the fused path, not CuPy's array forms
-    for got, ref in zip(fn(*dev), fn(*host)):
-        close(got, ref, TOLERANCE[dtype])
-
-
-@pytest.mark.parametrize("layer", ["layernorm", "gelu", "attention", "attention-blocks",
-                                   "lm_loss"])
-def test_bfloat16_layers_track_float32(layer, monkeypatch):
+def layer_inputs(layer, dtype, seed, monkeypatch, device_dtype=None):
+    """-> (the layer's run function, its NumPy inputs, the same on the GPU in
+    `device_dtype`); "attention-blocks" is attention with 70 queries in blocks of 32, 32, 6."""
     import cupy
 
     from models import gpu_kernels
     if layer == "attention-blocks":
         monkeypatch.setattr(gpu_kernels, "ATTENTION_QUERY_BLOCK", 32)
         layer = "attention"
-    if gpu_kernels.BFLOAT16 is None:
-        pytest.skip("no ml_dtypes: CuPy has no bfloat16")
-    fn, shapes = layer_runs(np.float32)[layer]
-    rng = np.random.default_rng(5)
+    fn, shapes = layer_runs(dtype)[layer]
+    rng = np.random.default_rng(seed)
     host, dev = [], []
     for shape in shapes:
         if shape == "targets":
-            t = rng.integers(0, 300, 40)
-            host.append(t)
-            dev.append(cupy.asarray(t))
-        else:
-            h, _ = pair(shape, rng, np.float32)
-            h = h.astype(gpu_kernels.BFLOAT16).astype(np.float32)  # the same rounded inputs
-            host.append(h)
-            dev.append(cupy.asarray(h).astype(gpu_kernels.BFLOAT16))
+            h = rng.integers(0, 300, 40)
+        else:  # rounded to the device dtype first: both sides see the same numbers
+            h = pair(shape, rng, dtype)[0].astype(device_dtype or dtype).astype(dtype)
+        host.append(h)
+        dev.append(cupy.asarray(h) if shape == "targets" or device_dtype is None
+                   else cupy.asarray(h).astype(device_dtype))
+    return fn, host, dev
+
+
+LAYERS = ["layernorm", "gelu", "attention", "attention-blocks", "lm_loss"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_fused_gpu_layer_equals_numpy(layer, dtype, monkeypatch):
+    from models import gpu_kernels
+    fn, host, dev = layer_inputs(layer, dtype, 4, monkeypatch)
+    assert gpu_kernels.enabled_for(dev[0])  # the fused path, not CuPy's array forms
+    for got, ref in zip(fn(*dev), fn(*host)):
+        close(got, ref, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_bfloat16_layers_track_float32(layer, monkeypatch):
+    from models import gpu_kernels
+    if gpu_kernels.BFLOAT16 is None:
+        pytest.skip("no ml_dtypes: CuPy has no bfloat16")
+    fn, host, dev = layer_inputs(layer, np.float32, 5, monkeypatch, gpu_kernels.BFLOAT16)
     for got, ref in zip(fn(*dev), fn(*host)):
         assert got.dtype in (gpu_kernels.BFLOAT16, np.float32)
         close(got.astype(np.float32), ref, 3e-2)
