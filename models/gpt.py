@@ -198,12 +198,12 @@ def block_forward(params, prefix, x, n_head, mask, tp=UNSPLIT, recompute="none")
     if recompute == "selective":
         c_att = ("recompute", qkv, n_head // tp.size, mask)
     a, c_proj = _linear_forward("row", p("attn.c_proj.weight"), p("attn.c_proj.bias"), a, tp)
-    a += x  # residual, in place in the fresh projection output
+    layers.add_into(a, x)  # residual, in place in the fresh projection output
     h, c_ln2 = layers.layernorm_forward(p("ln_2.weight"), p("ln_2.bias"), a)
     h, c_fc = _linear_forward("column", p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), h, tp)
     h, c_gelu = layers.gelu_forward(h)
     out, c_mlp = _linear_forward("row", p("mlp.c_proj.weight"), p("mlp.c_proj.bias"), h, tp)
-    out += a
+    layers.add_into(out, a)
     if recompute == "full":
         return out, ("recompute", params, prefix, x, n_head, mask, tp)
     return out, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp, tp)
@@ -226,12 +226,12 @@ def block_backward(grads, prefix, cache, dout):
     dh, _ = layers.gelu_backward(c_gelu, dh)
     dh = _linear_backward("column", tp, c_fc, dh, g("mlp.c_fc.weight", "mlp.c_fc.bias"))
     da, _ = layers.layernorm_backward(c_ln2, dh, g("ln_2.weight", "ln_2.bias"))
-    da += dout  # residual
+    layers.add_into(da, dout)  # residual
     dh = _linear_backward("row", tp, c_proj, da, g("attn.c_proj.weight", "attn.c_proj.bias"))
     dh, _ = layers.attention_backward(c_att, dh)
     dh = _linear_backward("column", tp, c_qkv, dh, g("attn.c_attn.weight", "attn.c_attn.bias"))
     dx, _ = layers.layernorm_backward(c_ln1, dh, g("ln_1.weight", "ln_1.bias"))
-    dx += da
+    layers.add_into(dx, da)
     _sum_partial_grads(tp, [grads[prefix + name] for name in SEQUENCE_PARTIAL])
     return dx
 

@@ -216,7 +216,9 @@ extern "C" __global__ void causal_softmax_forward(T* att, long long rows, int Tq
         a[j] = store(j <= q ? EXP((load(a[j]) - mx) * scale) * inv : (acc_t)0);
 }
 
-// d(scores) = scale * p (dp - sum_j dp_j p_j), in place in dp; 0 where masked.
+// d(scores) = scale * p (dp - sum_j dp_j p_j), in place in dp; 0 where masked. Rows of up
+// to 32 * ROW_REGS keys are read once into registers (two passes over memory cost 2x here).
+#define ROW_REGS 32
 extern "C" __global__ void causal_softmax_backward(T* datt, const T* att, long long rows,
         int Tq, int Tk, int q0, acc_t scale) {
     long long row = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
@@ -226,6 +228,23 @@ extern "C" __global__ void causal_softmax_backward(T* datt, const T* att, long l
     T* d = datt + row * Tk;
     const T* p = att + row * Tk;
     acc_t dot = 0;
+    if (Tk <= 32 * ROW_REGS) {
+        acc_t pr[ROW_REGS], dr[ROW_REGS];
+#pragma unroll
+        for (int k = 0; k < ROW_REGS; ++k) {
+            int j = lane + 32 * k;
+            pr[k] = 0;
+            dr[k] = 0;
+            if (j <= q) { pr[k] = load(p[j]); dr[k] = load(d[j]); dot += pr[k] * dr[k]; }
+        }
+        dot = warp_sum(dot);
+#pragma unroll
+        for (int k = 0; k < ROW_REGS; ++k) {
+            int j = lane + 32 * k;
+            if (j < Tk) d[j] = store(j <= q ? scale * pr[k] * (dr[k] - dot) : (acc_t)0);
+        }
+        return;
+    }
     for (int j = lane; j <= q; j += 32) dot += load(d[j]) * load(p[j]);
     dot = warp_sum(dot);
     for (int j = lane; j < Tk; j += 32)
@@ -254,6 +273,76 @@ extern "C" __global__ void cross_entropy_forward(T* logits, const long long* tar
         z[j] = store(EXP(load(z[j]) - mx) * inv - (j == t ? (acc_t)1 : (acc_t)0));
     if (threadIdx.x == 0) losses[row] = LOG(s) + mx - picked;
 }
+
+#if defined(F16) || defined(BF16)
+// a += b for 16-bit arrays, 4 elements (8 bytes) a thread; b repeats every b4 vectors (a
+// bias broadcast over rows), or b4 = n4 (a residual). CuPy's own 16-bit add reads and
+// writes 2 bytes at a time: a third of the memory bandwidth.
+extern "C" __global__ void add4(T* a, const T* b, long long n4, long long b4) {
+    GRID_STRIDE(i, n4) {
+        uint2 va = reinterpret_cast<uint2*>(a)[i];
+        uint2 vb = reinterpret_cast<const uint2*>(b)[i % b4];
+        T* ea = reinterpret_cast<T*>(&va);
+        const T* eb = reinterpret_cast<const T*>(&vb);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) ea[k] = store(load(ea[k]) + load(eb[k]));
+        reinterpret_cast<uint2*>(a)[i] = va;
+    }
+}
+
+// Head layouts, 4 elements (8 bytes) a thread, D % 4 == 0. Index i runs over (B,T,[3,]H,D/4)
+// in order, so reads (or writes) on that side are coalesced, and the other side moves runs
+// of D/4 vectors. CuPy's strided 16-bit copies cost 6 ms a GPT-2 step, these about a third.
+__device__ __forceinline__ long long heads_index(long long i, int Tn, int H, int D4,
+                                                 int parts, int* part) {
+    int d4 = (int)(i % D4); i /= D4;
+    int h = (int)(i % H); i /= H;
+    *part = (int)(i % parts); i /= parts;
+    int t = (int)(i % Tn);
+    long long b = i / Tn;
+    return ((b * H + h) * Tn + t) * D4 + d4;
+}
+
+// qkv (B,T,3,H,D) -> q, k, v (B*H,T,D)
+extern "C" __global__ void split_qkv4(const T* qkv, T* q, T* k, T* v, long long n4, int Tn,
+        int H, int D4) {
+    GRID_STRIDE(i, n4) {
+        int part;
+        long long j = heads_index(i, Tn, H, D4, 3, &part);
+        T* out = part == 0 ? q : part == 1 ? k : v;
+        reinterpret_cast<uint2*>(out)[j] = reinterpret_cast<const uint2*>(qkv)[i];
+    }
+}
+
+// (B,T,H,D) <-> (B*H,T,D): to_heads 1 reads the first, 0 writes it
+extern "C" __global__ void transpose_heads4(const T* src, T* dst, long long n4, int Tn,
+        int H, int D4, int to_heads) {
+    GRID_STRIDE(i, n4) {
+        int part;
+        long long j = heads_index(i, Tn, H, D4, 1, &part);
+        if (to_heads) reinterpret_cast<uint2*>(dst)[j] = reinterpret_cast<const uint2*>(src)[i];
+        else reinterpret_cast<uint2*>(dst)[i] = reinterpret_cast<const uint2*>(src)[j];
+    }
+}
+
+// dq (B*H,T,D) and the float32 sums dk, dv -> d(qkv) (B,T,3,H,D)
+extern "C" __global__ void merge_qkv_grads4(const T* dq, const float* dk, const float* dv,
+        T* out, long long n4, int Tn, int H, int D4) {
+    GRID_STRIDE(i, n4) {
+        int part;
+        long long j = heads_index(i, Tn, H, D4, 3, &part);
+        if (part == 0) {
+            reinterpret_cast<uint2*>(out)[i] = reinterpret_cast<const uint2*>(dq)[j];
+        } else {
+            float4 f = reinterpret_cast<const float4*>(part == 1 ? dk : dv)[j];
+            uint2 o;
+            T* e = reinterpret_cast<T*>(&o);
+            e[0] = store(f.x); e[1] = store(f.y); e[2] = store(f.z); e[3] = store(f.w);
+            reinterpret_cast<uint2*>(out)[i] = o;
+        }
+    }
+}
+#endif
 
 // AdamW's Adam part on a master-weight range (decay is applied before, as on the CPU):
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= step * m / (sqrt(v) inv_sqrt_bc2 + eps).
@@ -312,6 +401,24 @@ def gelu_backward(x, dy):
     fn, _ = _kernel("gelu_backward", x.dtype)
     fn(*_elementwise_grid(x.size), (x, dy, dx, np.int64(x.size)))
     return dx
+
+
+# --------------------------------------------------------------------------- adds
+
+
+def add_into(a, b):
+    """a += b in place for 16-bit CuPy arrays, b of a's size or a row (a bias) -> True, or
+    False where it does not apply (other dtypes, odd sizes): the caller adds as usual."""
+    if not (ENABLED and isinstance(a, cupy.ndarray) and isinstance(b, cupy.ndarray)
+            and a.dtype == b.dtype and a.dtype.itemsize == 2 and a.dtype in _TYPE_NAMES
+            and a.flags.c_contiguous and b.flags.c_contiguous
+            and a.size % 4 == 0 and b.size % 4 == 0 and a.size % b.size == 0
+            and (b.size == a.size or b.shape == a.shape[-1:])
+            and a.data.ptr % 8 == 0 and b.data.ptr % 8 == 0):
+        return False
+    fn, _ = _kernel("add4", a.dtype)
+    fn(*_elementwise_grid(a.size // 4), (a, b, np.int64(a.size // 4), np.int64(b.size // 4)))
+    return True
 
 
 # --------------------------------------------------------------------------- LayerNorm
@@ -430,8 +537,15 @@ def attention_forward(qkv, n_head):
     B, T, C3 = qkv.shape
     C = C3 // 3
     H, D = n_head, C // n_head
-    heads = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # (3,B,H,T,D)
-    q, k, v = (cupy.ascontiguousarray(heads[i]).reshape(B * H, T, D) for i in range(3))
+    if _vector_heads(qkv, D):
+        q, k, v = (cupy.empty((B * H, T, D), qkv.dtype) for _ in range(3))
+        n4 = qkv.size // 4
+        fn, _ = _kernel("split_qkv4", qkv.dtype)
+        fn(*_elementwise_grid(n4), (qkv, q, k, v, np.int64(n4), np.int32(T), np.int32(H),
+                                    np.int32(D // 4)))
+    else:
+        heads = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # (3,B,H,T,D)
+        q, k, v = (cupy.ascontiguousarray(heads[i]).reshape(B * H, T, D) for i in range(3))
     scale = 1.0 / math.sqrt(D)
     y = cupy.empty((B * H, T, D), qkv.dtype)
     blocks = []
@@ -441,16 +555,45 @@ def attention_forward(qkv, n_head):
         causal_softmax_forward(att, scale, start)
         batched_matmul(att, v[:, :stop], out=y[:, start:stop])
         blocks.append((start, stop, att))
-    y = cupy.ascontiguousarray(y.reshape(B, H, T, D).transpose(0, 2, 1, 3)).reshape(B, T, C)
-    return y, (q, k, v, blocks, scale, (B, T, H, D))
+    return _from_heads(y, B, T, H, D).reshape(B, T, C), (q, k, v, blocks, scale, (B, T, H, D))
+
+
+def _vector_heads(x, D):
+    """Whether the 16-bit head-layout kernels apply (8-byte vectors of 4 elements)."""
+    return (x.dtype.itemsize == 2 and D % 4 == 0 and x.flags.c_contiguous
+            and x.data.ptr % 8 == 0)
+
+
+def _to_heads(x, B, T, H, D):
+    """(B,T,H*D) -> (B*H,T,D), contiguous."""
+    if not _vector_heads(x, D):
+        return cupy.ascontiguousarray(x.reshape(B, T, H, D).transpose(0, 2, 1, 3)).reshape(
+            B * H, T, D)
+    out = cupy.empty((B * H, T, D), x.dtype)
+    fn, _ = _kernel("transpose_heads4", x.dtype)
+    n4 = x.size // 4
+    fn(*_elementwise_grid(n4), (x, out, np.int64(n4), np.int32(T), np.int32(H),
+                                np.int32(D // 4), np.int32(1)))
+    return out
+
+
+def _from_heads(x, B, T, H, D):
+    """(B*H,T,D) -> (B,T,H,D), contiguous."""
+    if not _vector_heads(x, D):
+        return cupy.ascontiguousarray(x.reshape(B, H, T, D).transpose(0, 2, 1, 3))
+    out = cupy.empty((B, T, H, D), x.dtype)
+    fn, _ = _kernel("transpose_heads4", x.dtype)
+    n4 = x.size // 4
+    fn(*_elementwise_grid(n4), (x, out, np.int64(n4), np.int32(T), np.int32(H),
+                                np.int32(D // 4), np.int32(0)))
+    return out
 
 
 def attention_backward(cache, dout):
     """dout (B,T,C) -> d_qkv (B,T,3C). Keys and values collect gradient from every block
     that sees them: in float32 for 16-bit inputs (cuBLAS adds into a float32 output)."""
     q, k, v, blocks, scale, (B, T, H, D) = cache
-    dy = cupy.ascontiguousarray(dout.reshape(B, T, H, D).transpose(0, 2, 1, 3))
-    dy = dy.reshape(B * H, T, D)
+    dy = _to_heads(cupy.ascontiguousarray(dout), B, T, H, D)
     acc = np.promote_types(dout.dtype, np.float32)
     dq = cupy.empty((B * H, T, D), dout.dtype)
     dk = cupy.zeros((B * H, T, D), acc)
@@ -464,6 +607,12 @@ def attention_backward(cache, dout):
         batched_matmul(datt, q[:, start:stop], transpose_a=True, out=dk[:, :stop],
                        accumulate=True)
     dqkv = cupy.empty((B, T, 3, H, D), dout.dtype)
+    if _vector_heads(dqkv, D) and dk.dtype == np.float32:
+        n4 = dqkv.size // 4
+        fn, _ = _kernel("merge_qkv_grads4", dout.dtype)
+        fn(*_elementwise_grid(n4), (dq, dk, dv, dqkv, np.int64(n4), np.int32(T), np.int32(H),
+                                    np.int32(D // 4)))
+        return dqkv.reshape(B, T, 3 * H * D)
     for i, d in enumerate((dq, dk, dv)):
         d = d.astype(dout.dtype, copy=False)  # dk, dv back from float32
         dqkv[:, :, i] = d.reshape(B, H, T, D).transpose(0, 2, 1, 3)

@@ -21,6 +21,13 @@ from models import gpu_kernels, kernels
 # Marks a cache built by a fused GPU kernel (models/gpu_kernels.py): its backward is too.
 FUSED_GPU = "fused-gpu"
 
+def add_into(a, b):
+    """a += b in place (a residual, or a bias broadcast over rows) -> a."""
+    if not gpu_kernels.add_into(a, b):
+        a += b
+    return a
+
+
 # --------------------------------------------------------------------------- embedding
 
 
@@ -151,8 +158,7 @@ def _filled(xp, n, value, dtype):
 def linear_forward(weight, bias, x):
     """(Cin,Cout), (Cout,), (...,Cin) -> (...,Cout). GPT-2 stores weights as (in, out)."""
     # One 2-D GEMM: a 3-D @ 2-D matmul would loop over the batch in small GEMMs.
-    out = x.reshape(-1, x.shape[-1]) @ weight
-    out += bias
+    out = add_into(x.reshape(-1, x.shape[-1]) @ weight, bias)
     out = out.reshape(*x.shape[:-1], weight.shape[1])
     return out, (x, weight)
 

@@ -258,3 +258,22 @@ def test_16_bit_batched_matmul_equals_float32(dtype, transpose_a, transpose_b):
                       b32.transpose(0, 2, 1) if transpose_b else b32)
     assert got.shape == ref.shape == (3, 24, 56) and got.dtype == low
     close(got.astype(np.float32), to_host(ref), 1e-2)
+
+
+@pytest.mark.parametrize("shape_b", [(6, 40), (40,)], ids=["residual", "bias"])
+def test_16_bit_add_into_equals_float32(shape_b):
+    import cupy
+
+    from models import gpu_kernels, layers
+    if gpu_kernels.BFLOAT16 is None:
+        pytest.skip("no ml_dtypes: CuPy has no bfloat16")
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(0, 1, (6, 40)), rng.normal(0, 1, shape_b)
+    a16, b16 = (cupy.asarray(x).astype(gpu_kernels.BFLOAT16) for x in (a, b))
+    ref = a16.astype(np.float32) + b16.astype(np.float32)
+    assert gpu_kernels.add_into(a16, b16)  # the vector kernel, not CuPy's add
+    close(a16.astype(np.float32), to_host(ref), 1e-2)
+    odd = cupy.ones(7, gpu_kernels.BFLOAT16)
+    assert not gpu_kernels.add_into(odd, odd)  # 7 is no multiple of 4: CuPy adds instead
+    layers.add_into(odd, odd)
+    assert float(odd[0]) == 2.0
