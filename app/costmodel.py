@@ -405,7 +405,6 @@ def calibrate_laptop(config="baby", repeats=9) -> Cluster:
     import numpy as np
 
     from app.config import load_config
-    from app.memory import available_bytes
     from app.metrics import measure_gemm_gflops
     from app.parallel.engine import TrainStep
     from models import gpt
@@ -433,8 +432,16 @@ def calibrate_laptop(config="baby", repeats=9) -> Cluster:
     flops = flops_per_token(n_params, model.n_layer, model.block_size, model.n_embd) \
         * cfg.batch_size * model.block_size
     efficiency = flops / peak / (times[1] - layers * overhead - optimizer)
+    return laptop_cluster(peak, efficiency, overhead)
+
+
+def laptop_cluster(peak_flops, efficiency, layer_overhead) -> Cluster:
+    """The laptop preset from its three calibrated numbers (`calibrate_laptop`'s, or
+    those `make report` stored beside its rows)."""
+    from app.memory import available_bytes
+
     cores = os.cpu_count() or 1
     memory = (available_bytes() or 8 * 2 ** 30) / cores
-    return Cluster("laptop", 1, cores, memory, peak, peak, min(efficiency, 1.0),
-                   LAPTOP_LINK, LAPTOP_LINK, MEMCPY_BANDWIDTH, overhead)
+    return Cluster("laptop", 1, cores, memory, peak_flops, peak_flops, min(efficiency, 1.0),
+                   LAPTOP_LINK, LAPTOP_LINK, MEMCPY_BANDWIDTH, layer_overhead)
 

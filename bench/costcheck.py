@@ -10,9 +10,12 @@ ranks than cores are marked oversubscribed and left out of the judgement; load i
 cores' worth of CPU other processes used while the row was measured (bench/report.py).
 
 With --from-rows each model's efficiency and fixed cost per step come from its own 1-rank
-rows (make report's batches of 12 and 3 sequences; `calibrated_on_rows`), Python's
-per-layer overhead from this process's calibration, which runs at check time: on a busy
-machine its GEMM probe, and so the verdict, is off.
+rows (make report's batches of 12 and 3 sequences; `calibrated_on_rows`). The laptop's
+calibration (GEMM peak, step efficiency, Python's per-layer overhead) is the one make report
+stored with the rows, the median of one per round, so that the verdict on a file is the
+same wherever and whenever it is checked; only a file without it is calibrated here, where a
+busy machine moves the verdict (the GEMM probe read 15 GFLOP/s beside a CI run, and the
+per-layer overhead 0.18-1.22 ms from one run to the next).
 
 Ranks that share the laptop's two cores compute slower than one rank alone: they share the
 L3 cache and memory bandwidth, and ranks that exchange every step wait for the slower. That
@@ -44,11 +47,13 @@ import time
 from app.config import load_config
 from dataclasses import dataclass, replace
 
-from app.costmodel import OURS, Link, TrainingLayout, calibrate_laptop, p2p_time, predict
+from app.costmodel import (OURS, Link, TrainingLayout, calibrate_laptop, laptop_cluster,
+                           p2p_time, predict)
 from comm.ps import MAX_POLL_PAUSE
 
 TOLERANCE = 0.15
-PROBED = ("colocated_slowdown", "busy_link")  # what make report's probe adds to each row
+# what make report measures beside the rows and adds to each of them
+PROBED = ("colocated_slowdown", "busy_link", "laptop_calibration")
 REQUIRED = ("model", "mode", "dp", "tp", "pp", "schedule", "chunks", "micro_batches", "zero",
             "servers", "staleness", "ranks", "batch_size", "block_size", "step_ms")
 
@@ -76,6 +81,16 @@ def model_and_layout(row):
     layout = TrainingLayout(row["dp"], row["tp"], row["pp"], row["schedule"], row["chunks"],
                             row["micro_batches"], row["zero"], global_batch=row["batch_size"])
     return model, layout
+
+
+def stored_calibration(rows):
+    """The laptop's calibration that make report stored with the rows, or None (an older
+    file: then it is measured here, and a busy machine moves the verdict)."""
+    stored = [row["laptop_calibration"] for row in rows if row.get("laptop_calibration")]
+    if not stored:
+        return None
+    keys = stored[0].keys()
+    return {key: sorted(s[key] for s in stored)[len(stored) // 2] for key in keys}
 
 
 def calibrated_on_rows(rows, cluster):
@@ -361,8 +376,11 @@ def main(argv=None):
         return colocation_worker(worker.parse_args(argv))
     args = parser.parse_args(argv)
     rows = read_rows(args.measurements)
-    cluster = calibrate_laptop(args.calibrate)
-    print(f"laptop calibrated here on {args.calibrate}: GEMM peak "
+    stored = stored_calibration(rows)
+    cluster = laptop_cluster(**stored) if stored else calibrate_laptop(args.calibrate)
+    where = "by make report beside the rows (the median of its rounds)" if stored else \
+        f"here on {args.calibrate}"
+    print(f"laptop calibrated {where}: GEMM peak "
           f"{cluster.peak_flops / 1e9:.1f} GFLOP/s, step efficiency {cluster.efficiency:.2f}, "
           f"Python {cluster.layer_overhead * 1e3:.2f} ms per layer per micro-batch; links "
           f"{cluster.intra.latency * 1e6:.0f} us + bytes / {cluster.intra.bandwidth / 1e9:g} GB/s")

@@ -70,6 +70,7 @@ from app.errors import UserError
 from app.parallel.layout import plan
 from app.parallel.partition import model_costs, stage_costs
 from app.parallel.schedules import Backward, Forward, one_f_one_b, simulate
+from app.costmodel import calibrate_laptop
 from bench.costcheck import measure_colocation
 from bench.dp import LoadMeter, wait_until_quiet
 from bench.ps import read_metrics, stream
@@ -228,6 +229,15 @@ def median_probe(probes):
     links = [p["busy_link"] for p in probes if p["busy_link"]]
     return {"colocated_slowdown": statistics.median(p["colocated_slowdown"] for p in probes),
             "busy_link": [statistics.median(x) for x in zip(*links)] if links else None}
+
+
+def median_calibration(clusters):
+    """The laptop's calibrations of a model's rounds (app/costmodel.py `calibrate_laptop`)
+    as one, the median of each number: stored with the rows, so that `make costcheck`
+    judges the file alone, not the machine it runs on then."""
+    return {"peak_flops": statistics.median(c.peak_flops for c in clusters),
+            "efficiency": statistics.median(c.efficiency for c in clusters),
+            "layer_overhead": statistics.median(c.layer_overhead for c in clusters)}
 
 
 def median_round(results):
@@ -522,11 +532,13 @@ def main(argv=None):
             todo = list({c.key: c for c in cases if c.model == model and not c.skipped}
                         .values())
             rounds, probes = {case.key: [] for case in todo}, []
+            calibrations = []
             n_rounds = rounds_of(model, args)
             for r in range(n_rounds):
                 if cores >= 2 and any(n > 1 for n in args.ranks):
                     # for the cost model's check: measured beside the rows, as it drifts
                     probes.append(measure_colocation({model: args.weak_batch})[model])
+                    calibrations.append(calibrate_laptop())
                 # each round from a point further along: a drift weighs on every row alike
                 again = [case for case in todo if r == 0 or case.ranks <= cores]
                 turn = r * len(again) // n_rounds
@@ -534,7 +546,8 @@ def main(argv=None):
                     rounds[case.key].append(measure(case, args, runs, next(index), r))
             jobs.update({case.key: median_round(rounds[case.key]) for case in todo})
             if probes:
-                factors[model] = median_probe(probes)
+                factors[model] = {**median_probe(probes),
+                                  "laptop_calibration": median_calibration(calibrations)}
                 each = ", ".join(f"{p['colocated_slowdown']:.3f}" for p in probes)
                 print(f"  {model}: 2 ranks side by side compute x"
                       f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone (median "
@@ -556,7 +569,8 @@ def main(argv=None):
     unique = {}
     for case in measured:  # strong first: its baseline
         unique.setdefault(case.key, {**measurement(case), **factors.get(
-            case.model, {"colocated_slowdown": None, "busy_link": None})})
+            case.model, {"colocated_slowdown": None, "busy_link": None,
+                         "laptop_calibration": None})})
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)
     elapsed = time.perf_counter() - started

@@ -244,3 +244,14 @@ def test_a_parameter_server_step_adds_the_exchange_the_servers_passes_and_pollin
         grads = 4 * num_params(model_and_layout(row)[0])
         assert step == pytest.approx(alone + 2 * p2p_time(grads, LINK) + 5 * grads / 1e10
                                      + MAX_POLL_PAUSE)
+
+
+def test_costcheck_judges_with_the_calibration_stored_beside_the_rows():
+    """A file that carries make report's calibration is judged with it, not with a
+    calibration of whatever machine runs the check, so its verdict never changes."""
+    from bench.costcheck import stored_calibration
+    rows = [{"laptop_calibration": {"peak_flops": p, "efficiency": 0.8, "layer_overhead": o}}
+            for p, o in [(20e9, 1e-3), (30e9, 2e-4), (25e9, 5e-4)]] + [{"model": "older"}]
+    assert stored_calibration(rows) == {"peak_flops": 25e9, "efficiency": 0.8,
+                                        "layer_overhead": 5e-4}
+    assert stored_calibration([{"laptop_calibration": None}]) is None

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from app_util import ENV, MPIEXEC, ROOT
-from bench.report import (MODES, global_batch, main, median_probe, median_round,
-                          micro_batches, mode_overrides, scaling, split_step)
+from bench.report import (MODES, global_batch, main, median_calibration, median_probe,
+                          median_round, micro_batches, mode_overrides, scaling, split_step)
 
 SCHEMA = {"model": str, "mode": str, "dp": int, "tp": int, "pp": int, "schedule": str,
           "chunks": int, "micro_batches": int, "zero": int, "servers": int, "staleness": int,
@@ -57,6 +57,14 @@ def test_the_probes_of_the_rounds_are_combined_by_medians():
               [(1.3, [1e-4, 2e9]), (1.0, None), (1.1, [3e-4, 1e9]), (1.2, [2e-4, 3e9])]]
     assert median_probe(probes) == {"colocated_slowdown": pytest.approx(1.15),
                                     "busy_link": [2e-4, 2e9]}
+
+
+def test_the_laptop_calibrations_of_the_rounds_are_combined_by_medians():
+    from app.costmodel import laptop_cluster
+    rounds = [laptop_cluster(p, e, o) for p, e, o in
+              [(30e9, 0.7, 4e-4), (20e9, 0.9, 1e-3), (25e9, 0.8, 2e-4)]]
+    assert median_calibration(rounds) == {"peak_flops": 25e9, "efficiency": 0.8,
+                                          "layer_overhead": 4e-4}
 
 
 def test_a_row_is_its_median_round_and_fails_with_any_round():
@@ -108,6 +116,7 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
             assert 0.5 < entry["colocated_slowdown"] < 3, entry
             assert entry["busy_link"] is None or (entry["busy_link"][0] >= 0 and
                                                   entry["busy_link"][1] > 0), entry
+            assert entry["laptop_calibration"]["peak_flops"] > 0, entry
     by_layout = {(e["mode"], e["ranks"], e["pp"], e["tp"], e["zero"], e["staleness"],
                   e["batch_size"]) for e in measured}
     assert ("ps", 2, 1, 1, 0, 2, 3) in by_layout  # weak ps-async: 1 worker x 3 sequences
