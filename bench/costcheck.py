@@ -10,7 +10,10 @@ ranks than cores are marked oversubscribed and left out of the judgement; load i
 cores' worth of CPU other processes used while the row was measured (bench/report.py).
 
 With --from-rows each model's efficiency and fixed cost per step come from its own 1-rank
-rows (make report's batches of 12 and 3 sequences; `calibrated_on_rows`). The laptop's
+rows (make report's batches of 12 and 3 sequences; `calibrated_on_rows`), and its efficiency
+at one sequence per micro-batch, which weak-scaling pipelines run and no 1-rank row does,
+from the slowdown make report measures for it (`one_sequence_slowdown`: baby's steps took
+1.3-1.4x as long in one-sequence micro-batches, small's 1.0x). The laptop's
 calibration (GEMM peak, step efficiency, Python's per-layer overhead) is the one make report
 stored with the rows, the median of one per round, so that the verdict on a file is the
 same wherever and whenever it is checked; only a file without it is calibrated here, where a
@@ -53,7 +56,7 @@ from comm.ps import MAX_POLL_PAUSE
 
 TOLERANCE = 0.15
 # what make report measures beside the rows and adds to each of them
-PROBED = ("colocated_slowdown", "busy_link", "laptop_calibration")
+PROBED = ("colocated_slowdown", "busy_link", "laptop_calibration", "one_sequence_slowdown")
 REQUIRED = ("model", "mode", "dp", "tp", "pp", "schedule", "chunks", "micro_batches", "zero",
             "servers", "staleness", "ranks", "batch_size", "block_size", "step_ms")
 
@@ -93,6 +96,30 @@ def stored_calibration(rows):
     return {key: sorted(s[key] for s in stored)[len(stored) // 2] for key in keys}
 
 
+def with_one_sequence(fits, rows):
+    """Each model's fit with a point at one sequence per micro-batch, where make report
+    measured that model's `one_sequence_slowdown` ([batch, slowdown]) at the batch of one of
+    its 1-rank rows. That row took t = F + G / e (F the fixed cost, G its GEMMs at the peak,
+    e the efficiency at `batch` sequences); in one-sequence micro-batches it takes s t =
+    F + G / e1, so e1 = e (t - F) / (s t - F)."""
+    out = dict(fits)
+    for name, fit in fits.items():
+        pairs = dict(fit.efficiencies)
+        probe = next((row["one_sequence_slowdown"] for row in rows if row["model"] == name
+                      and row.get("one_sequence_slowdown")), None)
+        if probe is None or 1 in pairs:
+            continue
+        batch, slowdown = probe
+        anchor = next((row for row in rows if row["model"] == name and row["ranks"] == 1
+                       and row["mode"] == "ring" and row["batch_size"] == batch), None)
+        if anchor is None or batch not in pairs:
+            continue
+        t, F = anchor["step_ms"] / 1e3, fit.step_overhead
+        pairs[1] = pairs[batch] * (t - F) / (slowdown * t - F)
+        out[name] = Fit(fit.step_overhead, sorted(pairs.items()))
+    return out
+
+
 def calibrated_on_rows(rows, cluster):
     """Model name -> Fit, from that model's measured 1-rank rows (make report's strong and
     weak batches), with Python's per-layer overhead as calibrated in this process. Each row
@@ -121,6 +148,32 @@ def calibrated_on_rows(rows, cluster):
     return fits
 
 
+def one_sequence_slowdown(config, batch, repeats=5):
+    """How much longer one rank's step of `batch` sequences takes in `batch` micro-batches of
+    one sequence than in one micro-batch (median of `repeats`, in turn). A pipeline of
+    weak-scaling rows runs such micro-batches; the 1-rank rows measure none: below a few
+    hundred rows the GEMMs slow down and Python's per-layer cost is paid `batch` times."""
+    import numpy as np
+
+    from app.parallel.engine import TrainStep
+    from models import gpt
+
+    model = load_config(config).model_config()
+    x = np.random.default_rng(0).integers(0, model.vocab_size, (batch, model.block_size))
+    steps = []
+    for micro in (1, batch):
+        options = load_config(config, {"micro_batches": micro, "batch_size": batch})
+        steps.append(TrainStep(model, gpt.init_params(model, 0, np, np.float32), options))
+        steps[-1](x, x, 1e-3)  # warm-up
+    times = [[], []]
+    for _ in range(repeats):
+        for step, samples in zip(steps, times):
+            start = time.perf_counter()
+            step(x, x, 1e-3)
+            samples.append(time.perf_counter() - start)
+    return float(np.median(times[1]) / np.median(times[0]))
+
+
 @dataclass(frozen=True)
 class Fit:
     step_overhead: float  # s per step
@@ -128,14 +181,14 @@ class Fit:
 
 
 def efficiency_at(pairs, rows):
-    """The efficiency at `rows` sequences per micro-batch: log-linear between the measured
-    sizes, the nearest one's outside them."""
-    (r0, e0), (r1, e1) = pairs[0], pairs[-1]
-    if rows <= r0 or r0 == r1:
-        return e0
-    if rows >= r1:
-        return e1
-    return e0 + (e1 - e0) * math.log(rows / r0) / math.log(r1 / r0)
+    """The efficiency at `rows` sequences per micro-batch: log-linear between the two
+    measured sizes around it, the nearest one's outside them."""
+    if rows <= pairs[0][0]:
+        return pairs[0][1]
+    for (r0, e0), (r1, e1) in zip(pairs, pairs[1:]):
+        if rows <= r1:
+            return e0 + (e1 - e0) * math.log(rows / r0) / math.log(r1 / r0)
+    return pairs[-1][1]
 
 
 def cluster_for(row, cluster, fits, probes):
@@ -384,7 +437,8 @@ def main(argv=None):
           f"{cluster.peak_flops / 1e9:.1f} GFLOP/s, step efficiency {cluster.efficiency:.2f}, "
           f"Python {cluster.layer_overhead * 1e3:.2f} ms per layer per micro-batch; links "
           f"{cluster.intra.latency * 1e6:.0f} us + bytes / {cluster.intra.bandwidth / 1e9:g} GB/s")
-    fits = calibrated_on_rows(rows, cluster) if args.from_rows else {}
+    fits = with_one_sequence(calibrated_on_rows(rows, cluster), rows) if args.from_rows \
+        else {}
     if fits:
         print("from the measured 1-rank rows, a fixed cost per step and the efficiency at "
               "sequences per micro-batch: " + "; ".join(

@@ -71,7 +71,7 @@ from app.parallel.layout import plan
 from app.parallel.partition import model_costs, stage_costs
 from app.parallel.schedules import Backward, Forward, one_f_one_b, simulate
 from app.costmodel import calibrate_laptop
-from bench.costcheck import measure_colocation
+from bench.costcheck import measure_colocation, one_sequence_slowdown
 from bench.dp import LoadMeter, wait_until_quiet
 from bench.ps import read_metrics, stream
 from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
@@ -533,13 +533,14 @@ def main(argv=None):
             todo = list({c.key: c for c in cases if c.model == model and not c.skipped}
                         .values())
             rounds, probes = {case.key: [] for case in todo}, []
-            calibrations = []
+            calibrations, slowdowns = [], []
             n_rounds = rounds_of(model, args)
             for r in range(n_rounds):
                 if cores >= 2 and any(n > 1 for n in args.ranks):
                     # for the cost model's check: measured beside the rows, as it drifts
                     probes.append(measure_colocation({model: args.weak_batch})[model])
                     calibrations.append(calibrate_laptop())
+                    slowdowns.append(one_sequence_slowdown(model, args.weak_batch))
                 # each round from a point further along: a drift weighs on every row alike
                 again = [case for case in todo if r == 0 or case.ranks <= cores]
                 turn = r * len(again) // n_rounds
@@ -548,7 +549,9 @@ def main(argv=None):
             jobs.update({case.key: median_round(rounds[case.key]) for case in todo})
             if probes:
                 factors[model] = {**median_probe(probes),
-                                  "laptop_calibration": median_calibration(calibrations)}
+                                  "laptop_calibration": median_calibration(calibrations),
+                                  "one_sequence_slowdown": [args.weak_batch,
+                                                            statistics.median(slowdowns)]}
                 each = ", ".join(f"{p['colocated_slowdown']:.3f}" for p in probes)
                 print(f"  {model}: 2 ranks side by side compute x"
                       f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone (median "
@@ -571,7 +574,7 @@ def main(argv=None):
     for case in measured:  # strong first: its baseline
         unique.setdefault(case.key, {**measurement(case), **factors.get(
             case.model, {"colocated_slowdown": None, "busy_link": None,
-                         "laptop_calibration": None})})
+                         "laptop_calibration": None, "one_sequence_slowdown": None})})
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)
     elapsed = time.perf_counter() - started

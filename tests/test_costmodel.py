@@ -184,6 +184,24 @@ def test_costcheck_takes_the_efficiency_at_the_rows_micro_batch_size():
     assert efficiency_at(pairs, 3) == 0.4 and efficiency_at(pairs, 1) == 0.4
     assert efficiency_at(pairs, 12) == 0.6 and efficiency_at(pairs, 24) == 0.6
     assert efficiency_at(pairs, 6) == pytest.approx(0.5)  # halfway in log rows
+    three = [(1, 0.3), (3, 0.6), (12, 0.6)]  # each size between its own two neighbours
+    assert efficiency_at(three, 3) == 0.6 and efficiency_at(three, 6) == 0.6
+    assert efficiency_at(three, 3 ** 0.5) == pytest.approx(0.45)
+
+
+def test_one_sequence_micro_batches_get_the_efficiency_their_measured_slowdown_implies():
+    """A 1-rank row of 3 sequences took t = F + G/e; the same step in 3 one-sequence
+    micro-batches took s t = F + G/e1 (make report's `one_sequence_slowdown`)."""
+    from bench.costcheck import Fit, with_one_sequence
+    t, F, e, s = 0.030, 0.006, 0.6, 1.4
+    rows = [{"model": "baby", "ranks": 1, "mode": "ring", "batch_size": 3, "step_ms": t * 1e3,
+             "one_sequence_slowdown": [3, s]}]
+    fit = with_one_sequence({"baby": Fit(F, [(3, e), (12, 0.7)])}, rows)["baby"]
+    G = (t - F) * e  # the row's GEMMs at the peak, in seconds
+    assert dict(fit.efficiencies)[1] == pytest.approx(G / (s * t - F))
+    assert fit.step_overhead == F and dict(fit.efficiencies)[3] == e
+    assert with_one_sequence({"baby": Fit(F, [(3, e)])}, [{**rows[0], "model": "x"}]) == \
+        {"baby": Fit(F, [(3, e)])}  # nothing measured for it: unchanged
 
 
 def test_the_fixed_cost_per_step_is_paid_once_by_every_rank_whatever_its_share():

@@ -117,6 +117,8 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
             assert entry["busy_link"] is None or (entry["busy_link"][0] >= 0 and
                                                   entry["busy_link"][1] > 0), entry
             assert entry["laptop_calibration"]["peak_flops"] > 0, entry
+            assert entry["one_sequence_slowdown"][0] == 3 and \
+                entry["one_sequence_slowdown"][1] > 0, entry
     by_layout = {(e["mode"], e["ranks"], e["pp"], e["tp"], e["zero"], e["staleness"],
                   e["batch_size"]) for e in measured}
     assert ("ps", 2, 1, 1, 0, 2, 3) in by_layout  # weak ps-async: 1 worker x 3 sequences
