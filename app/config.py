@@ -303,10 +303,10 @@ def validate(cfg: TrainConfig):
             raise UserError(f"config dtype = {cfg.dtype!r} needs device = 'gpu' (16-bit "
                             f"GEMMs run on tensor cores; NumPy has none): expected dtype "
                             f"float32 or float64 with device = {cfg.device!r}")
-        if cfg.pp > 1 or cfg.tp > 1 or cfg.mode != "ring":
-            raise UserError(f"config dtype = {cfg.dtype!r} runs with data parallelism only "
-                            f"(pp = {cfg.pp}, tp = {cfg.tp}, mode = {cfg.mode!r}): expected "
-                            "pp = 1, tp = 1 and mode 'ring', or dtype float32")
+        if cfg.mode != "ring":
+            raise UserError(f"config dtype = {cfg.dtype!r} does not run with a parameter "
+                            f"server (mode = {cfg.mode!r}): expected mode 'ring', or dtype "
+                            "float32")
     check_config(cfg)  # the layout rules that need no world size
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "

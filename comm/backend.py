@@ -162,6 +162,12 @@ def give_back_host_buffer(buf):
     _host_pool.setdefault((buf.dtype, buf.size), []).append(buf)
 
 
+def mpi_view(buf):
+    """The buffer as MPI is handed it: 16-bit floats that MPI has no type for (bfloat16, a
+    NumPy extension dtype) travel as uint16, their bits unchanged."""
+    return buf.view(np.uint16) if buf.dtype.kind == "V" and buf.dtype.itemsize == 2 else buf
+
+
 def send_buffer(buf):
     """What MPI sends for `buf`: buf itself, or (staged) a host copy of it from the pool,
     which `after_transfer` gives back."""

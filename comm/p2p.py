@@ -17,7 +17,7 @@ import os
 from mpi4py import MPI
 
 from comm import watchdog
-from comm.backend import after_transfer, receive_buffer, send_buffer
+from comm.backend import after_transfer, mpi_view, receive_buffer, send_buffer
 
 ACTIVATION, GRADIENT = 0, 1
 
@@ -33,8 +33,10 @@ def exchange(comm, sends, recvs, timeout=None, what="transfer"):
     `what` describes the group for the watchdog's message."""
     received = [(buf, receive_buffer(buf)) for _, buf, _ in recvs]
     sent = [(buf, send_buffer(buf)) for _, buf, _ in sends]
-    requests = [comm.Irecv(used, peer, tag) for (peer, _, tag), (_, used) in zip(recvs, received)]
-    requests += [comm.Isend(used, peer, tag) for (peer, _, tag), (_, used) in zip(sends, sent)]
+    requests = [comm.Irecv(mpi_view(used), peer, tag)
+                for (peer, _, tag), (_, used) in zip(recvs, received)]
+    requests += [comm.Isend(mpi_view(used), peer, tag)
+                 for (peer, _, tag), (_, used) in zip(sends, sent)]
     if not requests:
         return
     with watchdog.waiting(what, timeout):

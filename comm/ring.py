@@ -67,7 +67,7 @@ from mpi4py import MPI
 
 from comm import watchdog
 from comm.backend import (array_module, copy_from_host, copy_to_host, give_back_host_buffer,
-                          needs_staging, synchronize, take_host_buffer)
+                          mpi_view, needs_staging, synchronize, take_host_buffer)
 
 # `mpiexec -n 2 python -m bench.comm --segment-bytes S`, ours/MPI busbw at 1M 4M 16M 64M:
 #   256K: 0.84 0.92 0.96 1.62   512K: 1.01 1.04 1.13 1.83   1M: 1.02 1.06 1.09 1.98
@@ -219,7 +219,7 @@ class RingRequest:
             if self._staging:
                 host = self._free_host[1].pop()
                 target = self._host_slots[1][host, :hi - lo]
-            self._in_flight.append(comm.Irecv(target, self._src, self._tag))
+            self._in_flight.append(comm.Irecv(mpi_view(target), self._src, self._tag))
             self._what.append((False, j, slot, host))
             self._next_recv += 1
             self._receiving += 1
@@ -233,7 +233,7 @@ class RingRequest:
                 host = self._free_host[0].pop()
                 source = self._host_slots[0][host, :hi - lo]
                 copy_to_host(flat[lo:hi], source)
-            self._in_flight.append(comm.Isend(source, self._dest, self._tag))
+            self._in_flight.append(comm.Isend(mpi_view(source), self._dest, self._tag))
             self._what.append((True, i, None, host))
             self._next_send += 1
             self._sending += 1

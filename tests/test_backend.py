@@ -61,3 +61,15 @@ def test_device_arrays_stage_unless_mpi_reads_device_memory():
     assert "yes (--cuda-aware-mpi yes)" in configure_mpi_buffers("yes", cupy)
     assert not needs_staging(x)
     configure_mpi_buffers("auto", cupy)  # the library's own answer, whatever it is
+
+
+def test_16_bit_floats_without_an_mpi_type_travel_as_their_bits():
+    """bfloat16 is a NumPy extension dtype (kind 'V') that MPI has no type for: MPI gets
+    a uint16 view of the same memory; float16 and wider types go as they are."""
+    from comm.backend import mpi_view
+    bf16_like = np.arange(4, dtype=np.uint16).view(np.dtype("V2"))
+    view = mpi_view(bf16_like)
+    assert view.dtype == np.uint16 and np.shares_memory(view, bf16_like)
+    for dtype in (np.float16, np.float32, np.float64):
+        x = np.zeros(3, dtype)
+        assert mpi_view(x) is x

@@ -51,14 +51,14 @@ def reference():
 
 
 def run_layout(comm, dp, pp, tp, schedule="1f1b", micro=1, zero=0, sp=False,
-               recompute="none"):
+               recompute="none", compute=None):
     """STEPS steps of the layout on `comm`; returns (losses, whole parameters, engine, grid)."""
     grid = ProcessGrid(dp, pp, tp, comm)
     chunks = 2 if schedule == "interleaved" else 1
     options = TrainConfig(micro_batches=micro, zero=zero, bucket_mb=0.01)
     engine = StepEngine(CFG, options, Comms.of_grid(grid), schedule=schedule, chunks=chunks,
                         seed=SEED, dtype=np.float64, timeout=60, sequence_parallel=sp,
-                        recompute=recompute)
+                        recompute=recompute, compute_dtype=compute)
     share, rank = BATCH // dp, grid.coords.dp
     losses = []
     for s in range(STEPS):
@@ -130,6 +130,50 @@ def test_layouts_staged_through_host_buffers_match_one_process(dp, pp, tp, optio
                 losses, params, _, grid = run_layout(group, dp, pp, tp, **options)
             assert backend.staged_bytes[0] > before, "nothing went through a host buffer"
             close_to_reference(verdict, name, losses, params, ref_losses, ref_params)
+            grid.free()
+        group.Free()
+    verdict.check(world)
+
+
+_mixed_reference = {}
+
+
+def mixed_reference(compute):
+    """One process in mixed precision: float64 masters, the model in `compute`."""
+    if compute not in _mixed_reference:
+        engine = StepEngine(CFG, TrainConfig(), params=gpt.init_params(CFG, SEED, np, np.float64),
+                            compute_dtype=compute)
+        losses = [engine(*global_batch(s), lr(s))[0] for s in range(STEPS)]
+        _mixed_reference[compute] = (losses, engine.params)
+    return _mixed_reference[compute]
+
+
+MIXED = [(2, 2, 1, {"micro": 2}), (2, 1, 2, {"zero": 1, "sp": True}), (1, 2, 2, {"micro": 2})]
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("compute, rtol", [(np.float32, 1e-4), (np.float16, 3e-2)],
+                         ids=["float32", "float16"])
+@pytest.mark.parametrize("dp, pp, tp, options", MIXED, ids=[name_of(*m) for m in MIXED])
+def test_mixed_precision_layouts_match_one_mixed_process(dp, pp, tp, options, compute, rtol):
+    """Mixed precision (app/parallel/precision.py) in pipeline and tensor-parallel layouts:
+    activations and their gradients travel, and tensor-parallel sums run, in the model's
+    dtype. float32 over float64 masters compares tightly; float16 exercises the 2-byte
+    transfers, within float16's rounding."""
+    name = f"{np.dtype(compute)} " + name_of(dp, pp, tp, options)
+    skip_unless_ranks(4, name)
+    world, verdict = pytest.importorskip("mpi4py.MPI").COMM_WORLD, Verdict()
+    with verdict.guard("reference"):
+        ref_losses, ref_params = mixed_reference(compute)
+    group = groups_of(world, 4)
+    if group is not None:
+        with verdict.guard(name):
+            losses, params, engine, grid = run_layout(group, dp, pp, tp, compute=compute,
+                                                      **options)
+            assert engine.mixed is not None and engine.model_params.flat.dtype == compute
+            verdict.close(f"{name} losses", losses, ref_losses, rtol)
+            if compute == np.float32:
+                verdict.close(f"{name} parameters", params.flat, ref_params.flat, 0, atol=1e-5)
             grid.free()
         group.Free()
     verdict.check(world)

@@ -111,23 +111,3 @@ def test_config_dtypes_map_to_master_and_compute_dtypes():
             compute_dtype_of("bf16")
     else:
         assert compute_dtype_of("bf16") == ml_dtypes.bfloat16
-
-
-def test_mixed_precision_refuses_pipelines():
-    with pytest.raises(ValueError, match="data parallelism only: expected pp = tp = 1"):
-        StepEngine(CFG, TrainConfig(), compute_dtype=np.float16, dtype=np.float32,
-                   comms=_FakeComms())
-
-
-class _FakeComms:
-    """A 2-stage pipeline's communicators, as far as the engine looks before refusing."""
-    dp = tp = None
-
-    class pp:
-        @staticmethod
-        def Get_size():
-            return 2
-
-        @staticmethod
-        def Get_rank():
-            return 0

@@ -113,10 +113,6 @@ class StepEngine:
         self.grads = params.like()
         self.mixed = None
         if compute_dtype is not None and np.dtype(compute_dtype) != dtype:
-            if self.p > 1 or self.tp_size > 1:
-                raise ValueError(f"mixed precision ({np.dtype(compute_dtype)}) runs with data "
-                                 f"parallelism only: expected pp = tp = 1, got pp = {self.p}, "
-                                 f"tp = {self.tp_size}")
             self.mixed = MixedPrecision(params, compute_dtype, **(mixed_options or {}))
             dtype = np.dtype(compute_dtype)
         # the model's weights: the 16-bit copy under mixed precision, else the parameters

@@ -71,14 +71,14 @@ class Interpreter:
                     engine.record_loss(out)
                 else:
                     outbox[ACTIVATION, op.mb, op.chunk] = out
-                alive_bytes += cache_bytes(caches[op.mb, op.chunk], engine.params.flat,
+                alive_bytes += cache_bytes(caches[op.mb, op.chunk], engine.model_params.flat,
                                            engine.mask)
                 self.peak_activation_bytes = max(self.peak_activation_bytes, alive_bytes)
             elif isinstance(op, Backward):
                 spec = engine.specs[op.chunk]
                 upstream = None if spec.last else inbox.pop((GRADIENT, op.mb, op.chunk))
                 cache = caches.pop((op.mb, op.chunk))
-                alive_bytes -= cache_bytes(cache, engine.params.flat, engine.mask)
+                alive_bytes -= cache_bytes(cache, engine.model_params.flat, engine.mask)
                 dx = engine.backward(op.chunk, cache, upstream)
                 if dx is not None:
                     outbox[GRADIENT, op.mb, op.chunk] = dx
@@ -95,7 +95,7 @@ class Interpreter:
         engine = self.engine
         p, stage = engine.p, engine.stage
         n_virtual = p * len(engine.specs)
-        flat = engine.params.flat
+        flat = engine.model_params.flat  # activations travel in the model's dtype
         xp = array_module(flat)
         rows, T = ids_shape  # a classifier's rows may be shorter than block_size
         if engine.tp.sequence_parallel:  # stages pass their slice of the sequence
