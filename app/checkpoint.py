@@ -227,6 +227,8 @@ def save_checkpoint(comm, run_dir, step: int, params, optimizer, param_names, mo
                     "adam_t": optimizer.t, "config": meta["config"], "layout": meta["layout"],
                     "dtype": meta["dtype"], "tokenizer": meta.get("tokenizer", "bytes"),
                     "shapes": {n: list(s) for n, s in meta["shapes"].items()}, "files": files}
+        if meta.get("loss_scale"):  # float16's dynamic scale: a resume goes on with it
+            manifest["loss_scale"] = meta["loss_scale"]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         fsync_path(tmp / MANIFEST)
         fsync_path(tmp / VIEW)
@@ -387,10 +389,12 @@ def save_training_state(cfg, layout, engine, grid, run_dir, step, tokenizer, log
     """A checkpoint of step `step` from every rank of the grid: each writes what it alone
     owns (app/parallel/state.py), as logical tensors; logs the path and time."""
     values, moments = checkpoint_names(engine, cfg.zero, grid.coords.dp)
+    meta = training_meta(cfg, layout, tokenizer)
+    if engine.mixed and engine.mixed.dynamic:
+        meta["loss_scale"] = engine.mixed.state()
     with saving(run_dir, step, cfg.steps, log):
         save_checkpoint(grid.comm, run_dir, step, engine.params, engine.optimizer, values,
-                        moments, training_meta(cfg, layout, tokenizer), cfg.keep,
-                        placement(engine))
+                        moments, meta, cfg.keep, placement(engine))
 
 
 @contextmanager

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from app import atomic, metrics, preempt, rundir
-from app.checkpoint import (check_resumable, find_resume, load_checkpoint, save_params,
-                            save_training_state)
+from app.checkpoint import (check_resumable, find_resume, load_checkpoint, read_manifest,
+                            save_params, save_training_state)
 from app.config import add_config_arguments, field_names, load_config, TrainConfig
 from app.data import BatchLoader, TokenData, validation_batches
 from app.errors import UserError
@@ -320,6 +320,8 @@ def _train_loop(cfg, layout, xp, grid, engine, data, loader, val_batches, metric
         first = engine.clock
     elif resume_from:
         first = load_checkpoint(resume_from, engine.params, engine.optimizer, placement(engine))
+        if engine.mixed and engine.mixed.dynamic:
+            engine.mixed.restore(read_manifest(resume_from).get("loss_scale"))
     if resume_from:
         log(f"resumed from {resume_from} at step {first}")
     straggler = layouts.parse_straggler(cfg.straggler)

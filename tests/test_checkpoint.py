@@ -6,7 +6,8 @@ from mpi4py import MPI
 
 from app import atomic, checkpoint
 from app.checkpoint import (boxes, CheckpointError, list_checkpoints, load_checkpoint,
-                            load_params, save_checkpoint, save_params, verify_checkpoint, VIEW)
+                            load_params, read_manifest, save_checkpoint, save_params,
+                            verify_checkpoint, VIEW)
 from app.errors import UserError
 from damage import damage_header
 from models import gpt
@@ -245,6 +246,26 @@ def test_checkpoint_round_trip_and_view(tmp_path):
     with h5py.File(path / VIEW) as f:  # whole logical tensors for h5py users
         np.testing.assert_array_equal(f["param/h.1.attn.c_attn.weight"][()],
                                       params["h.1.attn.c_attn.weight"])
+
+
+def test_a_float16_loss_scale_rides_in_the_manifest(tmp_path):
+    """A float16 run's dynamic loss scale is saved and restored with the weights, so that a
+    resumed run skips and scales exactly as the uninterrupted one."""
+    from app.parallel.precision import MixedPrecision
+    params, optimizer = training_state(1)
+    mixed = MixedPrecision(params, np.float16, initial_scale=2.0 ** 16)
+    mixed.update_scale(False)
+    mixed.update_scale(True)
+    path = save_checkpoint(MPI.COMM_SELF, tmp_path, 4, params, optimizer, list(params.shapes),
+                           list(params.shapes), {**META, "loss_scale": mixed.state()})
+    resumed = MixedPrecision(params, np.float16)
+    resumed.restore(read_manifest(path).get("loss_scale"))
+    assert (resumed.scale, resumed.finite_steps) == (2.0 ** 15, 1)
+    plain = save_checkpoint(MPI.COMM_SELF, tmp_path, 5, params, optimizer, list(params.shapes),
+                            list(params.shapes), META)
+    assert "loss_scale" not in read_manifest(plain)
+    resumed.restore(None)  # a checkpoint without one keeps what the run has
+    assert resumed.scale == 2.0 ** 15
 
 
 def test_moments_in_one_sharding_load_into_another(tmp_path):

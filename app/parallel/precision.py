@@ -37,6 +37,16 @@ class MixedPrecision:
         self.growth_interval = growth_interval
         self.finite_steps = 0
 
+    def state(self):
+        """[scale, finite steps since it last changed]: what a checkpoint keeps, so that a
+        resumed float16 run scales as the uninterrupted one would."""
+        return [self.scale, self.finite_steps]
+
+    def restore(self, state):
+        """The inverse of `state`; None (a checkpoint without it) keeps the initial scale."""
+        if state is not None:
+            self.scale, self.finite_steps = float(state[0]), int(state[1])
+
     def cast_params(self):
         """The master weights, rounded to the compute dtype: once per step, before forward."""
         self.params.flat[...] = self.master.flat
