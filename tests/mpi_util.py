@@ -66,3 +66,20 @@ def groups_of(comm, size):
     member = rank < (world // size) * size
     sub = comm.Split(color=rank // size if member else MPI.UNDEFINED, key=rank)
     return sub if member else None
+
+
+def against_reference(size, name, reference, run):
+    """The frame of an equivalence test under MPI: skips (with the reason) without `size`
+    ranks; every rank computes `reference()`; each group of `size` ranks calls
+    `run(group, verdict, reference's result)`; the verdict is combined over all ranks, so a
+    failure on one rank leaves none waiting."""
+    skip_unless_ranks(size, name)
+    world, verdict = pytest.importorskip("mpi4py.MPI").COMM_WORLD, Verdict()
+    with verdict.guard("reference"):
+        expected = reference()
+    group = groups_of(world, size)
+    if group is not None:
+        with verdict.guard(name):
+            run(group, verdict, expected)
+        group.Free()
+    verdict.check(world)

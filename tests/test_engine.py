@@ -19,7 +19,7 @@ from app.parallel.state import gather_full_params
 from comm.grid import ProcessGrid
 from models import gpt, sharding
 from models.optim import lr_at
-from tests.mpi_util import Verdict, groups_of, skip_unless_ranks
+from tests.mpi_util import Verdict, against_reference, groups_of, skip_unless_ranks
 
 # `tiny` with 4 heads (so that tp = 4 has a head per rank) and 8 blocks (so that pp = 4
 # interleaves 2 chunks); a vocabulary that tp = 4 must pad (257 -> 260).
@@ -161,22 +161,17 @@ def test_mixed_precision_layouts_match_one_mixed_process(dp, pp, tp, options, co
     dtype. float32 over float64 masters compares tightly; float16 exercises the 2-byte
     transfers, within float16's rounding."""
     name = f"{np.dtype(compute)} " + name_of(dp, pp, tp, options)
-    skip_unless_ranks(4, name)
-    world, verdict = pytest.importorskip("mpi4py.MPI").COMM_WORLD, Verdict()
-    with verdict.guard("reference"):
-        ref_losses, ref_params = mixed_reference(compute)
-    group = groups_of(world, 4)
-    if group is not None:
-        with verdict.guard(name):
-            losses, params, engine, grid = run_layout(group, dp, pp, tp, compute=compute,
-                                                      **options)
-            assert engine.mixed is not None and engine.model_params.flat.dtype == compute
-            verdict.close(f"{name} losses", losses, ref_losses, rtol)
-            if compute == np.float32:
-                verdict.close(f"{name} parameters", params.flat, ref_params.flat, 0, atol=1e-5)
-            grid.free()
-        group.Free()
-    verdict.check(world)
+
+    def run(group, verdict, expected):
+        ref_losses, ref_params = expected
+        losses, params, engine, grid = run_layout(group, dp, pp, tp, compute=compute, **options)
+        assert engine.mixed is not None and engine.model_params.flat.dtype == compute
+        verdict.close(f"{name} losses", losses, ref_losses, rtol)
+        if compute == np.float32:
+            verdict.close(f"{name} parameters", params.flat, ref_params.flat, 0, atol=1e-5)
+        grid.free()
+
+    against_reference(4, name, lambda: mixed_reference(compute), run)
 
 
 @pytest.mark.mpi(min_size=8)
