@@ -36,7 +36,7 @@ from app.parallel import layout as layouts
 from app.parallel.state import gather_full_params, placement
 from app.pretrained import check_trunk, initial_params, read_pretrained
 from app.trainer import (array_backend, check_resume_flags, claim_run, make_engine, out_dir,
-                         ranks_on_this_node, stop_here)
+                         place_on_node, stop_here)
 from comm import watchdog
 from comm.backend import configure_mpi_buffers, to_host
 from comm.grid import ProcessGrid
@@ -112,8 +112,9 @@ def finetune(cfg, run_dir, init=None, log=print, comm=None, overwrite=False, res
     with ExitStack() as cleanup:
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
+        local_rank, on_node = place_on_node(comm)
         with together(comm):
-            xp = array_backend(cfg, comm)
+            xp = array_backend(cfg, local_rank)
             configure_mpi_buffers(cfg.cuda_aware_mpi, xp)
             data = ClassifyData(cfg.data)
             cfg = classifier_config(cfg, data)
@@ -134,7 +135,6 @@ def finetune(cfg, run_dir, init=None, log=print, comm=None, overwrite=False, res
         with watchdog.waiting("the other ranks to build the process grid"):
             grid = ProcessGrid(layout.dp, layout.pp, layout.tp, comm)
         cleanup.callback(grid.free)
-        on_node = ranks_on_this_node(comm)
         with together(comm):
             check_fits(cfg, layout.dp, on_node)
         resume_from = claim_run(comm, cfg, run_dir, overwrite, resume, cleanup)

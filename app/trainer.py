@@ -127,10 +127,6 @@ def claim_run(comm, cfg, run_dir, overwrite, resume, cleanup):
     return resume_from
 
 
-def ranks_on_this_node(comm) -> int:
-    return place_on_node(comm)[1]
-
-
 def place_on_node(comm) -> tuple[int, int]:
     """(this rank's rank among the ranks of its node, how many they are)."""
     from mpi4py import MPI
@@ -141,15 +137,14 @@ def place_on_node(comm) -> tuple[int, int]:
     return place
 
 
-def array_backend(cfg, comm=None):
+def array_backend(cfg, local_rank=0):
     """The array module of cfg.device, on a GPU of this rank's own when it is gpu (one per
-    rank: device = rank on the node, comm's ranks); a device that is not there is the
+    rank: device = `local_rank`, the rank on its node); a device that is not there is the
     user's error."""
-    local = place_on_node(comm)[0] if comm is not None and cfg.device == "gpu" else 0
     try:
         xp = get_xp(cfg.device)
         if xp is not np:
-            use_local_device(local)
+            use_local_device(local_rank)
         return xp
     except BackendUnavailable as err:
         raise UserError(str(err)) from None
@@ -169,8 +164,9 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
     with ExitStack() as cleanup:
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
+        local_rank, on_node = place_on_node(comm)
         with together(comm):
-            xp = array_backend(cfg, comm)
+            xp = array_backend(cfg, local_rank)
             layout = layouts.plan(cfg, comm.Get_size())
             mpi_buffers = configure_mpi_buffers(cfg.cuda_aware_mpi, xp)
         is_logger = comm.Get_rank() == layout.logger
@@ -184,7 +180,6 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         cleanup.callback(role.Free)
         if grid is not None:
             cleanup.callback(grid.free)
-        on_node = ranks_on_this_node(comm)
         with together(comm):
             check_fits(cfg, layout.dp, on_node)
             data = cleanup.enter_context(TokenData(cfg.data))
