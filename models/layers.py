@@ -21,6 +21,7 @@ from models import gpu_kernels, kernels
 # Marks a cache built by a fused GPU kernel (models/gpu_kernels.py): its backward is too.
 FUSED_GPU = "fused-gpu"
 
+
 def add_into(a, b):
     """a += b in place (a residual, or a bias broadcast over rows) -> a."""
     if not gpu_kernels.add_into(a, b):

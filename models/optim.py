@@ -76,13 +76,11 @@ class AdamW:
     def _adam(self, p, g, m, v, lr):
         xp = array_module(p)
         b1, b2 = self.beta1, self.beta2
-        if gpu_kernels.enabled_for(p, g, m, v):
-            gpu_kernels.adam(p, g, m, v, b1, b2, lr / (1.0 - b1 ** self.t),
-                             1.0 / math.sqrt(1.0 - b2 ** self.t), self.eps)
-            return
-        if kernels.enabled_for(p, g, m, v):
-            kernels.adam(p, g, m, v, b1, b2, lr / (1.0 - b1 ** self.t),
-                         1.0 / math.sqrt(1.0 - b2 ** self.t), self.eps)
+        fused = gpu_kernels.adam if gpu_kernels.enabled_for(p, g, m, v) else \
+            kernels.adam if kernels.enabled_for(p, g, m, v) else None
+        if fused is not None:  # one pass, the bias corrections folded into two scalars
+            fused(p, g, m, v, b1, b2, lr / (1.0 - b1 ** self.t),
+                  1.0 / math.sqrt(1.0 - b2 ** self.t), self.eps)
             return
         tmp = self._tmp[:p.size]
         # m = b1 m + (1-b1) g ; v = b2 v + (1-b2) g^2

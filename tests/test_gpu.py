@@ -180,12 +180,16 @@ def test_fused_adam_equals_numpy(dtype):
 # ----------------------------------------------------------------- whole steps
 
 
+# the whole-step tests' model: 4 heads of 16, so that the 16-bit head kernels apply
+STEP_CFG = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=96)
+
+
 def engine_losses(xp, steps, dtype="float64", batch=4):
     """`steps` steps of the step engine on fixed batches -> (losses, final parameters)."""
     from app.config import TrainConfig
     from app.parallel.engine import StepEngine
     from app.parallel.precision import compute_dtype_of, master_dtype_of
-    cfg = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=96)
+    cfg = STEP_CFG
     params = gpt.init_params(cfg, 7, xp, master_dtype_of(dtype))
     engine = StepEngine(cfg, TrainConfig(micro_batches=2), params=params,
                         compute_dtype=compute_dtype_of(dtype))
@@ -220,11 +224,13 @@ def test_a_step_copies_to_the_host_only_its_loss_and_norm():
     import cupy
     torch = pytest.importorskip("torch", reason="the copy count reads CUPTI through torch")
     from torch.profiler import ProfilerActivity, profile
-    cfg = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=96)
+
     from app.config import TrainConfig
     from app.parallel.engine import StepEngine
+    cfg = STEP_CFG
     engine = StepEngine(cfg, TrainConfig(), params=gpt.init_params(cfg, 7, cupy, np.float32))
-    x = cupy.asarray(np.random.default_rng(9).integers(0, 96, (4, 33)))
+    x = cupy.asarray(np.random.default_rng(9).integers(0, cfg.vocab_size,
+                                                        (4, cfg.block_size + 1)))
     engine(x[:, :-1], x[:, 1:], 1e-3)  # compiles kernels, fills pools
     cupy.cuda.Device().synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
