@@ -2,14 +2,15 @@
 1 and 2 ranks, one per mode and scaling kind), its arithmetic and its option errors."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
 
 from app_util import ENV, MPIEXEC, ROOT
-from bench.report import (MODES, global_batch, main, median_calibration, median_probe,
-                          median_round, micro_batches, mode_overrides, scaling, split_step)
+from bench.report import (MODES, combine_rounds, global_batch, main, median_calibration,
+                          median_probe, median_round, micro_batches, mode_overrides, scaling, split_step)
 
 SCHEMA = {"model": str, "mode": str, "dp": int, "tp": int, "pp": int, "schedule": str,
           "chunks": int, "micro_batches": int, "zero": int, "servers": int, "staleness": int,
@@ -75,6 +76,18 @@ def test_a_row_is_its_median_round_and_fails_with_any_round():
     assert median_round([rounds[0], failed, rounds[1]]) is failed
 
 
+def test_a_rows_rate_is_the_median_of_every_rounds_logged_steps():
+    rounds = [{"failure": None, "tok_s": 100, "steps_ms": [10.0, 40.0], "job": 0},
+              {"failure": None, "tok_s": 300, "steps_ms": [20.0, 30.0, 50.0], "job": 1},
+              {"failure": None, "tok_s": 200, "steps_ms": [60.0, 70.0], "job": 2}]
+    row = combine_rounds(rounds, tokens=1000)
+    assert row["job"] == 2  # the other numbers: the median round's
+    assert row["tok_s"] == pytest.approx(1000 / 0.040)  # the median of all 7 steps: 40 ms
+    assert row["rounds_steps_ms"] == [r["steps_ms"] for r in rounds]
+    failed = {"failure": "exit 1", "tok_s": None, "steps_ms": None}
+    assert combine_rounds([rounds[0], failed], 1000)["failure"] == "exit 1"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "dp,xp"], "error: --modes: 'xp' is not one of dp, "),
     (["--ranks", "1,two"], "error: --ranks: 'two' is not an integer >= 1"),
@@ -112,6 +125,9 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
             assert isinstance(entry[key], types), (key, entry)
         assert entry["oversubscribed"] == (entry["ranks"] > os.cpu_count())
         assert entry["tokens_per_s"] > 0 and entry["peak_mem_bytes"] > 0
+        steps = [ms for each in entry["rounds_steps_ms"] for ms in each]
+        assert steps and min(steps) > 0, entry
+        assert entry["step_ms"] == pytest.approx(statistics.median(steps)), entry
         if os.cpu_count() >= 2:  # the 2-rank co-location probe ran beside the rows
             assert 0.5 < entry["colocated_slowdown"] < 3, entry
             assert entry["busy_link"] is None or (entry["busy_link"][0] >= 0 and
