@@ -10,11 +10,16 @@ in every mode:
     pp        1F1B, pp = ranks                       ps-async  ps with staleness 2
     tp        Megatron tensor parallelism, tp = ranks
 
-Every configuration is its own job, `mpiexec -n R python -m app train --config C --data D
---steps S ...`: one BLAS thread per rank, MPICH ranks that yield, validation only at the
-first and last step, no sample, no checkpoints, a log line every step, --peak-gflops 100
-(no GEMM probe). A layout the trainer's rules refuse (6 heads on tp = 4) is listed as
-skipped with the trainer's reason; a job that both kinds share runs once.
+In round 1 every configuration is its own job, `mpiexec -n R python -m app train --config C
+--data D --steps S ...`: one BLAS thread per rank, MPICH ranks that yield, validation only
+at the first and last step, no sample, no checkpoints, a log line every step,
+--peak-gflops 100 (no GEMM probe). With --rounds R (defaults: `baby` 4, `small` 2) and 2
+cores, rounds 2..R each visit every 1-2 rank row --visits V times (`baby` 4, `small` 1)
+inside one `mpiexec -n 2` job (bench/visits.py: the same `app.trainer.train` with the
+same settings, called in turn, without a process start each time); on 1 core, the later
+rounds are jobs again. Every round (and every visit round) takes the rows in turn, each
+starting further along the list. A layout the trainer's rules refuse (6 heads on tp = 4)
+is listed as skipped with the trainer's reason; a job that both kinds share runs once.
 
 - step ms: the median over the logged steps 1..S-1 of every round (set-up and validation
   are outside them) of the logging rank's own time per step, as the trainer measures it
@@ -22,10 +27,9 @@ skipped with the trainer's reason; a job that both kinds share runs once.
   A median, not the mean: on a shared machine one disturbed step would otherwise move a
   row by 5% or more. In ps mode the logging rank is the first worker, which may run up to
   2 steps (the staleness) ahead of the slowest. tok/s: the global batch's tokens over step
-  ms. With --rounds R (defaults: `baby` 4, `small` 2) every job of a config that does not
-  oversubscribe the cores runs R times, in turn with the others (round r starting r/R of
-  the way along the list); the row's other numbers are the median round's job's (of two,
-  the faster), and measurements.json keeps every round's step times (`rounds_steps_ms`).
+  ms. The row's other numbers are its job's (on 1 core, the median round's), and
+  measurements.json keeps every job's and visit's step times (`rounds_steps_ms`). Rows
+  with more ranks than cores run once, as a job.
 - speedup: tok/s over the 1-rank run of the same table (the same config and strong batch,
   or per-rank batch); efficiency: speedup / ranks, a parameter server counted as a rank.
 - One step split: compute is the ideal share of the 1-rank step (this rank's share of the
@@ -61,6 +65,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -83,16 +88,22 @@ KINDS = ("strong", "weak")
 STALENESS = 2
 STEPS = {"baby": 20, "small": 5}  # 16 min in all on 2 cores
 OTHER_STEPS = 10
-# This VM's speed drifts by 20-35% within a minute (a 1-rank baby step read 26.9, 32.0 and
-# 37.0 ms in three jobs 10 s apart; a small tp=2 row 1295 ms in one report, 1016 ms when
-# run again), so each row is the median of rounds, every round all of the config's jobs
-# in turn, each round starting further along the list (reversing it instead measured one
-# job twice within seconds, at the turn): 4 for baby (the faster of the middle two; 5
-# took the report to 19.4 min of its 20), 2 (the faster) for small, whose
-# jobs are longer. Oversubscribed rows run once: they are not scaling results, and
+# This VM's speed wanders by +-25% over seconds (a 1-rank baby step's per-second median read
+# 23.4-45.8 ms within one minute; a small tp=2 row 1295 ms in one report, 1016 ms when run
+# again), so a row's step time pools its steps from several rounds, every round all of the
+# config's rows in turn, each round starting further along the list (reversing it instead
+# measured one job twice within seconds, at the turn). Round 1 runs each row as its own
+# job (memory, bytes, RSS, comm wait come from it); with 2 cores the later rounds visit the
+# 1-2 rank rows inside one 2-rank job (bench/visits.py), VISITS times each per round: a
+# visit of a baby row costs 1 s against a job's 3.5. ROUNDS also counts the calibrations
+# and probes, one before each round. baby: 1 + 3 x 4 = 13 samples a row (with 4 rounds of
+# jobs, 4: two reports' 1-rank rows differed by up to 8%); small's jobs are long and its
+# steps span seconds: 2. Oversubscribed rows run once: they are not scaling results, and
 # small's would take 5 minutes a round.
 ROUNDS = {"baby": 4, "small": 2}
 OTHER_ROUNDS = 1
+VISITS = {"baby": 4, "small": 1}
+OTHER_VISITS = 1
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
 FOOTPRINT = re.compile(r"^memory per rank \(the largest\): (.*?); sent per step")
@@ -252,14 +263,12 @@ def median_round(results):
     return sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]
 
 
-def combine_rounds(results, tokens):
-    """A row from its rounds' jobs: bytes, memory and comm wait from the median round
-    (`median_round`); tok/s from the median of every logged step of every round (each
-    step's own time, `logged_step_ms`), which spreads less between reports than any one
-    round's median does (2 reports of `baby`: 28 of 28 rows within 15% of the cost model
-    against 26, the 1-rank rows within 1-2% of each other)."""
+def combine_rounds(results, tokens, visits=()):
+    """A row from its rounds: bytes, memory and comm wait from the median round's job
+    (`median_round`); tok/s from the median of every logged step of every job and of every
+    later round's visit (each step's own time, `logged_step_ms`; `visits`: lists of them)."""
     row = median_round(results)
-    steps = [r.get("steps_ms") for r in results]
+    steps = [r.get("steps_ms") for r in results] + list(visits)
     if row["failure"] or not all(steps):
         return {**row, "rounds_steps_ms": None}
     pooled_s = statistics.median(ms for each in steps for ms in each) / 1e3
@@ -304,6 +313,42 @@ def logged_step_ms(path):
     with open(path) as f:
         return [r["ms_per_step"] for r in map(json.loads, filter(str.strip, f))
                 if "ms_per_step" in r][1:]
+
+
+def visit_rows(cases, args, runs, first_round, total_rounds):
+    """Rounds first_round.. of `cases` (1 and 2 ranks) as visits inside one `mpiexec -n 2`
+    job (bench/visits.py), `visits_of` rounds of them: {case key: [[ms per step] per
+    visit]}. A failed job is a one-line SystemExit, as a failed probe is."""
+    model, rounds = cases[0].model, visits_of(cases[0].model, args)
+    spec = {"data": args.data, "steps": steps_of(model, args), "rounds": rounds,
+            "first_round": first_round, "total_rounds": total_rounds,
+            "run_dir": os.path.join(runs, f"visits{first_round}"),
+            "cases": [{"config": c.model, "overrides": c.overrides, "batch": c.batch,
+                       "ranks": c.ranks} for c in cases]}
+    path = os.path.join(runs, f"visits{first_round}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
+    for key, value in YIELD_ENV.items():
+        env.setdefault(key, value)
+    if args.quiet_s:
+        wait_until_quiet(args.quiet_s)
+    cmd = [*args.mpiexec, "-n", "2", sys.executable, "-m", "bench.visits", path]
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=args.timeout * rounds)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"the visits of {model}'s rows (rounds from {first_round + 1}) took "
+                         f"over {args.timeout * rounds} s (--timeout x {rounds} rounds)")
+    if out.returncode:
+        raise SystemExit(f"the visits of {model}'s rows (rounds from {first_round + 1}) failed "
+                         f"(exit {out.returncode}): "
+                         + (out.stderr.strip().splitlines() or ["no output"])[-1])
+    times = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {model}: rounds {first_round + 1}-{first_round + rounds} of the 1-2 rank rows as "
+          f"visits in one job: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return {case.key: each for case, each in zip(cases, times)}
 
 
 def median_comm_wait(path):
@@ -441,8 +486,10 @@ def write_report(args, cases, elapsed, steps):
              f"`python -m bench.report` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              f", {cpu_name()}, {cores} cores; {elapsed:.0f} s in all. Steps per job: "
              + ", ".join(f"`{m}` {s}" + (f" in {r} rounds" if r > 1 else "")
-                         for m, (s, r) in steps.items())
-             + " (step ms: the median of every round's logged steps). Strong scaling: a global "
+                         + (f" (rounds 2-{r}: {v} visits each of every 1-2 rank row in one job)"
+                            if r > 1 and cores >= 2 else "")
+                         for m, (s, r, v) in steps.items())
+             + " (step ms: the median of all its logged steps). Strong scaling: a global "
              f"batch of {args.batch} sequences; weak scaling: {args.weak_batch} sequences per rank "
              "(per worker in ps mode).", "",
              "speedup, efficiency: against the 1-rank run of the same table (a server counts "
@@ -507,6 +554,9 @@ def parse_args(argv):
     parser.add_argument("--rounds", default="0",
                         help="times each job runs, in turn with the others, the median kept "
                              f"(default: {ROUNDS}, else {OTHER_ROUNDS})")
+    parser.add_argument("--visits", default="0",
+                        help="visits of each 1-2 rank row per round after the first, in one "
+                             f"2-rank job (default: {VISITS}, else {OTHER_VISITS})")
     parser.add_argument("--batch", default="12", help="strong scaling's global batch")
     parser.add_argument("--weak-batch", default="3", help="weak scaling's batch per rank")
     parser.add_argument("--data", default="data/embedded.h5")
@@ -523,10 +573,10 @@ def parse_args(argv):
             raise SystemExit(f"error: --configs: {err}")
     args.ranks = sorted(set(parse_list(args.ranks, "--ranks", convert=int)) | {1})
     args.modes = parse_list(args.modes, "--modes", allowed=MODES)
-    for option, minimum in (("steps", 2), ("rounds", 1), ("batch", 1), ("weak_batch", 1),
-                            ("timeout", 1), ("quiet_s", 0)):
+    for option, minimum in (("steps", 2), ("rounds", 1), ("visits", 1), ("batch", 1),
+                            ("weak_batch", 1), ("timeout", 1), ("quiet_s", 0)):
         value = getattr(args, option)
-        if option not in ("steps", "rounds") or value != "0":  # 0: each config's default
+        if option not in ("steps", "rounds", "visits") or value != "0":  # 0: the default
             flag = "--" + option.replace("_", "-")
             value, *more = parse_list(value, flag, convert=int, minimum=minimum)
             if more:
@@ -546,6 +596,10 @@ def rounds_of(model, args):
     return args.rounds or ROUNDS.get(model, OTHER_ROUNDS)
 
 
+def visits_of(model, args):
+    return args.visits or VISITS.get(model, OTHER_VISITS)
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.mpiexec = mpiexec_command()
@@ -558,21 +612,31 @@ def main(argv=None):
             todo = list({c.key: c for c in cases if c.model == model and not c.skipped}
                         .values())
             rounds, probes = {case.key: [] for case in todo}, []
+            visits = {case.key: [] for case in todo}
             calibrations, slowdowns = [], []
-            n_rounds = rounds_of(model, args)
+            n_rounds, per_round = rounds_of(model, args), visits_of(model, args)
+            # round 0: every row its own job; later ones, with 2 cores, visits in one job
+            total = 1 + (n_rounds - 1) * per_round if cores >= 2 else n_rounds
             for r in range(n_rounds):
                 if cores >= 2 and any(n > 1 for n in args.ranks):
                     # for the cost model's check: measured beside the rows, as it drifts
                     probes.append(measure_colocation({model: args.weak_batch})[model])
                     calibrations.append(calibrate_laptop())
                     slowdowns.append(one_sequence_slowdown(model, args.weak_batch))
+                later = [case for case in todo if case.ranks <= min(cores, 2)]
+                if r and cores >= 2 and later:
+                    first = 1 + (r - 1) * per_round
+                    for key, each in visit_rows(later, args, runs, first, total).items():
+                        visits[key] += each
+                    continue
                 # each round from a point further along: a drift weighs on every row alike
                 again = [case for case in todo if r == 0 or case.ranks <= cores]
-                turn = r * len(again) // n_rounds
+                turn = r * len(again) // total
                 for case in again[turn:] + again[:turn]:
                     rounds[case.key].append(measure(case, args, runs, next(index), r))
             jobs.update({case.key: combine_rounds(rounds[case.key],
-                                                  case.batch * case.cfg.block_size)
+                                                  case.batch * case.cfg.block_size,
+                                                  visits[case.key])
                          for case in todo})
             if probes:
                 factors[model] = {**median_probe(probes),
@@ -605,8 +669,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)
     elapsed = time.perf_counter() - started
-    write_report(args, cases, elapsed, {m: (steps_of(m, args), rounds_of(m, args))
-                                        for m in args.configs})
+    write_report(args, cases, elapsed, {m: (steps_of(m, args), rounds_of(m, args),
+                                            visits_of(m, args)) for m in args.configs})
     return 1 if any(c.result and c.result["failure"] for c in cases) else 0
 
 

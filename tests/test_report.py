@@ -10,7 +10,8 @@ import pytest
 
 from app_util import ENV, MPIEXEC, ROOT
 from bench.report import (MODES, combine_rounds, global_batch, main, median_calibration,
-                          median_probe, median_round, micro_batches, mode_overrides, scaling, split_step)
+                          median_probe, median_round, micro_batches, mode_overrides, scaling,
+                          split_step)
 
 SCHEMA = {"model": str, "mode": str, "dp": int, "tp": int, "pp": int, "schedule": str,
           "chunks": int, "micro_batches": int, "zero": int, "servers": int, "staleness": int,
@@ -93,6 +94,7 @@ def test_a_rows_rate_is_the_median_of_every_rounds_logged_steps():
     (["--ranks", "1,two"], "error: --ranks: 'two' is not an integer >= 1"),
     (["--steps", "1"], "error: --steps: '1' is not an integer >= 2"),
     (["--rounds", "-1"], "error: --rounds: '-1' is not an integer >= 1"),
+    (["--visits", "two"], "error: --visits: 'two' is not an integer >= 1"),
     (["--batch", "12,24"], "error: --batch: expected one integer"),
     (["--configs", "huge"], "error: --configs: config 'huge' not found"),
 ])
@@ -101,13 +103,36 @@ def test_bad_values_are_one_line_errors(argv, message):
         main(argv)
 
 
+def test_each_round_of_visits_starts_further_along_the_list():
+    from bench.visits import rotation
+    assert rotation(4, 0, 4) == [0, 1, 2, 3]
+    assert rotation(4, 1, 4) == [1, 2, 3, 0]
+    assert rotation(14, 12, 13) == [12, 13] + list(range(12))
+
+
+def test_failed_visits_are_one_line_errors_not_a_hang(tiny_h5, tmp_path):
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    from types import SimpleNamespace
+
+    from bench.report import Case, visit_rows
+    from bench.tp import mpiexec_command
+    case = Case("tiny", "strong", "dp", 2, 4, {})
+    args = SimpleNamespace(data=str(tmp_path / "missing.h5"), steps=2, visits=1, timeout=60,
+                           quiet_s=0, mpiexec=mpiexec_command())
+    with pytest.raises(SystemExit, match=r"the visits of tiny's rows \(rounds from 2\) "
+                                         r"failed \(exit \d+\): .*missing.h5"):
+        visit_rows([case], args, str(tmp_path), 1, 2)
+
+
 def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
     if not MPIEXEC.exists():
         pytest.skip(f"no mpiexec beside {sys.executable}")
     out = tmp_path / "report"
     result = subprocess.run(
         [sys.executable, "-m", "bench.report", "--configs", "tiny", "--ranks", "1,2",
-         "--steps", "2", "--data", str(tiny_h5), "--out", str(out), "--timeout", "40",
+         "--steps", "2", "--rounds", "2", "--visits", "1", "--data", str(tiny_h5), "--out",
+         str(out), "--timeout", "40",
          "--quiet-s", "0"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -125,6 +150,8 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
             assert isinstance(entry[key], types), (key, entry)
         assert entry["oversubscribed"] == (entry["ranks"] > os.cpu_count())
         assert entry["tokens_per_s"] > 0 and entry["peak_mem_bytes"] > 0
+        # round 1 a job; with 2 cores round 2 a visit in one job (bench/visits.py), else a job
+        assert len(entry["rounds_steps_ms"]) == 2, entry
         steps = [ms for each in entry["rounds_steps_ms"] for ms in each]
         assert steps and min(steps) > 0, entry
         assert entry["step_ms"] == pytest.approx(statistics.median(steps)), entry
