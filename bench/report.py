@@ -245,6 +245,14 @@ def median_probe(probes):
             "busy_link": [statistics.median(x) for x in zip(*links)] if links else None}
 
 
+def colocation_factor(pairs):
+    """The co-location factor from the probe's passes visited in turn with the rows
+    (bench/visits.py `Colocation`, [alone ms, together ms] each): the median of together /
+    alone, which the cost model reads (colocated_slowdown), with the passes themselves."""
+    return {"colocated_slowdown": statistics.median(t / a for a, t in pairs),
+            "colocation_visits": pairs}
+
+
 def median_calibration(clusters):
     """The laptop's calibrations of a model's rounds (app/costmodel.py `calibrate_laptop`)
     as one, the median of each number: stored with the rows, so that `make costcheck`
@@ -317,14 +325,17 @@ def logged_step_ms(path):
 
 def visit_rows(cases, args, runs, first_round, total_rounds):
     """Rounds first_round.. of `cases` (1 and 2 ranks) as visits inside one `mpiexec -n 2`
-    job (bench/visits.py), `visits_of` rounds of them: {case key: [[ms per step] per
-    visit]}. A failed job is a one-line SystemExit, as a failed probe is."""
+    job (bench/visits.py), `visits_of` rounds of them, each round also one pass of the
+    co-location probe (`Colocation`, at the weak batch): ({case key: [[ms per step] per
+    visit]}, [[alone ms, together ms] per visit]). A failed job is a one-line SystemExit,
+    as a failed probe is."""
     model, rounds = cases[0].model, visits_of(cases[0].model, args)
     spec = {"data": args.data, "steps": steps_of(model, args), "rounds": rounds,
             "first_round": first_round, "total_rounds": total_rounds,
             "run_dir": os.path.join(runs, f"visits{first_round}"),
             "cases": [{"config": c.model, "overrides": c.overrides, "batch": c.batch,
-                       "ranks": c.ranks} for c in cases]}
+                       "ranks": c.ranks} for c in cases]
+            + [{"config": model, "batch": args.weak_batch, "colocation": True}]}
     path = os.path.join(runs, f"visits{first_round}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
@@ -348,7 +359,7 @@ def visit_rows(cases, args, runs, first_round, total_rounds):
     times = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"  {model}: rounds {first_round + 1}-{first_round + rounds} of the 1-2 rank rows as "
           f"visits in one job: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return {case.key: each for case, each in zip(cases, times)}
+    return {case.key: each for case, each in zip(cases, times)}, times[-1]
 
 
 def median_comm_wait(path):
@@ -612,7 +623,7 @@ def main(argv=None):
             todo = list({c.key: c for c in cases if c.model == model and not c.skipped}
                         .values())
             rounds, probes = {case.key: [] for case in todo}, []
-            visits = {case.key: [] for case in todo}
+            visits, together = {case.key: [] for case in todo}, []
             calibrations, slowdowns = [], []
             n_rounds, per_round = rounds_of(model, args), visits_of(model, args)
             # round 0: every row its own job; later ones, with 2 cores, visits in one job
@@ -626,8 +637,10 @@ def main(argv=None):
                 later = [case for case in todo if case.ranks <= min(cores, 2)]
                 if r and cores >= 2 and later:
                     first = 1 + (r - 1) * per_round
-                    for key, each in visit_rows(later, args, runs, first, total).items():
+                    rows, pairs = visit_rows(later, args, runs, first, total)
+                    for key, each in rows.items():
                         visits[key] += each
+                    together += pairs
                     continue
                 # each round from a point further along: a drift weighs on every row alike
                 again = [case for case in todo if r == 0 or case.ranks <= cores]
@@ -646,7 +659,12 @@ def main(argv=None):
                 each = ", ".join(f"{p['colocated_slowdown']:.3f}" for p in probes)
                 print(f"  {model}: 2 ranks side by side compute x"
                       f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone (median "
-                      f"of {each})", file=sys.stderr)
+                      f"of the probes before each round: {each})", file=sys.stderr)
+                if together:  # sampled in turn with the rows: the factor the rows met
+                    factors[model].update(colocation_factor(together))
+                    print(f"  {model}: x{factors[model]['colocated_slowdown']:.3f} over "
+                          f"{len(together)} passes of the probe visited with the rows",
+                          file=sys.stderr)
         for case in cases:
             if not case.skipped:
                 case.result = jobs[case.key]

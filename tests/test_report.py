@@ -119,9 +119,9 @@ def test_failed_visits_are_one_line_errors_not_a_hang(tiny_h5, tmp_path):
     from bench.tp import mpiexec_command
     case = Case("tiny", "strong", "dp", 2, 4, {})
     args = SimpleNamespace(data=str(tmp_path / "missing.h5"), steps=2, visits=1, timeout=60,
-                           quiet_s=0, mpiexec=mpiexec_command())
+                           weak_batch=3, quiet_s=0, mpiexec=mpiexec_command())
     with pytest.raises(SystemExit, match=r"the visits of tiny's rows \(rounds from 2\) "
-                                         r"failed \(exit \d+\): .*missing.h5"):
+                                         r"failed \(exit 2\): error: data file .*missing.h5"):
         visit_rows([case], args, str(tmp_path), 1, 2)
 
 
@@ -157,6 +157,9 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
         assert entry["step_ms"] == pytest.approx(statistics.median(steps)), entry
         if os.cpu_count() >= 2:  # the 2-rank co-location probe ran beside the rows
             assert 0.5 < entry["colocated_slowdown"] < 3, entry
+            # round 2's pass of the probe, visited with the rows, gives the factor
+            (alone, together), = entry["colocation_visits"]
+            assert entry["colocated_slowdown"] == pytest.approx(together / alone), entry
             assert entry["busy_link"] is None or (entry["busy_link"][0] >= 0 and
                                                   entry["busy_link"][1] > 0), entry
             assert entry["laptop_calibration"]["peak_flops"] > 0, entry
