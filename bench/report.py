@@ -498,8 +498,8 @@ def write_report(args, cases, elapsed, steps):
              f"`python -m bench.report` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              f", {cpu_name()}, {cores} cores; {elapsed:.0f} s in all. Steps per job: "
              + ", ".join(f"`{m}` {s}" + (f" in {r} rounds" if r > 1 else "")
-                         + (f" (rounds 2-{r}: {v} visits each of every 1-2 rank row in one job)"
-                            if r > 1 and cores >= 2 else "")
+                         + (f" (after the first, {v} visit{'s' * (v > 1)} a round of every "
+                            "1-2 rank row inside one job)" if r > 1 and cores >= 2 else "")
                          for m, (s, r, v) in steps.items())
              + " (step ms: the median of all its logged steps). Strong scaling: a global "
              f"batch of {args.batch} sequences; weak scaling: {args.weak_batch} sequences per rank "
@@ -564,8 +564,9 @@ def parse_args(argv):
     parser.add_argument("--steps", default="0",
                         help=f"steps per job, >= 2 (default: {STEPS}, else {OTHER_STEPS})")
     parser.add_argument("--rounds", default="0",
-                        help="times each job runs, in turn with the others, the median kept "
-                             f"(default: {ROUNDS}, else {OTHER_ROUNDS})")
+                        help="rounds of each config's rows, a probe before each: the first "
+                             "as jobs, the later ones (with 2 cores) as visits, the steps of "
+                             f"all pooled (default: {ROUNDS}, else {OTHER_ROUNDS})")
     parser.add_argument("--visits", default="0",
                         help="visits of each 1-2 rank row per round after the first, in one "
                              f"2-rank job (default: {VISITS}, else {OTHER_VISITS})")
