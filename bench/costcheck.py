@@ -208,52 +208,73 @@ def cluster_for(row, cluster, fits, probes):
     return replace(cluster, **changes)
 
 
+class ColocationProbe:
+    """The co-location probe on `comm`'s 2 ranks: the model's 1-rank step (no
+    communication) on rank 0 alone, then on both ranks with a barrier after every step (as
+    ranks that exchange every step wait for the slower), each phase a second or more.
+    `measure_colocation` runs it in phases of its own job; make report's visits
+    (bench/visits.py) run one pass per round, in turn with the rows."""
+
+    def __init__(self, config, batch, comm, min_steps):
+        import numpy as np
+
+        from app.parallel.engine import TrainStep
+        from models import gpt
+
+        self.comm, self.np = comm, np
+        cfg = load_config(config, {"batch_size": batch})
+        model = cfg.model_config()
+        self.lr = cfg.lr
+        self.step = TrainStep(model, gpt.init_params(model, cfg.seed, np, np.float32), cfg)
+        self.x = np.random.default_rng(comm.Get_rank()).integers(
+            0, model.vocab_size, (batch, model.block_size))
+        for _ in range(2):
+            start = time.perf_counter()
+            self.step(self.x, self.x, self.lr)  # warm-up: allocations, caches, compiled kernels
+        # phases of a second at least: a short model's few steps would be mostly noise
+        self.steps = comm.bcast(max(min_steps, math.ceil(1.0 / (time.perf_counter() - start))))
+
+    def _phase(self, lockstep):
+        times = []
+        for _ in range(self.steps):
+            start = time.perf_counter()
+            self.step(self.x, self.x, self.lr)
+            if lockstep:
+                self.comm.Barrier()
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(self.np.median(times))
+
+    def __call__(self):
+        """One pass: [alone ms, together ms (the slower rank's)], on rank 0."""
+        from mpi4py import MPI
+
+        alone = self._phase(lockstep=False) if self.comm.Get_rank() == 0 else None
+        sleep_until_everyone_arrives(self.comm)
+        self.comm.Barrier()
+        return [alone, self.comm.reduce(self._phase(lockstep=True), op=MPI.MAX)]
+
+
+def sleep_until_everyone_arrives(comm):
+    """A barrier that sleeps between polls: an idle rank leaves its core to the working one."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.0005)
+
+
 def colocation_worker(args):
     """Under `mpiexec -n 2`: prints {"alone": [ms], "together": [ms]}, one median per phase."""
-    import numpy as np
     from mpi4py import MPI
 
-    from app.parallel.engine import TrainStep
     from comm.backend import keep_freed_host_memory
-    from models import gpt
 
-    comm, rank = MPI.COMM_WORLD, MPI.COMM_WORLD.Get_rank()
+    comm = MPI.COMM_WORLD
     keep_freed_host_memory()
-    cfg = load_config(args.config, {"batch_size": args.batch})
-    model = cfg.model_config()
-    step = TrainStep(model, gpt.init_params(model, cfg.seed, np, np.float32), cfg)
-    x = np.random.default_rng(rank).integers(0, model.vocab_size, (args.batch, model.block_size))
-
-    def timed(lockstep):
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step(x, x, cfg.lr)
-            if lockstep:
-                comm.Barrier()
-            times.append(time.perf_counter() - start)
-        return 1e3 * float(np.median(times))
-
-    def idle_until_everyone_arrives():
-        request = comm.Ibarrier()
-        while not request.Test():
-            time.sleep(0.0005)  # the idle rank leaves its core to the working one
-
-    for _ in range(2):
-        start = time.perf_counter()
-        step(x, x, cfg.lr)  # warm-up: allocations, caches, compiled kernels
-    # phases of a second at least: a short model's few steps would be mostly noise
-    steps = comm.bcast(max(args.steps, math.ceil(1.0 / (time.perf_counter() - start))))
-    alone, together = [], []
-    for _ in range(args.phases):
-        if rank == 0:
-            alone.append(timed(lockstep=False))
-        idle_until_everyone_arrives()
-        comm.Barrier()
-        together.append(comm.allreduce(timed(lockstep=True), op=MPI.MAX))
+    probe = ColocationProbe(args.config, args.batch, comm, args.steps)
+    alone, together = zip(*(probe() for _ in range(args.phases)))
     costs = {n: collective_cost(comm, n, args.phases) for n in BUSY_SIZES}
-    if rank == 0:
-        print(json.dumps({"alone": alone, "together": together, "collective": costs}))
+    if comm.Get_rank() == 0:
+        print(json.dumps({"alone": list(alone), "together": list(together),
+                          "collective": costs}))
 
 
 # A ring all-reduce between ranks that compute between collectives, as tensor parallelism's

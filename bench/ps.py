@@ -72,7 +72,7 @@ import threading
 import time
 
 from bench.dp import LoadMeter
-from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
+from bench.tp import job_env, mpiexec_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANKS = 4
@@ -195,9 +195,7 @@ def row_tokens(args):
 
 def run_case(mpiexec, args, case, root):
     name, mode, what, flags = case
-    env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
-    for key, value in YIELD_ENV.items():
-        env.setdefault(key, value)
+    env = job_env()
     out = os.path.join(root, name)
     cmd = train_command(mpiexec, args, flags, out)
     start = time.perf_counter()

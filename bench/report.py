@@ -81,7 +81,7 @@ from app.costmodel import calibrate_laptop
 from bench.costcheck import measure_colocation, one_sequence_slowdown
 from bench.dp import LoadMeter, wait_until_quiet
 from bench.ps import read_metrics, stream
-from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
+from bench.tp import job_env, mpiexec_command
 
 MODES = ["dp", "zero", "pp", "tp", "dp-pp", "ps", "ps-async"]
 KINDS = ("strong", "weak")
@@ -211,9 +211,7 @@ def run_job(mpiexec, ranks, train_args, run_dir, timeout):
     """Runs `mpiexec -n ranks python -m app train ARGS` through bench.ps.stream (its own
     process group, killed whole after `timeout` s), keeping the footprint line as well as
     the step lines' arrival times."""
-    env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
-    for key, value in YIELD_ENV.items():
-        env.setdefault(key, value)
+    env = job_env()
     cmd = [*mpiexec, "-n", str(ranks), sys.executable, "-m", "app", "train", *train_args]
     start, states = time.perf_counter(), []
 
@@ -248,7 +246,7 @@ def median_probe(probes):
 
 def colocation_factor(pairs):
     """The co-location factor from the probe's passes visited in turn with the rows
-    (bench/visits.py `Colocation`, [alone ms, together ms] each): the median of together /
+    (bench/costcheck.py `ColocationProbe`, [alone ms, together ms] each): the median of together /
     alone, which the cost model reads (colocated_slowdown), with the passes themselves."""
     return {"colocated_slowdown": statistics.median(t / a for a, t in pairs),
             "colocation_visits": pairs}
@@ -327,7 +325,7 @@ def logged_step_ms(path):
 def visit_rows(cases, args, runs, first_round, total_rounds):
     """Rounds first_round.. of `cases` (1 and 2 ranks) as visits inside one `mpiexec -n 2`
     job (bench/visits.py), `visits_of` rounds of them, each round also one pass of the
-    co-location probe (`Colocation`, at the weak batch): ({case key: [[ms per step] per
+    co-location probe (`ColocationProbe`, at the weak batch): ({case key: [[ms per step] per
     visit]}, [[alone ms, together ms] per visit]). A failed job is a one-line SystemExit,
     as a failed probe is."""
     model, rounds = cases[0].model, visits_of(cases[0].model, args)
@@ -340,9 +338,7 @@ def visit_rows(cases, args, runs, first_round, total_rounds):
     path = os.path.join(runs, f"visits{first_round}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
-    env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
-    for key, value in YIELD_ENV.items():
-        env.setdefault(key, value)
+    env = job_env()
     if args.quiet_s:
         wait_until_quiet(args.quiet_s)
     cmd = [*args.mpiexec, "-n", "2", sys.executable, "-m", "bench.visits", path]

