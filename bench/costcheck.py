@@ -36,9 +36,12 @@ ranks, and each step's exchange is a push and a pull through the servers' links,
 the servers' passes over their shards and AdamW, which a single worker waits for even when
 stale, and the polling latency of both ends (`predict_row`).
 
-The probe also times a ring all-reduce between the two ranks when each computes ~1 ms of
-GEMMs between collectives, as tensor-parallel ranks do, at 64 KB and 4 MB: that busy
-link's alpha and beta replace `make bench-comm`'s idle ones for every row.
+The probe then runs the model's forward and backward split over the two ranks as tensor
+parallelism splits it (`tensor_parallel_costs`), timing each all-reduce as it happens: the
+activations' and the loss's few numbers per token. Between two of them both ranks compute,
+so each includes the wait for the later one and data just written. The line through the two
+sizes is the busy link (alpha, beta) that replaces `make bench-comm`'s idle one for every
+row: 1.5-2x the cost an earlier probe measured after 1 ms of small cached GEMMs.
 """
 import argparse
 import json
@@ -271,51 +274,84 @@ def colocation_worker(args):
     keep_freed_host_memory()
     probe = ColocationProbe(args.config, args.batch, comm, args.steps)
     alone, together = zip(*(probe() for _ in range(args.phases)))
-    costs = {n: collective_cost(comm, n, args.phases) for n in BUSY_SIZES}
+    costs = tensor_parallel_costs(args.config, args.batch, comm)
     if comm.Get_rank() == 0:
         print(json.dumps({"alone": list(alone), "together": list(together),
                           "collective": costs}))
 
 
-# A ring all-reduce between ranks that compute between collectives, as tensor parallelism's
-# do, costs far more than `make bench-comm`'s back-to-back ones (11 us + bytes / 7 GB/s):
-# the ranks arrive apart, the data has left the cache, the other rank's GEMMs share the
-# memory bandwidth. Two sizes give that busy link's alpha and beta.
-BUSY_SIZES = (64 * 1024, 4 * 2 ** 20)
-BUSY_ITERATIONS = 40
+class TimedGroup:
+    """A tensor-parallel group (models/parallel.py's interface) on our ring over `comm`
+    that logs each all-reduce's (bytes, seconds)."""
 
+    def __init__(self, comm):
+        from comm.group import RingGroup
 
-def collective_cost(comm, nbytes, phases):
-    """Seconds per all-reduce of `nbytes` over `comm`'s 2 ranks, each after ~1 ms of GEMMs:
-    per phase, (GEMMs + all-reduce) - (GEMMs alone) per iteration, in alternating phases;
-    the list of phases (the slower rank's)."""
-    import numpy as np
-    from mpi4py import MPI
+        self.ring, self.log = RingGroup(comm), []
+        self.size, self.rank = self.ring.size, self.ring.rank
 
-    from comm import ring
-
-    a = np.ones((256, 256), np.float32)
-    out, buf = np.empty_like(a), np.ones(nbytes // 4, np.float32)
-
-    def phase(reduce):
-        comm.Barrier()
+    def all_reduce(self, x):
         start = time.perf_counter()
-        for _ in range(BUSY_ITERATIONS):
-            for _ in range(2):
-                np.matmul(a, a, out=out)
-            if reduce:
-                ring.all_reduce(comm, buf)
-        comm.Barrier()
-        return comm.allreduce(time.perf_counter() - start, op=MPI.MAX) / BUSY_ITERATIONS
+        self.ring.all_reduce(x)
+        self.log.append((x.nbytes, time.perf_counter() - start))
+        return x
 
-    phase(True)  # warm-up: the ring's plan, scratch and tags
-    return [phase(True) - phase(False) for _ in range(phases)]
+    def all_gather(self, x, axis):
+        return self.ring.all_gather(x, axis)
+
+    def reduce_scatter(self, x, axis):
+        return self.ring.reduce_scatter(x, axis)
+
+
+def tensor_parallel_costs(config, batch, comm, seconds=1.0, min_steps=3):
+    """{bytes: [seconds per all-reduce]} of `config`'s forward and backward split over
+    `comm`'s ranks as tensor parallelism splits it, at `batch` sequences, for a second or
+    `min_steps` steps: its activations' all-reduces (Megatron's f and g) and the loss's
+    one of a few numbers per token. Between them both ranks compute the layers' halves, as
+    a tensor-parallel row does, so each includes the wait for the later rank and data that
+    has just been written; the slowest rank's median per size. {} where the model's heads do
+    not split over the ranks."""
+    import numpy as np
+
+    from models import gpt, layers, parallel, sharding
+
+    model = load_config(config).model_config()
+    if model.n_head % comm.Get_size():
+        return {}
+    whole = gpt.whole_model(model)
+    group = TimedGroup(comm)
+    params = sharding.init_rank_params(model, 0, gpt.stage_param_names(model, [whole]), np,
+                                       np.float32, group.size, group.rank)
+    grads, tp = params.like(), parallel.TensorParallel(group)
+    mask = layers.causal_mask(np, model.block_size, np.float32)
+    x = np.random.default_rng(0).integers(0, model.vocab_size, (batch, model.block_size))
+
+    def step():
+        loss, cache = gpt.stage_forward(params, model, whole, x, x, mask, tp)
+        gpt.stage_backward(whole, cache, grads, 1.0)
+
+    step()  # warm-up: allocations, the ring's plans
+    start = time.perf_counter()
+    step()
+    steps = comm.bcast(max(min_steps, math.ceil(seconds / (time.perf_counter() - start))))
+    group.log.clear()
+    for _ in range(steps):
+        step()
+    by_size = {}
+    for nbytes, took in group.log:
+        by_size.setdefault(nbytes, []).append(took)
+    medians = comm.allgather({n: float(np.median(t)) for n, t in by_size.items()})
+    return {n: [max(m[n] for m in medians)] for n in by_size}
 
 
 def busy_link(costs):
-    """Link(alpha, beta) from {nbytes: [seconds per all-reduce]} at two sizes, p = 2 (an
-    all-reduce there is 2 alpha + n / beta); None when noise leaves no positive pair."""
-    (n0, t0), (n1, t1) = sorted((int(n), sorted(t)[len(t) // 2]) for n, t in costs.items())
+    """Link(alpha, beta) from {nbytes: [seconds per all-reduce]}, p = 2 (an all-reduce
+    there is 2 alpha + n / beta): the line through the smallest and the largest size; None
+    with fewer than two sizes, or when noise leaves no positive pair."""
+    if len(costs) < 2:
+        return None
+    points = sorted((int(n), sorted(t)[len(t) // 2]) for n, t in costs.items())
+    (n0, t0), (n1, t1) = points[0], points[-1]
     if t1 <= t0:
         return None
     bandwidth = (n1 - n0) / (t1 - t0)

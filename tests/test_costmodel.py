@@ -240,6 +240,9 @@ def test_the_busy_link_is_the_line_through_two_measured_all_reduce_costs():
     link = busy_link(costs)
     assert link.latency == pytest.approx(50e-6) and link.bandwidth == pytest.approx(2e9)
     assert busy_link({"65536": [2e-3], "4194304": [1e-3]}) is None  # noise: no line
+    assert busy_link({}) is None and busy_link({"65536": [1e-3]}) is None  # no line either
+    # three sizes: the line through the extremes
+    assert busy_link({**costs, "1048576": [1.0]}).bandwidth == pytest.approx(2e9)
     row = {"model": "tiny", "batch_size": 8, "block_size": 32, "dp": 1, "tp": 2, "pp": 1,
            "schedule": "1f1b", "chunks": 1, "micro_batches": 1, "zero": 0}
     probed = cluster_for(row, flat_cluster(), {}, {"tiny": {"colocated_slowdown": 1.2,
@@ -273,3 +276,28 @@ def test_costcheck_judges_with_the_calibration_stored_beside_the_rows():
     assert stored_calibration(rows) == {"peak_flops": 25e9, "efficiency": 0.8,
                                         "layer_overhead": 5e-4}
     assert stored_calibration([{"laptop_calibration": None}]) is None
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_busy_link_is_timed_in_a_tensor_parallel_forward_and_backward():
+    """tiny split over the ranks: every all-reduce is an activation's (B, T, C) or the loss's
+    two numbers per token, and each is timed on every rank; heads that do not split over
+    the ranks give no costs rather than a wrong split."""
+    from mpi4py import MPI
+
+    from bench.costcheck import tensor_parallel_costs
+    from mpi_util import Verdict
+    world, verdict = MPI.COMM_WORLD, Verdict()
+    size = world.Get_size()
+    B, T, C = 3, 32, 32  # tiny: 2 heads
+    sub = world.Split(world.Get_rank() // 2, world.Get_rank()) if size > 2 else world
+    costs = tensor_parallel_costs("tiny", B, sub, seconds=0.05)
+    with verdict.guard("sizes"):
+        assert sorted(costs) == [2 * B * T * 4, B * T * C * 4]
+        assert all(len(t) == 1 and t[0] > 0 for t in costs.values())
+    if size > 2:
+        sub.Free()
+    if size >= 4:  # 4 ranks cannot split tiny's 2 heads
+        with verdict.guard("unsplittable"):
+            assert tensor_parallel_costs("tiny", B, world, seconds=0.05) == {}
+    verdict.check(world)
