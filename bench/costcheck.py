@@ -38,7 +38,7 @@ stale, and the polling latency of both ends (`predict_row`).
 
 The probe then runs the model's forward and backward split over the two ranks as tensor
 parallelism splits it (`tensor_parallel_costs`), timing each all-reduce as it happens: the
-activations' and the loss's few numbers per token. Between two of them both ranks compute,
+activations' and the loss's two numbers per token. Between two of them both ranks compute,
 so each includes the wait for the later one and data just written. The line through the two
 sizes is the busy link (alpha, beta) that replaces `make bench-comm`'s idle one for every
 row: 1.5-2x the cost an earlier probe measured after 1 ms of small cached GEMMs.
@@ -306,11 +306,11 @@ class TimedGroup:
 def tensor_parallel_costs(config, batch, comm, seconds=1.0, min_steps=3):
     """{bytes: [seconds per all-reduce]} of `config`'s forward and backward split over
     `comm`'s ranks as tensor parallelism splits it, at `batch` sequences, for a second or
-    `min_steps` steps: its activations' all-reduces (Megatron's f and g) and the loss's
-    one of a few numbers per token. Between them both ranks compute the layers' halves, as
-    a tensor-parallel row does, so each includes the wait for the later rank and data that
-    has just been written; the slowest rank's median per size. {} where the model's heads do
-    not split over the ranks."""
+    `min_steps` steps: the activations' all-reduces (Megatron's f and g) and the loss's
+    one of two numbers per token. Between them both ranks compute their halves of the
+    layers, as a tensor-parallel row does, so each includes the wait for the later rank and
+    reads data just written; the slowest rank's median per size. {} where the model's heads
+    do not split over the ranks."""
     import numpy as np
 
     from models import gpt, layers, parallel, sharding
