@@ -46,7 +46,6 @@ row: 1.5-2x the cost an earlier probe measured after 1 ms of small cached GEMMs.
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -370,12 +369,11 @@ def colocation_batches(rows):
 def measure_colocation(models, steps=3, phases=5, timeout=300):
     """Model name -> batch: model name -> {"colocated_slowdown": its step's time on 2 ranks
     side by side over its time alone, at that batch, on this machine (the median of the
-    probe's phases); "busy_link": [alpha s, beta bytes/s] of `busy_link`, or None}."""
-    from bench.tp import THREAD_ENV, YIELD_ENV, mpiexec_command
+    probe's phases); "colocation_phases": the phases, [alone ms, together ms] each;
+    "busy_link": [alpha s, beta bytes/s] of `busy_link`, or None}."""
+    from bench.tp import job_env, mpiexec_command
 
-    env = {**os.environ, **THREAD_ENV}
-    for key, value in YIELD_ENV.items():
-        env.setdefault(key, value)
+    env = job_env()
     factors = {}
     for name, batch in models.items():
         cmd = [*mpiexec_command(), "-n", "2", sys.executable, "-m", "bench.costcheck",
@@ -389,6 +387,8 @@ def measure_colocation(models, steps=3, phases=5, timeout=300):
         ratios = sorted(t / a for a, t in zip(times["alone"], times["together"]))
         link = busy_link(times["collective"])
         factors[name] = {"colocated_slowdown": ratios[len(ratios) // 2],
+                         "colocation_phases": [list(p) for p in zip(times["alone"],
+                                                                    times["together"])],
                          "busy_link": [link.latency, link.bandwidth] if link else None}
     return factors
 

@@ -244,12 +244,20 @@ def median_probe(probes):
             "busy_link": [statistics.median(x) for x in zip(*links)] if links else None}
 
 
-def colocation_factor(pairs):
-    """The co-location factor from the probe's passes visited in turn with the rows
-    (bench/costcheck.py `ColocationProbe`, [alone ms, together ms] each): the median of together /
-    alone, which the cost model reads (colocated_slowdown), with the passes themselves."""
+def colocation_factor(probes, visited):
+    """The co-location factor the cost model reads (colocated_slowdown): the median of
+    together / alone over every sample of it, the phases of the probes run before each
+    round (bench/costcheck.py `measure_colocation`) and the passes visited in turn with the
+    rows (`ColocationProbe`), [alone ms, together ms] each, stored beside it. Each sample is
+    a second or two of a factor that drifts by tens of percent over minutes here, so a
+    single source is too few: `small` has one visited pass, and `baby`'s 9 passes read 1.02
+    in a report whose 4 probes read 1.18-1.42 (and its 2-rank rows agreed with the probes)."""
+    phases = [pair for probe in probes for pair in probe.get("colocation_phases") or []]
+    pairs = phases + list(visited)
+    if not pairs:
+        return {}
     return {"colocated_slowdown": statistics.median(t / a for a, t in pairs),
-            "colocation_visits": pairs}
+            "colocation_phases": phases, "colocation_visits": list(visited)}
 
 
 def median_calibration(clusters):
@@ -655,14 +663,12 @@ def main(argv=None):
                                   "one_sequence_slowdown": [args.weak_batch,
                                                             statistics.median(slowdowns)]}
                 each = ", ".join(f"{p['colocated_slowdown']:.3f}" for p in probes)
+                factors[model].update(colocation_factor(probes, together))
                 print(f"  {model}: 2 ranks side by side compute x"
-                      f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone (median "
-                      f"of the probes before each round: {each})", file=sys.stderr)
-                if together:  # sampled in turn with the rows: the factor the rows met
-                    factors[model].update(colocation_factor(together))
-                    print(f"  {model}: x{factors[model]['colocated_slowdown']:.3f} over "
-                          f"{len(together)} passes of the probe visited with the rows",
-                          file=sys.stderr)
+                      f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone: the "
+                      f"median of {len(factors[model]['colocation_phases'])} phases of the "
+                      f"probes before each round (theirs {each}) and {len(together)} passes "
+                      "visited with the rows", file=sys.stderr)
         for case in cases:
             if not case.skipped:
                 case.result = jobs[case.key]

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from app_util import ENV, MPIEXEC, ROOT
-from bench.report import (MODES, combine_rounds, global_batch, main, median_calibration,
-                          median_probe, median_round, micro_batches, mode_overrides, scaling,
-                          split_step)
+from bench.report import (MODES, colocation_factor, combine_rounds, global_batch, main,
+                          median_calibration, median_probe, median_round, micro_batches,
+                          mode_overrides, scaling, split_step)
 
 SCHEMA = {"model": str, "mode": str, "dp": int, "tp": int, "pp": int, "schedule": str,
           "chunks": int, "micro_batches": int, "zero": int, "servers": int, "staleness": int,
@@ -59,6 +59,16 @@ def test_the_probes_of_the_rounds_are_combined_by_medians():
               [(1.3, [1e-4, 2e9]), (1.0, None), (1.1, [3e-4, 1e9]), (1.2, [2e-4, 3e9])]]
     assert median_probe(probes) == {"colocated_slowdown": pytest.approx(1.15),
                                     "busy_link": [2e-4, 2e9]}
+
+
+def test_the_colocation_factor_pools_the_probes_phases_and_the_visited_passes():
+    probes = [{"colocation_phases": [[10, 13], [10, 12]]}, {"colocation_phases": None}]
+    visited = [[20, 20], [20, 22], [10, 10.5]]
+    factor = colocation_factor(probes, visited)
+    assert factor["colocated_slowdown"] == pytest.approx(1.1)  # 1.3 1.2 1.0 1.1 1.05
+    assert factor["colocation_phases"] == [[10, 13], [10, 12]]
+    assert factor["colocation_visits"] == visited
+    assert colocation_factor([{}], []) == {}
 
 
 def test_the_laptop_calibrations_of_the_rounds_are_combined_by_medians():
@@ -156,9 +166,13 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
         assert entry["step_ms"] == pytest.approx(statistics.median(steps)), entry
         if os.cpu_count() >= 2:  # the 2-rank co-location probe ran beside the rows
             assert 0.5 < entry["colocated_slowdown"] < 3, entry
-            # round 2's pass of the probe, visited with the rows, gives the factor
-            (alone, together), = entry["colocation_visits"]
-            assert entry["colocated_slowdown"] == pytest.approx(together / alone), entry
+            # the factor pools the 5 phases of each round's probe and round 2's pass of
+            # it, visited with the rows
+            assert len(entry["colocation_visits"]) == 1, entry
+            assert len(entry["colocation_phases"]) == 2 * 5, entry
+            pairs = entry["colocation_phases"] + entry["colocation_visits"]
+            assert entry["colocated_slowdown"] == pytest.approx(
+                statistics.median(t / a for a, t in pairs)), entry
             assert entry["busy_link"] is None or (entry["busy_link"][0] >= 0 and
                                                   entry["busy_link"][1] > 0), entry
             assert entry["laptop_calibration"]["peak_flops"] > 0, entry
