@@ -55,8 +55,8 @@ time-sharing more than the method and are not scaling results.
 
 Output under --out (runs/report/): report.md (a table per config and kind),
 measurements.json (one dict per measured configuration, for the cost model, each with its
-model's 2-rank co-location factor: bench.costcheck's probe, run before each round of the
-model's rows, the median over rounds) and, with
+model's 2-rank co-location factor: the median over the phases of bench.costcheck's probe,
+run before each round of the model's rows, and its passes visited with them) and, with
 matplotlib (optional, benchmark-only), speedup_C.png and step_time_C.png (report_plots.py).
 """
 import argparse
