@@ -100,7 +100,8 @@ OTHER_STEPS = 10
 # 13 samples, took the report to 19.6 of its 20 minutes); small's jobs are long and its
 # steps span seconds: 2 samples (one job can still sit in a slow spell: a weak dp=2 row's
 # 4 steps all read 1.54-1.59 s in its job, 1.06-1.30 s in its visit). Oversubscribed rows
-# run once: they are not scaling results, and small's would take 5 minutes a round.
+# run once: they are not scaling results, and small's would take 5 minutes a round. The
+# 1-rank rows are visited twice a round (`visit_order`): baby 19 samples, small 3.
 ROUNDS = {"baby": 4, "small": 2}
 OTHER_ROUNDS = 1
 VISITS = {"baby": 3, "small": 1}
@@ -332,16 +333,17 @@ def logged_step_ms(path):
 
 def visit_rows(cases, args, runs, first_round, total_rounds):
     """Rounds first_round.. of `cases` (1 and 2 ranks) as visits inside one `mpiexec -n 2`
-    job (bench/visits.py), `visits_of` rounds of them, each round also one pass of the
-    co-location probe (`ColocationProbe`, at the weak batch): ({case key: [[ms per step] per
-    visit]}, [[alone ms, together ms] per visit]). A failed job is a one-line SystemExit,
-    as a failed probe is."""
+    job (bench/visits.py), `visits_of` rounds of them in `visit_order`, each round also one
+    pass of the co-location probe (`ColocationProbe`, at the weak batch): ({case key: [[ms
+    per step] per visit]}, [[alone ms, together ms] per visit]). A failed job is a one-line
+    SystemExit, as a failed probe is."""
     model, rounds = cases[0].model, visits_of(cases[0].model, args)
+    order = visit_order(cases)
     spec = {"data": args.data, "steps": steps_of(model, args), "rounds": rounds,
             "first_round": first_round, "total_rounds": total_rounds,
             "run_dir": os.path.join(runs, f"visits{first_round}"),
             "cases": [{"config": c.model, "overrides": c.overrides, "batch": c.batch,
-                       "ranks": c.ranks} for c in cases]
+                       "ranks": c.ranks} for c in order]
             + [{"config": model, "batch": args.weak_batch, "colocation": True}]}
     path = os.path.join(runs, f"visits{first_round}.json")
     with open(path, "w") as f:
@@ -364,7 +366,21 @@ def visit_rows(cases, args, runs, first_round, total_rounds):
     times = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"  {model}: rounds {first_round + 1}-{first_round + rounds} of the 1-2 rank rows as "
           f"visits in one job: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return {case.key: each for case, each in zip(cases, times)}, times[-1]
+    rows = {}
+    for case, each in zip(order, times):
+        rows.setdefault(case.key, []).extend(each)
+    return rows, times[-1]
+
+
+def visit_order(cases):
+    """The cases in the order a round visits them, each 1-rank row twice, half a round
+    apart: every prediction is scaled from them (the cost model's efficiencies, the
+    report's speedups), so their noise weighs on every row (`small` once had a weak 1-rank
+    row slower than its weak dp=2 rows, which compute as much per rank)."""
+    n = len(cases)
+    placed = [(i, case) for i, case in enumerate(cases)] + \
+        [((i + n / 2) % n + 0.5, case) for i, case in enumerate(cases) if case.ranks == 1]
+    return [case for _, case in sorted(placed, key=lambda p: p[0])]
 
 
 def median_comm_wait(path):
