@@ -41,7 +41,8 @@ parallelism splits it (`tensor_parallel_costs`), timing each all-reduce as it ha
 activations' and the loss's two numbers per token. Between two of them both ranks compute,
 so each includes the wait for the later one and data just written. The line through the two
 sizes is the busy link (alpha, beta) that replaces `make bench-comm`'s idle one for every
-row: 1.5-2x the cost an earlier probe measured after 1 ms of small cached GEMMs.
+row but a parameter server's: 1.5-2x the cost of the message link, the same all-reduce timed
+after 1 ms of small cached GEMMs, which the servers' rows use (`message_cost`).
 """
 import argparse
 import json
@@ -59,7 +60,8 @@ from comm.ps import MAX_POLL_PAUSE
 
 TOLERANCE = 0.15
 # what make report measures beside the rows and adds to each of them
-PROBED = ("colocated_slowdown", "busy_link", "laptop_calibration", "one_sequence_slowdown")
+PROBED = ("colocated_slowdown", "busy_link", "message_link", "laptop_calibration",
+          "one_sequence_slowdown")
 REQUIRED = ("model", "mode", "dp", "tp", "pp", "schedule", "chunks", "micro_batches", "zero",
             "servers", "staleness", "ranks", "batch_size", "block_size", "step_ms")
 
@@ -196,7 +198,8 @@ def efficiency_at(pairs, rows):
 
 def cluster_for(row, cluster, fits, probes):
     """The laptop as it ran `row`: its model's efficiency at the row's micro-batch size, and
-    its model's co-location factor and busy link (`measure_colocation`), where measured."""
+    its model's co-location factor and link (`measure_colocation`: a parameter server's
+    message link, else the busy link), where measured."""
     changes = {}
     if row["model"] in fits:
         fit = fits[row["model"]]
@@ -205,8 +208,9 @@ def cluster_for(row, cluster, fits, probes):
     probe = probes.get(row["model"], {})
     if probe.get("colocated_slowdown"):
         changes["colocated_slowdown"] = probe["colocated_slowdown"]
-    if probe.get("busy_link"):
-        changes["intra"] = changes["inter"] = Link(*probe["busy_link"])
+    link = probe.get("message_link" if row["mode"] == "ps" else "busy_link")
+    if link:
+        changes["intra"] = changes["inter"] = Link(*link)
     return replace(cluster, **changes)
 
 
@@ -274,9 +278,10 @@ def colocation_worker(args):
     probe = ColocationProbe(args.config, args.batch, comm, args.steps)
     alone, together = zip(*(probe() for _ in range(args.phases)))
     costs = tensor_parallel_costs(args.config, args.batch, comm)
+    messages = {n: message_cost(comm, n, args.phases) for n in MESSAGE_SIZES}
     if comm.Get_rank() == 0:
         print(json.dumps({"alone": list(alone), "together": list(together),
-                          "collective": costs}))
+                          "collective": costs, "messages": messages}))
 
 
 class TimedGroup:
@@ -343,6 +348,42 @@ def tensor_parallel_costs(config, batch, comm, seconds=1.0, min_steps=3):
     return {n: [max(m[n] for m in medians)] for n in by_size}
 
 
+# A parameter server's messages go between a worker and a server that mostly waits for
+# them: the old probe of the busy link, a ring all-reduce between ranks that each compute
+# about 1 ms of small cached GEMMs between collectives, fits them better than the
+# tensor-parallel one (in three reports the servers' rows read 0.98-1.18 with the latter,
+# 0.75-1.07 with the idle link). Two sizes give its alpha and beta.
+MESSAGE_SIZES = (64 * 1024, 4 * 2 ** 20)
+MESSAGE_ITERATIONS = 40
+
+
+def message_cost(comm, nbytes, phases):
+    """Seconds per all-reduce of `nbytes` over `comm`'s 2 ranks, each after ~1 ms of GEMMs:
+    per phase, (GEMMs + all-reduce) - (GEMMs alone) per iteration, in alternating phases;
+    the list of phases (the slower rank's)."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from comm import ring
+
+    a = np.ones((256, 256), np.float32)
+    out, buf = np.empty_like(a), np.ones(nbytes // 4, np.float32)
+
+    def phase(reduce):
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(MESSAGE_ITERATIONS):
+            for _ in range(2):
+                np.matmul(a, a, out=out)
+            if reduce:
+                ring.all_reduce(comm, buf)
+        comm.Barrier()
+        return comm.allreduce(time.perf_counter() - start, op=MPI.MAX) / MESSAGE_ITERATIONS
+
+    phase(True)  # warm-up: the ring's plan, scratch and tags
+    return [phase(True) - phase(False) for _ in range(phases)]
+
+
 def busy_link(costs):
     """Link(alpha, beta) from {nbytes: [seconds per all-reduce]}, p = 2 (an all-reduce
     there is 2 alpha + n / beta): the line through the smallest and the largest size; None
@@ -370,7 +411,8 @@ def measure_colocation(models, steps=3, phases=5, timeout=300):
     """Model name -> batch: model name -> {"colocated_slowdown": its step's time on 2 ranks
     side by side over its time alone, at that batch, on this machine (the median of the
     probe's phases); "colocation_phases": the phases, [alone ms, together ms] each;
-    "busy_link": [alpha s, beta bytes/s] of `busy_link`, or None}."""
+    "busy_link" (`tensor_parallel_costs`) and "message_link" (`message_cost`): [alpha s,
+    beta bytes/s] of `busy_link`, or None}."""
     from bench.tp import job_env, mpiexec_command
 
     env = job_env()
@@ -385,11 +427,13 @@ def measure_colocation(models, steps=3, phases=5, timeout=300):
                              + " | ".join(out.stderr.strip().splitlines()[-3:]))
         times = json.loads(out.stdout.strip().splitlines()[-1])
         ratios = sorted(t / a for a, t in zip(times["alone"], times["together"]))
-        link = busy_link(times["collective"])
+        link, message = busy_link(times["collective"]), busy_link(times["messages"])
         factors[name] = {"colocated_slowdown": ratios[len(ratios) // 2],
                          "colocation_phases": [list(p) for p in zip(times["alone"],
                                                                     times["together"])],
-                         "busy_link": [link.latency, link.bandwidth] if link else None}
+                         "busy_link": [link.latency, link.bandwidth] if link else None,
+                         "message_link": [message.latency, message.bandwidth] if message
+                         else None}
     return factors
 
 
@@ -511,10 +555,11 @@ def main(argv=None):
         if not probes:
             probes, where = measure_colocation(colocation_batches(rows)), "measured here"
         print(f"2 ranks side by side against 1 alone ({where}): " + "; ".join(
-            f"{name} x{probe['colocated_slowdown']:.3f}" + (
-                f", an all-reduce between busy ranks {probe['busy_link'][0] * 1e6:.0f} us + "
-                f"bytes / {probe['busy_link'][1] / 1e9:.2f} GB/s" if probe.get("busy_link")
-                else "") for name, probe in probes.items()))
+            f"{name} x{probe['colocated_slowdown']:.3f}" + "".join(
+                f", {what} {probe[key][0] * 1e6:.0f} us + bytes / {probe[key][1] / 1e9:.2f} "
+                "GB/s" for key, what in (("busy_link", "an all-reduce between busy ranks"),
+                                         ("message_link", "a server's messages"))
+                if probe.get(key)) for name, probe in probes.items()))
     cores = cluster.devices_per_node
     return 0 if check(rows, lambda row: cluster_for(row, cluster, fits, probes), cores) else 1
 

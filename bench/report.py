@@ -239,10 +239,13 @@ def run_job(mpiexec, ranks, train_args, run_dir, timeout):
 
 def median_probe(probes):
     """The co-location probes of a model's rounds (bench.costcheck.measure_colocation) as
-    one: the median factor, and the median of each of the busy link's alpha and beta."""
-    links = [p["busy_link"] for p in probes if p["busy_link"]]
+    one: the median factor, and the median of each link's alpha and beta."""
+    def median_link(key):
+        links = [p[key] for p in probes if p.get(key)]
+        return [statistics.median(x) for x in zip(*links)] if links else None
+
     return {"colocated_slowdown": statistics.median(p["colocated_slowdown"] for p in probes),
-            "busy_link": [statistics.median(x) for x in zip(*links)] if links else None}
+            "busy_link": median_link("busy_link"), "message_link": median_link("message_link")}
 
 
 def colocation_factor(probes, visited):
@@ -702,7 +705,7 @@ def main(argv=None):
     unique = {}
     for case in measured:  # strong first: its baseline
         unique.setdefault(case.key, {**measurement(case), **factors.get(
-            case.model, {"colocated_slowdown": None, "busy_link": None,
+            case.model, {"colocated_slowdown": None, "busy_link": None, "message_link": None,
                          "laptop_calibration": None, "one_sequence_slowdown": None})})
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)

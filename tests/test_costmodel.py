@@ -243,12 +243,16 @@ def test_the_busy_link_is_the_line_through_two_measured_all_reduce_costs():
     assert busy_link({}) is None and busy_link({"65536": [1e-3]}) is None  # no line either
     # three sizes: the line through the extremes
     assert busy_link({**costs, "1048576": [1.0]}).bandwidth == pytest.approx(2e9)
-    row = {"model": "tiny", "batch_size": 8, "block_size": 32, "dp": 1, "tp": 2, "pp": 1,
-           "schedule": "1f1b", "chunks": 1, "micro_batches": 1, "zero": 0}
-    probed = cluster_for(row, flat_cluster(), {}, {"tiny": {"colocated_slowdown": 1.2,
-                                                             "busy_link": [50e-6, 2e9]}})
+    row = {"model": "tiny", "mode": "ring", "batch_size": 8, "block_size": 32, "dp": 1,
+           "tp": 2, "pp": 1, "schedule": "1f1b", "chunks": 1, "micro_batches": 1, "zero": 0}
+    probes = {"tiny": {"colocated_slowdown": 1.2, "busy_link": [50e-6, 2e9],
+                       "message_link": [20e-6, 5e9]}}
+    probed = cluster_for(row, flat_cluster(), {}, probes)
     assert probed.intra == probed.inter == Link(50e-6, 2e9)
     assert probed.colocated_slowdown == 1.2
+    # a parameter server's exchanges go over the message link
+    served = cluster_for({**row, "mode": "ps", "tp": 1}, flat_cluster(), {}, probes)
+    assert served.intra == served.inter == Link(20e-6, 5e9)
 
 
 def test_a_parameter_server_step_adds_the_exchange_the_servers_passes_and_polling():

@@ -55,10 +55,11 @@ def test_layouts_and_batches():
 
 
 def test_the_probes_of_the_rounds_are_combined_by_medians():
-    probes = [{"colocated_slowdown": f, "busy_link": link} for f, link in
-              [(1.3, [1e-4, 2e9]), (1.0, None), (1.1, [3e-4, 1e9]), (1.2, [2e-4, 3e9])]]
+    probes = [{"colocated_slowdown": f, "busy_link": link, "message_link": message}
+              for f, link, message in [(1.3, [1e-4, 2e9], None), (1.0, None, [5e-5, 4e9]),
+                                       (1.1, [3e-4, 1e9], None), (1.2, [2e-4, 3e9], None)]]
     assert median_probe(probes) == {"colocated_slowdown": pytest.approx(1.15),
-                                    "busy_link": [2e-4, 2e9]}
+                                    "busy_link": [2e-4, 2e9], "message_link": [5e-5, 4e9]}
 
 
 def test_the_colocation_factor_pools_the_probes_phases_and_the_visited_passes():
@@ -185,8 +186,9 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
             pairs = entry["colocation_phases"] + entry["colocation_visits"]
             assert entry["colocated_slowdown"] == pytest.approx(
                 statistics.median(t / a for a, t in pairs)), entry
-            assert entry["busy_link"] is None or (entry["busy_link"][0] >= 0 and
-                                                  entry["busy_link"][1] > 0), entry
+            for link in ("busy_link", "message_link"):
+                assert entry[link] is None or (entry[link][0] >= 0 and entry[link][1] > 0), \
+                    entry
             assert entry["laptop_calibration"]["peak_flops"] > 0, entry
             assert entry["one_sequence_slowdown"][0] == 3 and \
                 entry["one_sequence_slowdown"][1] > 0, entry
