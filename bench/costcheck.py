@@ -27,9 +27,9 @@ judged row: `mpiexec -n 2` runs the model's 1-rank step (no communication) first
 alone, then on both ranks with a barrier after every step, in alternating phases of a
 second or more; the factor is the median over phases of together / alone. The factor
 drifts with the machine's other tenants (0.99-1.36 for `baby` in a day here), so `make
-report` samples it in turn with the rows (one pass of the probe per round of visits,
-bench/visits.py) and stores the median in each row; on a file without it, it is measured
-here.
+report` samples it as it samples the rows (the probe's phases before each round, and one
+pass of it per round of visits, bench/visits.py) and stores the median of all in each row;
+on a file without it, it is measured here.
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel
 ranks, and each step's exchange is a push and a pull through the servers' links, then

@@ -237,15 +237,15 @@ def run_job(mpiexec, ranks, train_args, run_dir, timeout):
             "rss_bytes": memory.stop(), "wall": time.perf_counter() - start}
 
 
-def median_probe(probes):
-    """The co-location probes of a model's rounds (bench.costcheck.measure_colocation) as
-    one: the median factor, and the median of each link's alpha and beta."""
+def median_links(probes):
+    """The links that the co-location probes of a model's rounds
+    (bench.costcheck.measure_colocation) measured, as one: the median of each link's alpha
+    and beta (their factor is `colocation_factor`'s)."""
     def median_link(key):
         links = [p[key] for p in probes if p.get(key)]
         return [statistics.median(x) for x in zip(*links)] if links else None
 
-    return {"colocated_slowdown": statistics.median(p["colocated_slowdown"] for p in probes),
-            "busy_link": median_link("busy_link"), "message_link": median_link("message_link")}
+    return {"busy_link": median_link("busy_link"), "message_link": median_link("message_link")}
 
 
 def colocation_factor(probes, visited):
@@ -677,12 +677,12 @@ def main(argv=None):
                                                   visits[case.key])
                          for case in todo})
             if probes:
-                factors[model] = {**median_probe(probes),
+                factors[model] = {**median_links(probes),
+                                  **colocation_factor(probes, together),
                                   "laptop_calibration": median_calibration(calibrations),
                                   "one_sequence_slowdown": [args.weak_batch,
                                                             statistics.median(slowdowns)]}
                 each = ", ".join(f"{p['colocated_slowdown']:.3f}" for p in probes)
-                factors[model].update(colocation_factor(probes, together))
                 print(f"  {model}: 2 ranks side by side compute x"
                       f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone: the "
                       f"median of {len(factors[model]['colocation_phases'])} phases of the "

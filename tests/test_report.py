@@ -10,7 +10,7 @@ import pytest
 
 from app_util import ENV, MPIEXEC, ROOT
 from bench.report import (MODES, colocation_factor, combine_rounds, global_batch, main,
-                          median_calibration, median_probe, median_round, micro_batches,
+                          median_calibration, median_links, median_round, micro_batches,
                           mode_overrides, scaling, split_step)
 
 SCHEMA = {"model": str, "mode": str, "dp": int, "tp": int, "pp": int, "schedule": str,
@@ -54,12 +54,11 @@ def test_layouts_and_batches():
     assert global_batch("weak", "ps", 4, 12, 3) == 9  # 3 workers
 
 
-def test_the_probes_of_the_rounds_are_combined_by_medians():
+def test_the_links_of_the_rounds_probes_are_combined_by_medians():
     probes = [{"colocated_slowdown": f, "busy_link": link, "message_link": message}
               for f, link, message in [(1.3, [1e-4, 2e9], None), (1.0, None, [5e-5, 4e9]),
                                        (1.1, [3e-4, 1e9], None), (1.2, [2e-4, 3e9], None)]]
-    assert median_probe(probes) == {"colocated_slowdown": pytest.approx(1.15),
-                                    "busy_link": [2e-4, 2e9], "message_link": [5e-5, 4e9]}
+    assert median_links(probes) == {"busy_link": [2e-4, 2e9], "message_link": [5e-5, 4e9]}
 
 
 def test_the_colocation_factor_pools_the_probes_phases_and_the_visited_passes():
