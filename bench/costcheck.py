@@ -101,12 +101,15 @@ def stored_calibration(rows):
     return {key: sorted(s[key] for s in stored)[len(stored) // 2] for key in keys}
 
 
-def with_one_sequence(fits, rows):
+def with_one_sequence(fits, rows, cluster):
     """Each model's fit with a point at one sequence per micro-batch, where make report
     measured that model's `one_sequence_slowdown` ([batch, slowdown]) at the batch of one of
-    its 1-rank rows. That row took t = F + G / e (F the fixed cost, G its GEMMs at the peak,
-    e the efficiency at `batch` sequences); in one-sequence micro-batches it takes s t =
-    F + G / e1, so e1 = e (t - F) / (s t - F)."""
+    its 1-rank rows. That row took t = F + G / e + O + P (F the fixed cost, G its GEMMs at
+    the peak, e the efficiency at `batch` sequences, O Python's per-layer cost of one
+    micro-batch, P AdamW); in `batch` one-sequence micro-batches it takes s t = F + G / e1 +
+    `batch` O + P: Python's cost is paid per micro-batch, which the prediction of a row adds
+    on its own, so e1 is the GEMMs' share of the slowdown alone (counting it in e1 too put
+    baby's pipelines 16-23% high when the calibration read 1.15 ms per layer)."""
     out = dict(fits)
     for name, fit in fits.items():
         pairs = dict(fit.efficiencies)
@@ -120,9 +123,22 @@ def with_one_sequence(fits, rows):
         if anchor is None or batch not in pairs:
             continue
         t, F = anchor["step_ms"] / 1e3, fit.step_overhead
-        pairs[1] = pairs[batch] * (t - F) / (slowdown * t - F)
-        out[name] = Fit(fit.step_overhead, sorted(pairs.items()))
+        gemms, _, optimizer = step_parts(anchor, cluster)
+        _, overheads, _ = step_parts({**anchor, "micro_batches": batch}, cluster)
+        gemm_seconds = slowdown * t - F - overheads - optimizer
+        if gemm_seconds > 0:
+            pairs[1] = min(1.0, gemms / gemm_seconds)
+            out[name] = Fit(fit.step_overhead, sorted(pairs.items()))
     return out
+
+
+def step_parts(row, cluster):
+    """(GEMMs at the peak, Python's per-layer cost, AdamW) of a row's step, in seconds."""
+    model, layout = model_and_layout(row)
+    plain = replace(cluster, efficiency=1.0, step_overhead=0.0)
+    bare = predict(model, layout, replace(plain, layer_overhead=0.0))
+    overhead = predict(model, layout, plain).step_s - bare.step_s
+    return bare.step_s - bare.optimizer_s, overhead, bare.optimizer_s
 
 
 def calibrated_on_rows(rows, cluster):
@@ -137,13 +153,10 @@ def calibrated_on_rows(rows, cluster):
     for row in rows:
         if row["ranks"] != 1 or row["mode"] != "ring":
             continue
-        model, layout = model_and_layout(row)
-        plain = replace(cluster, efficiency=1.0, step_overhead=0.0)
-        bare = predict(model, layout, replace(plain, layer_overhead=0.0))
-        overhead = predict(model, layout, plain).step_s - bare.step_s
-        gemms = bare.step_s - bare.optimizer_s  # seconds at the GEMM peak
-        rest = row["step_ms"] / 1e3 - overhead - bare.optimizer_s
-        points.setdefault(row["model"], []).append((layout.rows, gemms, rest))
+        gemms, overhead, optimizer = step_parts(row, cluster)
+        rest = row["step_ms"] / 1e3 - overhead - optimizer
+        points.setdefault(row["model"], []).append((model_and_layout(row)[1].rows, gemms,
+                                                    rest))
     fits = {}
     for name, measured in points.items():
         (_, g0, t0), (_, g1, t1) = min(measured), max(measured)
@@ -539,7 +552,7 @@ def main(argv=None):
           f"{cluster.peak_flops / 1e9:.1f} GFLOP/s, step efficiency {cluster.efficiency:.2f}, "
           f"Python {cluster.layer_overhead * 1e3:.2f} ms per layer per micro-batch; links "
           f"{cluster.intra.latency * 1e6:.0f} us + bytes / {cluster.intra.bandwidth / 1e9:g} GB/s")
-    fits = with_one_sequence(calibrated_on_rows(rows, cluster), rows) if args.from_rows \
+    fits = with_one_sequence(calibrated_on_rows(rows, cluster), rows, cluster) if args.from_rows \
         else {}
     if fits:
         print("from the measured 1-rank rows, a fixed cost per step and the efficiency at "

@@ -190,18 +190,27 @@ def test_costcheck_takes_the_efficiency_at_the_rows_micro_batch_size():
 
 
 def test_one_sequence_micro_batches_get_the_efficiency_their_measured_slowdown_implies():
-    """A 1-rank row of 3 sequences took t = F + G/e; the same step in 3 one-sequence
-    micro-batches took s t = F + G/e1 (make report's `one_sequence_slowdown`)."""
-    from bench.costcheck import Fit, with_one_sequence
-    t, F, e, s = 0.030, 0.006, 0.6, 1.4
-    rows = [{"model": "baby", "ranks": 1, "mode": "ring", "batch_size": 3, "step_ms": t * 1e3,
-             "one_sequence_slowdown": [3, s]}]
-    fit = with_one_sequence({"baby": Fit(F, [(3, e), (12, 0.7)])}, rows)["baby"]
-    G = (t - F) * e  # the row's GEMMs at the peak, in seconds
-    assert dict(fit.efficiencies)[1] == pytest.approx(G / (s * t - F))
+    """A 1-rank row of 3 sequences and the same step in 3 one-sequence micro-batches (make
+    report's `one_sequence_slowdown`), both made by the model with Python's per-layer cost
+    and a lower efficiency at one sequence: the fit recovers that efficiency, and does not
+    count the extra micro-batches' Python cost in it as well."""
+    from bench.costcheck import Fit, model_and_layout, with_one_sequence
+    F, e, e1 = 2e-3, 0.6, 0.35
+    truth = replace(flat_cluster(fp32_flops=1e9), efficiency=e, step_overhead=F,
+                    layer_overhead=1e-3, memory_bandwidth=1e10)
+    row = {"model": "tiny", "mode": "ring", "dp": 1, "tp": 1, "pp": 1, "schedule": "1f1b",
+           "chunks": 1, "micro_batches": 1, "zero": 0, "servers": 0, "staleness": 0,
+           "ranks": 1, "block_size": 32, "batch_size": 3}
+    t = predict(*model_and_layout(row), truth).step_s
+    split = predict(*model_and_layout({**row, "micro_batches": 3}),
+                    replace(truth, efficiency=e1)).step_s
+    rows = [{**row, "step_ms": t * 1e3, "one_sequence_slowdown": [3, split / t]}]
+    plain = replace(truth, efficiency=1.0, step_overhead=0.0)
+    fit = with_one_sequence({"tiny": Fit(F, [(3, e), (12, 0.7)])}, rows, plain)["tiny"]
+    assert dict(fit.efficiencies)[1] == pytest.approx(e1)
     assert fit.step_overhead == F and dict(fit.efficiencies)[3] == e
-    assert with_one_sequence({"baby": Fit(F, [(3, e)])}, [{**rows[0], "model": "x"}]) == \
-        {"baby": Fit(F, [(3, e)])}  # nothing measured for it: unchanged
+    assert with_one_sequence({"tiny": Fit(F, [(3, e)])}, [{**rows[0], "model": "x"}],
+                             plain) == {"tiny": Fit(F, [(3, e)])}  # nothing measured for it
 
 
 def test_the_fixed_cost_per_step_is_paid_once_by_every_rank_whatever_its_share():
@@ -305,3 +314,11 @@ def test_the_busy_link_is_timed_in_a_tensor_parallel_forward_and_backward():
         with verdict.guard("unsplittable"):
             assert tensor_parallel_costs("tiny", B, world, seconds=0.05) == {}
     verdict.check(world)
+
+
+def test_the_laptop_calibration_gives_a_peak_an_efficiency_and_a_per_layer_overhead():
+    from app.costmodel import calibrate_laptop
+    laptop = calibrate_laptop("tiny", repeats=3)
+    assert laptop.peak_flops > 0 and 0 < laptop.efficiency <= 1
+    # Python's cost per layer and micro-batch on tiny arrays: some microseconds, not seconds
+    assert 0 <= laptop.layer_overhead < 0.05
