@@ -1,13 +1,14 @@
-"""`python -m bench.costcheck --measurements FILE`: the cost model against measured steps.
+"""`python -m bench.costcheck --measurements FILE...`: the cost model against measured steps.
 
 FILE is the measurements.json that `make report` writes (bench/report.py): one dict per
 measured configuration (model, mode, dp, tp, pp, schedule, chunks, micro_batches, zero,
-servers, staleness, ranks, batch_size, block_size, step_ms, peak_mem_bytes, ...). For each
-row this prints the cost model's step time and memory per rank on the laptop preset,
-calibrated in this process (app/costmodel.py `calibrate_laptop`), beside the measured ones,
-and judges the target: within 15% for every configuration of 1 or 2 ranks. Rows with more
-ranks than cores are marked oversubscribed and left out of the judgement; load is the
-cores' worth of CPU other processes used while the row was measured (bench/report.py).
+servers, staleness, ranks, batch_size, block_size, step_ms, peak_mem_bytes, ...); several
+files are judged as one (say, a longer report of each config). For each row this prints
+the cost model's step time and memory per rank on the laptop preset, calibrated in this
+process (app/costmodel.py `calibrate_laptop`), beside the measured ones, and judges the
+target: within 15% for every configuration of 1 or 2 ranks. Rows with more ranks than
+cores are marked oversubscribed and left out of the judgement; load is the cores' worth
+of CPU other processes used while the row was measured (bench/report.py).
 
 With --from-rows each model's efficiency and fixed cost per step come from its own 1-rank
 rows (make report's batches of 12 and 3 sequences; `calibrated_on_rows`), and its efficiency
@@ -524,8 +525,9 @@ def check(rows, cluster_of, cores, out=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--measurements", required=True,
-                        help="measurements.json written by `make report`")
+    parser.add_argument("--measurements", required=True, nargs="+", metavar="FILE",
+                        help="measurements.json written by `make report`; several files "
+                             "(say, one report per config) are judged as one")
     parser.add_argument("--calibrate", default="baby",
                         help="config whose 1-rank step calibrates the laptop here (default baby)")
     parser.add_argument("--from-rows", action="store_true",
@@ -543,7 +545,7 @@ def main(argv=None):
         worker.add_argument("--config", required=True)
         return colocation_worker(worker.parse_args(argv))
     args = parser.parse_args(argv)
-    rows = read_rows(args.measurements)
+    rows = [row for path in args.measurements for row in read_rows(path)]
     stored = stored_calibration(rows)
     cluster = laptop_cluster(**stored) if stored else calibrate_laptop(args.calibrate)
     where = "by make report beside the rows (the median of its rounds)" if stored else \

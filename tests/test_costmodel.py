@@ -166,6 +166,22 @@ def test_costcheck_reads_measured_rows_and_judges_the_one_and_two_rank_ones(tmp_
         read_rows(path)
 
 
+def test_costcheck_judges_several_files_as_one(tmp_path, capsys):
+    """One report per config (say, longer runs of each): their rows are judged together."""
+    from bench.costcheck import main
+    row = {"model": "tiny", "mode": "ring", "dp": 1, "tp": 1, "pp": 1, "schedule": "1f1b",
+           "chunks": 1, "micro_batches": 1, "zero": 0, "servers": 0, "staleness": 0,
+           "ranks": 1, "batch_size": 8, "block_size": 32, "step_ms": 10.0,
+           "laptop_calibration": {"peak_flops": 1e10, "efficiency": 0.5,
+                                  "layer_overhead": 1e-4}}
+    paths = [tmp_path / "tiny.json", tmp_path / "baby.json"]
+    paths[0].write_text(json.dumps([row]))
+    paths[1].write_text(json.dumps([{**row, "model": "baby", "block_size": 64, "step_ms": 900.0}]))
+    assert main(["--measurements", *map(str, paths), "--from-rows", "--no-colocation"]) == 0
+    table = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "|" in line]
+    assert table == ["model", "tiny", "baby"]
+
+
 def test_ranks_sharing_a_node_compute_slower_by_its_measured_factor():
     base, shared = flat_cluster(), flat_cluster(colocated_slowdown=1.25)
     alone = TrainingLayout(1, global_batch=4)
