@@ -29,7 +29,7 @@ is listed as skipped with the trainer's reason; a job that both kinds share runs
   2 steps (the staleness) ahead of the slowest. tok/s: the global batch's tokens over step
   ms. The row's other numbers are its job's (on 1 core, the median round's), and
   measurements.json keeps every job's and visit's step times (`rounds_steps_ms`). Rows
-  with more ranks than cores run once, as a job.
+  with more ranks than cores run once, as a job of half the steps (at least 3).
 - speedup: tok/s over the 1-rank run of the same table (the same config and strong batch,
   or per-rank batch); efficiency: speedup / ranks, a parameter server counted as a rank.
 - One step split: compute is the ideal share of the 1-rank step (this rank's share of the
@@ -100,7 +100,8 @@ OTHER_STEPS = 10
 # 13 samples, took the report to 19.6 of its 20 minutes); small's jobs are long and its
 # steps span seconds: 2 samples (one job can still sit in a slow spell: a weak dp=2 row's
 # 4 steps all read 1.54-1.59 s in its job, 1.06-1.30 s in its visit). Oversubscribed rows
-# run once: they are not scaling results, and small's would take 5 minutes a round. The
+# run once, at half the steps: they are not scaling results, and at 5 steps small's took
+# 168 s of a report that ended 0.7 s past its 20 minutes on a slow spell of the VM. The
 # 1-rank rows are visited twice a round (`visit_order`): baby 19 samples, small 3.
 ROUNDS = {"baby": 4, "small": 2}
 OTHER_ROUNDS = 1
@@ -295,7 +296,7 @@ def combine_rounds(results, tokens, visits=()):
 
 
 def measure(case, args, runs, index, round_=0):
-    steps = steps_of(case.model, args)
+    steps = steps_of(case.model, args, case.ranks)
     flags = [x for key, value in case.overrides.items()
              for x in (f"--{key.replace('_', '-')}", str(value))]
     out = os.path.join(runs, f"job{index}")
@@ -523,7 +524,8 @@ def write_report(args, cases, elapsed, steps):
              + ", ".join(f"`{m}` {s}" + (f" in {r} rounds" if r > 1 else "")
                          + (f" (after the first, {v} visit{'s' * (v > 1)} a round of every "
                             "1-2 rank row inside one job)" if r > 1 and cores >= 2 else "")
-                         for m, (s, r, v) in steps.items())
+                         + (f", {o} on more ranks than cores" if o != s else "")
+                         for m, (s, o, r, v) in steps.items())
              + " (step ms: the median of all its logged steps). Strong scaling: a global "
              f"batch of {args.batch} sequences; weak scaling: {args.weak_batch} sequences per rank "
              "(per worker in ps mode).", "",
@@ -624,8 +626,10 @@ def parse_args(argv):
     return args
 
 
-def steps_of(model, args):
-    return args.steps or STEPS.get(model, OTHER_STEPS)
+def steps_of(model, args, ranks=1):
+    """Steps per job: half, at least 3, on more ranks than cores (not scaling results)."""
+    steps = args.steps or STEPS.get(model, OTHER_STEPS)
+    return max(3, steps // 2) if ranks > (os.cpu_count() or 1) else steps
 
 
 def rounds_of(model, args):
@@ -710,7 +714,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "measurements.json"), "w") as f:
         json.dump(list(unique.values()), f, indent=1)
     elapsed = time.perf_counter() - started
-    write_report(args, cases, elapsed, {m: (steps_of(m, args), rounds_of(m, args),
+    write_report(args, cases, elapsed, {m: (steps_of(m, args), steps_of(m, args, max(args.ranks)),
+                                            rounds_of(m, args),
                                             visits_of(m, args)) for m in args.configs})
     return 1 if any(c.result and c.result["failure"] for c in cases) else 0
 
