@@ -120,6 +120,17 @@ def test_each_round_of_visits_starts_further_along_the_list():
     assert rotation(14, 12, 13) == [12, 13] + list(range(12))
 
 
+def test_rows_on_more_ranks_than_cores_run_half_the_steps(monkeypatch):
+    from types import SimpleNamespace
+
+    from bench.report import steps_of
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    default, given = SimpleNamespace(steps=0), SimpleNamespace(steps=8)
+    assert [steps_of("baby", default, r) for r in (1, 2, 4)] == [20, 20, 10]
+    assert [steps_of("small", default, r) for r in (2, 4)] == [5, 3]  # at least 3
+    assert [steps_of("small", given, r) for r in (2, 4)] == [8, 4]
+
+
 def test_a_round_visits_each_1_rank_row_twice_half_a_round_apart():
     from bench.report import Case, visit_order
     cases = [Case("tiny", kind, mode, ranks, 4, {}) for kind in ("strong", "weak")
