@@ -8,7 +8,9 @@ alike; the table reports medians and the ours/torch ratio measured in that one p
 Six rounds of 5 steps, not three of 10: this VM's speed wanders by +-25% over seconds, and
 `baby`'s three rounds of 0.8 s each read ours/torch 1.00x in one run, 1.29x in another.
 The NumPy-only column is our same step with the numba kernels (models/kernels.py) switched
-off, timed in the same rounds: its ratio is what the kernels buy.
+off, timed in the same rounds: its ratio is what the kernels buy. Where MKL serves the
+products (models/gemm.py, Intel CPUs), the OpenBLAS column is the same step with NumPy's
+OpenBLAS instead, timed in the same rounds: its ratio is what MKL buys.
 
 The second table uses the machine's 2 cores the way each system uses them best, at one
 global batch (twice the first table's): ours as 2 MPI ranks x 1 thread (data parallel over
@@ -38,7 +40,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
     from app.config import load_config
     from app.parallel.engine import TrainStep
     from comm.backend import get_xp, keep_freed_host_memory, synchronize, to_host
-    from models import gpt, kernels
+    from models import gemm, gpt, kernels
 
     keep_freed_host_memory()
     cfg = load_config(config_name, {"batch_size": SHAPES.get(config_name)})
@@ -65,6 +67,14 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
             finally:
                 kernels.ENABLED = True
         runners["numpy"] = numpy_only
+    if gemm.ENABLED:  # the same step with NumPy's OpenBLAS for every product
+        def openblas_only(i):
+            gemm.ENABLED = False
+            try:
+                return ours(i)
+            finally:
+                gemm.ENABLED = True
+        runners["openblas"] = openblas_only
     if use_torch:
         import torch
 
@@ -124,9 +134,12 @@ def run_cell(config_name, threads, steps, rounds, use_torch, device):
 def print_table(rows, out=sys.stdout):
     has_torch = any("torch" in r for r in rows)
     has_numpy = any("numpy" in r for r in rows)
+    has_openblas = any("openblas" in r for r in rows)
     head = (f"{'config':<7}{'thr':>4}{'peak GF/s':>10} | {'ours ms':>8}{'tok/s':>9}{'MFU':>7}")
     if has_numpy:
         head += f" | {'NumPy-only ms':>13}{'kernels':>8}"
+    if has_openblas:
+        head += f" | {'OpenBLAS ms':>11}{'MKL':>7}"
     if has_torch:
         head += f" | {'torch ms':>8}{'tok/s':>9}{'MFU':>7} | {'ours/torch':>10}"
     print(head, file=out)
@@ -137,6 +150,10 @@ def print_table(rows, out=sys.stdout):
                 f"{o['ms']:>8.1f}{o['tokens_per_s']:>9.0f}{100 * o['mfu']:>6.1f}%")
         if "numpy" in r:
             line += f" | {r['numpy']['ms']:>13.1f}{r['numpy']['ms'] / o['ms']:>7.2f}x"
+        if has_openblas:
+            ob = r.get("openblas")
+            line += (f" | {ob['ms']:>11.1f}{ob['ms'] / o['ms']:>6.2f}x" if ob else
+                     f" | {'-':>11}{'-':>7}")
         if "torch" in r:
             t = r["torch"]
             line += (f" | {t['ms']:>8.1f}{t['tokens_per_s']:>9.0f}{100 * t['mfu']:>6.1f}%"

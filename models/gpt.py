@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from comm.backend import array_module
-from models import classifier, layers, parallel
+from models import classifier, gemm, layers, parallel
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,7 @@ def _lm_loss_forward(wte, h, targets, tp, vocab_start, vocab_size):
     if tp.size == 1:
         loss, c_loss = layers.lm_loss_forward(wte, h2, targets.reshape(-1))
     else:
-        logits_t = wte @ h2.T  # (V, B*T), class-major
+        logits_t = gemm.matmul(wte, h2.T)  # (V, B*T), class-major
         loss, c_loss = parallel.vocab_cross_entropy_forward(
             logits_t, targets.reshape(-1), vocab_start, vocab_size, tp.group)
     return loss, (h2, c_loss, wte, (B, T, C), tp, c_in)
@@ -312,13 +312,12 @@ def _lm_loss_forward(wte, h, targets, tp, vocab_start, vocab_size):
 def _lm_loss_backward(grads, cache, dloss):
     """-> d(normed hidden state); overwrites grads['wte'] with the head's share."""
     h2, c_loss, wte, h_shape, tp, c_in = cache
-    xp = array_module(h2)
     if tp.size == 1:
         dh, _ = layers.lm_loss_backward(c_loss, dloss, {"wte": grads["wte"]})
         return dh.reshape(h_shape)
     dlogits_t, _ = parallel.vocab_cross_entropy_backward(c_loss, dloss)
-    xp.matmul(dlogits_t, h2, out=grads["wte"])
-    dh = (dlogits_t.T @ wte).reshape(h_shape)  # (B*T, C): a partial sum under tp
+    gemm.matmul(dlogits_t, h2, out=grads["wte"])
+    dh = gemm.matmul(dlogits_t.T, wte).reshape(h_shape)  # (B*T, C): a partial sum under tp
     if tp.size > 1:
         dh, _ = (parallel.gather_sequence_backward if tp.sequence_parallel
                  else parallel.copy_backward)(c_in, dh)

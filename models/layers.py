@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from comm.backend import array_module
-from models import gpu_kernels, kernels
+from models import gemm, gpu_kernels, kernels
 
 # Marks a cache built by a fused GPU kernel (models/gpu_kernels.py): its backward is too.
 FUSED_GPU = "fused-gpu"
@@ -159,7 +159,7 @@ def _filled(xp, n, value, dtype):
 def linear_forward(weight, bias, x):
     """(Cin,Cout), (Cout,), (...,Cin) -> (...,Cout). GPT-2 stores weights as (in, out)."""
     # One 2-D GEMM: a 3-D @ 2-D matmul would loop over the batch in small GEMMs.
-    out = add_into(x.reshape(-1, x.shape[-1]) @ weight, bias)
+    out = add_into(gemm.matmul(x.reshape(-1, x.shape[-1]), weight), bias)
     out = out.reshape(*x.shape[:-1], weight.shape[1])
     return out, (x, weight)
 
@@ -173,9 +173,9 @@ def linear_backward(cache, dout, grads=None):
     x2 = x.reshape(-1, cin)
     if grads is None:
         grads = {"weight": xp.empty_like(weight), "bias": xp.empty(cout, dout.dtype)}
-    xp.matmul(x2.T, d2, out=grads["weight"])
+    gemm.matmul(x2.T, d2, out=grads["weight"])
     xp.matmul(_filled(xp, d2.shape[0], 1.0, d2.dtype), d2, out=grads["bias"])
-    dx = (d2 @ weight.T).reshape(*dout.shape[:-1], cin)
+    dx = gemm.matmul(d2, weight.T).reshape(*dout.shape[:-1], cin)
     return dx, grads
 
 
@@ -282,7 +282,8 @@ def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
     blocks = []
     for start in range(0, T, query_block):
         stop = min(start + query_block, T)  # queries start:stop see keys 0:stop
-        att = k[:, :, :stop] @ q[:, :, start:stop].transpose(0, 1, 3, 2)  # (B,H,stop,nq)
+        q_t = q[:, :, start:stop].transpose(0, 1, 3, 2)
+        att = gemm.matmul(k[:, :, :stop], q_t)  # (B,H,stop,nq)
         if fused:  # the same causal rule as the mask, in one pass instead of five
             kernels.causal_softmax(att, start)
         else:
@@ -290,7 +291,7 @@ def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
             att -= att.max(axis=-2, keepdims=True)
             xp.exp(att, out=att)
             att /= att.sum(axis=-2, keepdims=True)
-        xp.matmul(att.transpose(0, 1, 3, 2), v[:, :, :stop], out=y_heads[:, :, start:stop])
+        gemm.matmul(att.transpose(0, 1, 3, 2), v[:, :, :stop], out=y_heads[:, :, start:stop])
         blocks.append((start, stop, att))
     y = xp.ascontiguousarray(y_heads.transpose(0, 2, 1, 3))  # (B,T,H,D)
     return y.reshape(B, T, C), (q, k, v, blocks)
@@ -309,8 +310,8 @@ def attention_backward(cache, dout):
     dv = xp.zeros_like(dq)
     for start, stop, att in blocks:
         dy_block = dy[:, :, start:stop]
-        dv[:, :, :stop] += att @ dy_block
-        datt = v[:, :, :stop] @ dy_block.transpose(0, 1, 3, 2)  # (B,H,stop,nq)
+        gemm.matmul(att, dy_block, out=dv[:, :, :stop], accumulate=True)
+        datt = gemm.matmul(v[:, :, :stop], dy_block.transpose(0, 1, 3, 2))  # (B,H,stop,nq)
         # softmax backward: ds = att * (datt - sum_k(datt * att)); masked entries stay 0
         if kernels.enabled_for(datt, att):
             kernels.softmax_backward(datt, att)
@@ -319,9 +320,9 @@ def attention_backward(cache, dout):
             datt -= row.sum(axis=-2, keepdims=True)
             datt *= att
         dq_block = dq[:, :, start:stop]
-        xp.matmul(datt.transpose(0, 1, 3, 2), k[:, :, :stop], out=dq_block)
+        gemm.matmul(datt.transpose(0, 1, 3, 2), k[:, :, :stop], out=dq_block)
         dq_block *= 1.0 / math.sqrt(D)
-        dk[:, :, :stop] += datt @ q[:, :, start:stop]
+        gemm.matmul(datt, q[:, :, start:stop], out=dk[:, :, :stop], accumulate=True)
     dqkv = xp.empty((B, T, 3, H, D), dout.dtype)
     for i, d in enumerate((dq, dk, dv)):
         dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
@@ -339,7 +340,7 @@ def lm_loss_forward(wte, h2, targets):
         logits = h2 @ wte.T
         loss = gpu_kernels.cross_entropy_forward(logits, targets)
         return loss, (FUSED_GPU, logits, h2, wte)  # logits now hold softmax - onehot
-    loss, c_loss = softmax_cross_entropy_forward(wte @ h2.T, targets)
+    loss, c_loss = softmax_cross_entropy_forward(gemm.matmul(wte, h2.T), targets)
     return loss, (None, c_loss, h2, wte)
 
 
@@ -358,8 +359,8 @@ def lm_loss_backward(cache, dloss, grads=None):
         return dh, grads
     dlogits_t, _ = softmax_cross_entropy_backward(c_loss, dloss)  # (V,N)
     dlogits_t = dlogits_t.astype(h2.dtype, copy=False)
-    xp.matmul(dlogits_t, h2, out=grads["wte"])
-    return dlogits_t.T @ wte, grads
+    gemm.matmul(dlogits_t, h2, out=grads["wte"])
+    return gemm.matmul(dlogits_t.T, wte), grads
 
 
 def softmax_cross_entropy_forward(logits_t, targets):
