@@ -69,11 +69,11 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
         runners["numpy"] = numpy_only
     if gemm.ENABLED:  # the same step with NumPy's OpenBLAS for every product
         def openblas_only(i):
-            gemm.ENABLED = False
+            gemm.use_mkl(False)
             try:
                 return ours(i)
             finally:
-                gemm.ENABLED = True
+                gemm.use_mkl(True)
         runners["openblas"] = openblas_only
     if use_torch:
         import torch

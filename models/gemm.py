@@ -69,9 +69,46 @@ _MKL = None if _MODE == "numpy" else _load_mkl()
 if _MODE == "mkl" and _MKL is None:
     raise ImportError("GPT_MPI_GEMM=mkl but MKL's libmkl_rt was not found: "
                       "pip install mkl, or use GPT_MPI_GEMM=auto")
-# Switched off in one process by the benchmark, as kernels.ENABLED is.
-ENABLED = _MKL is not None and (_MODE == "mkl" or _intel_cpu())
-BACKEND = "mkl" if ENABLED else "numpy"
+
+
+def _openblas_thread_setter():
+    """(get, set) of the thread count of the OpenBLAS that NumPy's wheel bundles, or None
+    (another NumPy build): its symbols carry the wheel's prefix and suffix."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                  "lib*openblas*.so*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for infix in ("scipy_openblas_{}_num_threads64_", "openblas_{}_num_threads64_",
+                      "openblas_{}_num_threads"):
+            get = getattr(lib, infix.format("get"), None)
+            set_ = getattr(lib, infix.format("set"), None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
+
+
+_OPENBLAS = _openblas_thread_setter()
+_OPENBLAS_THREADS = _OPENBLAS[0]() if _OPENBLAS else None
+ENABLED = False
+BACKEND = "numpy"
+
+
+def use_mkl(on: bool):
+    """MKL for the products (where it loaded), or NumPy's OpenBLAS. With MKL on, OpenBLAS
+    keeps one thread for what still reaches it (GEMVs): two thread pools that both spin
+    while waiting ran `small`'s step at 2 threads 2x slower than either pool alone."""
+    global ENABLED, BACKEND
+    ENABLED = bool(on) and _MKL is not None
+    BACKEND = "mkl" if ENABLED else "numpy"
+    if _OPENBLAS is not None:
+        _OPENBLAS[1](1 if ENABLED else _OPENBLAS_THREADS)
+
+
+use_mkl(_MKL is not None and (_MODE == "mkl" or _intel_cpu()))
 _GEMM = {np.dtype(np.float32): ("cblas_sgemm", "cblas_sgemm_batch_strided"),
          np.dtype(np.float64): ("cblas_dgemm", "cblas_dgemm_batch_strided")}
 

@@ -117,3 +117,20 @@ def test_batch_stride_and_layout_rules():
     assert gemm._matrix_layout(x[0, 0].T) == (gemm._TRANS, 4)
     assert gemm._matrix_layout(x[0, 0, ::2]) == (gemm._NO_TRANS, 8)
     assert gemm._matrix_layout(x[0, 0, :, ::2]) is None
+
+
+@needs_mkl
+def test_openblas_keeps_one_thread_while_mkl_serves(monkeypatch):
+    if gemm._OPENBLAS is None:
+        pytest.skip("this NumPy's OpenBLAS thread count is not reachable")
+    get_threads, _ = gemm._OPENBLAS
+    was = gemm.ENABLED
+    monkeypatch.setattr(gemm, "_OPENBLAS_THREADS", 2)
+    try:
+        gemm.use_mkl(True)
+        assert (gemm.ENABLED, gemm.BACKEND, get_threads()) == (True, "mkl", 1)
+        gemm.use_mkl(False)
+        assert (gemm.ENABLED, gemm.BACKEND, get_threads()) == (False, "numpy", 2)
+    finally:
+        monkeypatch.undo()
+        gemm.use_mkl(was)
