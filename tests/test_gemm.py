@@ -134,3 +134,19 @@ def test_openblas_keeps_one_thread_while_mkl_serves(monkeypatch):
     finally:
         monkeypatch.undo()
         gemm.use_mkl(was)
+
+
+@needs_mkl
+def test_a_remembered_plan_serves_new_arrays_of_the_same_layout(monkeypatch):
+    """The plan cache keys on shapes, strides and dtypes, never on the data's address."""
+    monkeypatch.setattr(gemm, "ENABLED", True)
+    monkeypatch.setattr(gemm, "_PLANS", {})
+    monkeypatch.setattr(gemm, "_PLANS_MAX", 2)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        a, b = rand(rng, (6, 5), np.float32), rand(rng, (7, 5), np.float32).T
+        np.testing.assert_allclose(gemm.matmul(a, b), a @ b, **TOL[np.float32])
+        c = rand(rng, (3, 6, 5), np.float32)
+        np.testing.assert_allclose(gemm.matmul(c, c.transpose(0, 2, 1)),
+                                   c @ c.transpose(0, 2, 1), **TOL[np.float32])
+    assert 1 <= len(gemm._PLANS) <= 2  # full at the third key: cleared, then refilled
