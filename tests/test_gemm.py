@@ -149,4 +149,6 @@ def test_a_remembered_plan_serves_new_arrays_of_the_same_layout(monkeypatch):
         c = rand(rng, (3, 6, 5), np.float32)
         np.testing.assert_allclose(gemm.matmul(c, c.transpose(0, 2, 1)),
                                    c @ c.transpose(0, 2, 1), **TOL[np.float32])
-    assert 1 <= len(gemm._PLANS) <= 2  # full at the third key: cleared, then refilled
+        d = rand(rng, (5, 3), np.float32)  # a third layout: the full cache is cleared
+        np.testing.assert_allclose(gemm.matmul(a, d), a @ d, **TOL[np.float32])
+    assert 1 <= len(gemm._PLANS) <= 2
