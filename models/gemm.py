@@ -120,10 +120,13 @@ _PLANS_MAX = 4096
 
 
 def matmul(a, b, out=None, accumulate=False):
-    """(...,m,k) @ (...,k,n) -> (...,m,n), written to `out` if given; `accumulate`: out += a @ b."""
+    """(...,m,k) @ (...,k,n) -> (...,m,n), written to `out` if given; `accumulate`: out += a @ b.
+    An `out` that may overlap an operand goes to NumPy, which copies as needed."""
     plan = None
-    if ENABLED and type(a) is np.ndarray and type(b) is np.ndarray:
-        out_key = None if out is None else (type(out), out.shape, out.strides, out.dtype)
+    if ENABLED and type(a) is np.ndarray and type(b) is np.ndarray and (
+            out is None or not (np.may_share_memory(out, a) or np.may_share_memory(out, b))):
+        out_key = None if out is None else (type(out), out.shape, out.strides, out.dtype,
+                                            out.flags.writeable)
         key = (a.shape, a.strides, a.dtype, b.shape, b.strides, b.dtype, out_key)
         plan = _PLANS.get(key, False)
         if plan is False:
@@ -169,7 +172,8 @@ def _blas_args(a, b, out):
         return None
     if out is None:
         out = np.empty(a.shape[:-1] + (n,), a.dtype)
-    elif type(out) is not np.ndarray or out.dtype != a.dtype or out.shape != a.shape[:-1] + (n,):
+    elif (type(out) is not np.ndarray or out.dtype != a.dtype or not out.flags.writeable
+          or out.shape != a.shape[:-1] + (n,)):
         return None
     batch = math.prod(a.shape[:-2])
     layouts = []

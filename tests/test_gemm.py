@@ -82,6 +82,13 @@ def test_what_blas_cannot_take_goes_to_numpy(monkeypatch, enabled):
     out = np.ones((5, 5), np.float32)
     gemm.matmul(x[0, 0], x[0, 1][:, ::-1], out=out, accumulate=True)  # negative stride
     np.testing.assert_allclose(out, 1 + x[0, 0] @ x[0, 1][:, ::-1], rtol=1e-6, atol=1e-6)
+    square = x[1, 1].copy()
+    expected = square @ x[1, 2]
+    gemm.matmul(square, x[1, 2], out=square)  # out is an operand: NumPy copies first
+    np.testing.assert_allclose(square, expected, rtol=1e-6, atol=1e-6)
+    frozen = np.zeros((5, 5), np.float32)
+    frozen.flags.writeable = False
+    assert gemm._blas_args(x[0, 0], x[0, 1], frozen) is None
 
 
 @needs_mkl
