@@ -187,7 +187,10 @@ class _Reader:
             raise ValueError(f"payload buffer of {self.buf.size} bytes is truncated")
         out = self.buf[self.pos:end].view(dtype) if count else np.empty(0, dtype)
         self.pos = end
-        return out
+        # A view off its dtype's alignment is copied: BLAS may round differently on
+        # misaligned operands (PowerSGD's P @ Q.T moved by an ulp at 1-7 bytes off on an
+        # Intel Xeon's OpenBLAS), and a payload must decompress to the same bits anywhere.
+        return out if out.flags.aligned else out.copy()
 
 
 class Compressor:
@@ -227,7 +230,8 @@ class Compressor:
         raise NotImplementedError
 
     def from_buffer(self, buf):
-        """A `to_buffer` message -> payload (views into buf: decompress before reusing it)."""
+        """A `to_buffer` message -> payload (views into buf, or copies where buf's offset
+        misaligns them: decompress before reusing buf)."""
         raise NotImplementedError
 
     def residual(self, key):
