@@ -16,19 +16,18 @@ def flops_per_token(n_params: int, n_layer: int, block_size: int, n_embd: int) -
 
 def measure_gemm_gflops(xp=np, n=512, seconds=0.25, dtype=np.float32) -> float:
     """The best sustained fp32 GEMM rate (GFLOP/s) of this process with its current BLAS
-    threads (one thread under `make`): the denominator of MFU. On the CPU it times the
-    products the model uses (models/gemm.py: MKL or OpenBLAS)."""
-    matmul = gemm.matmul if xp is np else xp.matmul
+    threads (one thread under `make`): the denominator of MFU. It times the products the
+    model uses (models/gemm.py: MKL or OpenBLAS on the CPU, CuPy's on a GPU)."""
     a = xp.ones((n, n), dtype)
     b = xp.ones((n, n), dtype)
     out = xp.empty((n, n), dtype)
-    matmul(a, b, out=out)  # warm-up: threads, caches, cuBLAS handles
+    gemm.matmul(a, b, out=out)  # warm-up: threads, caches, cuBLAS handles
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while True:
         start = time.perf_counter()
         for _ in range(4):
-            matmul(a, b, out=out)
+            gemm.matmul(a, b, out=out)
         synchronize(xp)
         best = min(best, (time.perf_counter() - start) / 4)
         if time.perf_counter() > deadline:

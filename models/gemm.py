@@ -95,16 +95,14 @@ def _openblas_thread_setter():
 _OPENBLAS = _openblas_thread_setter()
 _OPENBLAS_THREADS = _OPENBLAS[0]() if _OPENBLAS else None
 ENABLED = False
-BACKEND = "numpy"
 
 
 def use_mkl(on: bool):
     """MKL for the products (where it loaded), or NumPy's OpenBLAS. With MKL on, OpenBLAS
     keeps one thread for what still reaches it (GEMVs): two thread pools that both spin
     while waiting ran `small`'s step at 2 threads 2x slower than either pool alone."""
-    global ENABLED, BACKEND
+    global ENABLED
     ENABLED = bool(on) and _MKL is not None
-    BACKEND = "mkl" if ENABLED else "numpy"
     if _OPENBLAS is not None:
         _OPENBLAS[1](1 if ENABLED else _OPENBLAS_THREADS)
 
