@@ -8,7 +8,8 @@ Columns: step time, tokens/s, model FLOP/s (6N + 6LTC per token, as llm.c counts
 against the GPU's dense peak for the precision, and ours over torch's tokens/s.
 
 A second table times causal attention alone (forward + backward, one layer's shape): ours
-(cuBLAS batched GEMMs around one fused masked-softmax kernel) against torch's
+(16-bit: the flash kernels of `models/flash_attention.py`; every precision: cuBLAS batched
+GEMMs around one fused masked-softmax kernel) against torch's
 `scaled_dot_product_attention` (a fused flash kernel).
 """
 import argparse
@@ -96,7 +97,7 @@ def attention_rows(batch, block_size, repeats=20):
     import torch
     import torch.nn.functional as F
 
-    from models import gpu_kernels
+    from models import flash_attention, gpu_kernels
     H, C = GPT2["n_head"], GPT2["n_embd"]
     rows = []
     for precision in ("float32", "bf16"):
@@ -108,9 +109,16 @@ def attention_rows(batch, block_size, repeats=20):
             y, cache = gpu_kernels.attention_forward(qkv, H)
             return gpu_kernels.attention_backward(cache, dy)
 
-        seconds, _ = time_steps(lambda: run_ours()[0, 0, 0].astype(np.float32),
-                                cupy.cuda.Device().synchronize, 3, repeats)
-        rows.append(("ours: cuBLAS GEMMs + fused masked softmax", precision, seconds * 1e3))
+        flash = flash_attention.ENABLED
+        for label, use_flash in (("ours: flash kernels, tensor cores", True),
+                                 ("ours: cuBLAS GEMMs + fused masked softmax", False)):
+            flash_attention.ENABLED = use_flash
+            if use_flash and not flash_attention.applies(qkv, H):
+                continue  # float32: the flash kernels take 16-bit inputs only
+            seconds, _ = time_steps(lambda: run_ours()[0, 0, 0].astype(np.float32),
+                                    cupy.cuda.Device().synchronize, 3, repeats)
+            rows.append((label, precision, seconds * 1e3))
+        flash_attention.ENABLED = flash
         tdtype = torch.float32 if precision == "float32" else torch.bfloat16
         q, k, v = (torch.randn(batch, H, block_size, C // H, device="cuda", dtype=tdtype,
                                requires_grad=True) for _ in range(3))

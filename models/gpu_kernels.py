@@ -25,6 +25,8 @@ import os
 
 import numpy as np
 
+from models import flash_attention
+
 try:
     import cupy
 except ImportError:  # no GPU stack: nothing here is ever enabled
@@ -532,8 +534,13 @@ ATTENTION_QUERY_BLOCK = 256
 
 
 def attention_forward(qkv, n_head):
-    """(B,T,3C) -> (B,T,C), cache: per block of queries, cuBLAS batched GEMMs over the B*H
-    heads around one fused kernel for the causal mask, 1/sqrt(D) and the softmax."""
+    """(B,T,3C) -> (B,T,C), cache: flash attention on tensor cores where it applies (16-bit
+    heads of 16, 32 or 64: `models/flash_attention.py`), else per block of queries, cuBLAS
+    batched GEMMs over the B*H heads around one fused kernel for the causal mask, 1/sqrt(D)
+    and the softmax."""
+    if flash_attention.applies(qkv, n_head):
+        y, lse = flash_attention.forward(qkv, n_head)
+        return y, ("flash", qkv, y, lse, n_head)
     B, T, C3 = qkv.shape
     C = C3 // 3
     H, D = n_head, C // n_head
@@ -555,7 +562,8 @@ def attention_forward(qkv, n_head):
         causal_softmax_forward(att, scale, start)
         batched_matmul(att, v[:, :stop], out=y[:, start:stop])
         blocks.append((start, stop, att))
-    return _from_heads(y, B, T, H, D).reshape(B, T, C), (q, k, v, blocks, scale, (B, T, H, D))
+    return _from_heads(y, B, T, H, D).reshape(B, T, C), ("blocks", q, k, v, blocks, scale,
+                                                          (B, T, H, D))
 
 
 def _vector_heads(x, D):
@@ -592,7 +600,9 @@ def _from_heads(x, B, T, H, D):
 def attention_backward(cache, dout):
     """dout (B,T,C) -> d_qkv (B,T,3C). Keys and values collect gradient from every block
     that sees them: in float32 for 16-bit inputs (cuBLAS adds into a float32 output)."""
-    q, k, v, blocks, scale, (B, T, H, D) = cache
+    if cache[0] == "flash":
+        return flash_attention.backward(*cache[1:4], dout, cache[4])
+    _, q, k, v, blocks, scale, (B, T, H, D) = cache
     dy = _to_heads(cupy.ascontiguousarray(dout), B, T, H, D)
     acc = np.promote_types(dout.dtype, np.float32)
     dq = cupy.empty((B * H, T, D), dout.dtype)
