@@ -36,7 +36,10 @@ except ImportError:
     cupy = None
 
 HEAD_DIMS = (16, 32, 64)  # 128 would need more shared memory than a static array may take
-BLOCK = 64  # queries (forward, dQ) or keys (dK, dV) per thread block: 4 warps of 16 rows
+# Rows (queries, or keys for dK/dV) a warp owns, per kernel, 16 or 32: each fragment read
+# from shared memory feeds rows / 16 products, at the price of registers (occupancy). A
+# block is 4 warps.
+WARP_ROWS = 32
 ENABLED = (cupy is not None and os.environ.get("GPT_MPI_KERNELS", "auto") != "numpy"
            and os.environ.get("GPT_MPI_ATTENTION", "flash") == "flash")
 
@@ -44,8 +47,10 @@ _SOURCE = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 
-#define BQ 64
-#define BK 64
+#define MT (WARP_ROWS / 16)  // m-tiles of 16 rows a warp owns
+#define BR (4 * WARP_ROWS)   // rows a block owns: queries (forward, dQ) or keys (dK, dV)
+#define BK 64                // keys a forward tile holds; queries a dK/dV tile holds
+#define BKQ (64 / MT)        // keys a dQ tile holds (its registers hold S and dP)
 #define DP (D_HEAD + 8)
 #define RP (64 + 8)
 #define NEG_INF __int_as_float(0xff800000)
@@ -62,6 +67,10 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 __device__ __forceinline__ float to_float(u16 x) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x)); return f; }
 #endif
+
+// 2^x in one instruction (2 ulp; -inf -> 0): softmax's exponentials are a bottleneck
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 
 // d += a b: a 16 x 16 (4 registers of 2), b 16 x 8 (2 registers), d 16 x 8 in float32
 __device__ __forceinline__ void mma(float* d, const u32* a, u32 b0, u32 b1) {
@@ -92,19 +101,20 @@ __device__ __forceinline__ void load_b(u32& b0, u32& b1, const u16* tile, int pi
     b1 = *(const u32*)(p + 8);
 }
 
-// Rows row0..row0+63 of a (rows, D) row-major matrix into shared memory: `tile` as is
-// (64, DP), `tile_t` transposed (D, RP); either may be null. Zero past `rows`, so that
+// Rows row0..row0+n-1 of a (rows, D) row-major matrix into shared memory: `tile` as is
+// (n, DP), `tile_t` transposed (D, RP); either may be null. Zero past `rows`, so that
 // masked products stay finite. A warp takes 32 consecutive rows of one 8-column piece:
 // its 16-byte stores and its transposed 2-byte stores are free of bank conflicts.
 __device__ __forceinline__ void load_tile(u16* tile, u16* tile_t, const u16* m,
-                                          long long stride, int row0, int rows) {
-    for (int i = threadIdx.x; i < 64 * D_HEAD / 8; i += blockDim.x) {
-        int r = i % 64, c = (i / 64) * 8;
+                                          long long stride, int row0, int rows, int n) {
+    for (int i = threadIdx.x; i < n * D_HEAD / 8; i += blockDim.x) {
+        int r = i % n, c = (i / n) * 8;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
         if (row0 + r < rows) v = *(const uint4*)(m + (long long)(row0 + r) * stride + c);
         if (tile) *(uint4*)(tile + r * DP + c) = v;
         if (tile_t) {
             const u16* e = (const u16*)&v;
+            #pragma unroll
             for (int j = 0; j < 8; ++j) tile_t[(c + j) * RP + r] = e[j];
         }
     }
@@ -127,89 +137,128 @@ __device__ __forceinline__ void c_to_a(u32* a, const float (*s)[4], int c) {
     a[3] = pack2(s[2 * c + 1][2], s[2 * c + 1][3]);
 }
 
+// Rows r0 and r0 + 8 of a 16 x D accumulator (C fragments), times s0 and s1, into a
+// row-major matrix; rows at or past T are skipped.
+__device__ __forceinline__ void store_c(u16* m, long long stride, int r0, int T,
+                                        const float (*acc)[4], float s0, float s1, int t) {
+    #pragma unroll
+    for (int d = 0; d < D_HEAD / 8; ++d) {
+        u16* p = m + (long long)r0 * stride + d * 8 + 2 * t;
+        if (r0 < T) *(u32*)p = pack2(acc[d][0] * s0, acc[d][1] * s0);
+        if (r0 + 8 < T) *(u32*)(p + 8 * stride) = pack2(acc[d][2] * s1, acc[d][3] * s1);
+    }
+}
+
+__device__ __forceinline__ void zero(float (*x)[4], int n) {
+    #pragma unroll
+    for (int i = 0; i < n; ++i) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.f;
+}
+
 // qkv (B,T,3,H,D) -> out (B,T,H,D), lse (B*H,T) in log2 units. Grid (query blocks, B*H).
 extern "C" __global__ void __launch_bounds__(128)
 flash_forward(const u16* __restrict__ qkv, u16* __restrict__ out, float* __restrict__ lse,
               int T, int H, float scale_log2) {
-    __shared__ __align__(16) u16 k_tile[64 * DP];
+    __shared__ __align__(16) u16 k_tile[BK * DP];
     __shared__ __align__(16) u16 v_t[D_HEAD * RP];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * D_HEAD;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the blocks with most keys first
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // the blocks with most keys first
+    const int w0 = q0 + warp * WARP_ROWS;  // this warp's first row
     const long long stride = 3LL * C;
     const u16* q = qkv + (long long)b * T * stride + h * D_HEAD;
     const u16* k = q + C;
     const u16* v = q + 2 * C;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
 
-    u32 qa[D_HEAD / 16][4];
-    for (int c = 0; c < D_HEAD / 16; ++c) load_a(qa[c], q, stride, q0 + warp * 16, T, c * 16, g, t);
-    float o[D_HEAD / 8][4];
-    for (int d = 0; d < D_HEAD / 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-    const int keys = min(T, q0 + BQ);
+    u32 qa[MT][D_HEAD / 16][4];
+    float o[MT][D_HEAD / 8][4], m[MT][2], l[MT][2];
+    #pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        #pragma unroll
+        for (int c = 0; c < D_HEAD / 16; ++c)
+            load_a(qa[i][c], q, stride, w0 + i * 16, T, c * 16, g, t);
+        zero(o[i], D_HEAD / 8);
+        m[i][0] = m[i][1] = NEG_INF;
+        l[i][0] = l[i][1] = 0.f;
+    }
+    const int keys = min(T, q0 + BR);
     for (int k0 = 0; k0 < keys; k0 += BK) {
         __syncthreads();  // every warp is done with the previous tile
-        load_tile(k_tile, nullptr, k, stride, k0, T);
-        load_tile(nullptr, v_t, v, stride, k0, T);
+        load_tile(k_tile, nullptr, k, stride, k0, T, BK);
+        load_tile(nullptr, v_t, v, stride, k0, T, BK);
         __syncthreads();
-        float s[BK / 8][4];
-        for (int n = 0; n < BK / 8; ++n) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        float s[MT][BK / 8][4];
+        #pragma unroll
+        for (int i = 0; i < MT; ++i) zero(s[i], BK / 8);
+        #pragma unroll
+        for (int n = 0; n < BK / 8; ++n)
+            #pragma unroll
             for (int c = 0; c < D_HEAD / 16; ++c) {
                 u32 b0, b1;
                 load_b(b0, b1, k_tile, DP, n * 8, c * 16, g, t);
-                mma(s[n], qa[c], b0, b1);
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) mma(s[i][n], qa[i][c], b0, b1);
+            }
+        // tile 0 holds key 0 <= every row, so each row's running maximum is finite
+        const bool edge = k0 + BK > w0 || k0 + BK > T;
+        #pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            const int r0 = w0 + i * 16 + g;
+            float mx0 = m[i][0], mx1 = m[i][1];
+            #pragma unroll
+            for (int n = 0; n < BK / 8; ++n)
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    int key = k0 + n * 8 + 2 * t + (j & 1), row = r0 + (j < 2 ? 0 : 8);
+                    float x = s[i][n][j] * scale_log2;
+                    if (edge && (key > row || key >= T)) x = NEG_INF;
+                    s[i][n][j] = x;
+                    if (j < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+                }
+            mx0 = quad_max(mx0);
+            mx1 = quad_max(mx1);
+            const float alpha0 = fast_exp2(m[i][0] - mx0), alpha1 = fast_exp2(m[i][1] - mx1);
+            m[i][0] = mx0;
+            m[i][1] = mx1;
+            float sum0 = 0.f, sum1 = 0.f;
+            #pragma unroll
+            for (int n = 0; n < BK / 8; ++n) {
+                s[i][n][0] = fast_exp2(s[i][n][0] - mx0); s[i][n][1] = fast_exp2(s[i][n][1] - mx0);
+                s[i][n][2] = fast_exp2(s[i][n][2] - mx1); s[i][n][3] = fast_exp2(s[i][n][3] - mx1);
+                sum0 += s[i][n][0] + s[i][n][1];
+                sum1 += s[i][n][2] + s[i][n][3];
+            }
+            l[i][0] = l[i][0] * alpha0 + sum0;
+            l[i][1] = l[i][1] * alpha1 + sum1;
+            #pragma unroll
+            for (int d = 0; d < D_HEAD / 8; ++d) {
+                o[i][d][0] *= alpha0; o[i][d][1] *= alpha0;
+                o[i][d][2] *= alpha1; o[i][d][3] *= alpha1;
             }
         }
-        // every row sees key k0 <= q0 <= row, so each row's maximum is finite
-        const bool edge = k0 + BK > q0 || k0 + BK > T;
-        float mx0 = m0, mx1 = m1;
-        for (int n = 0; n < BK / 8; ++n)
-            for (int j = 0; j < 4; ++j) {
-                int key = k0 + n * 8 + 2 * t + (j & 1), row = j < 2 ? r0 : r1;
-                float x = s[n][j] * scale_log2;
-                if (edge && (key > row || key >= T)) x = NEG_INF;
-                s[n][j] = x;
-                if (j < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
-            }
-        mx0 = quad_max(mx0);
-        mx1 = quad_max(mx1);
-        const float alpha0 = exp2f(m0 - mx0), alpha1 = exp2f(m1 - mx1);
-        m0 = mx0;
-        m1 = mx1;
-        l0 *= alpha0;
-        l1 *= alpha1;
-        for (int d = 0; d < D_HEAD / 8; ++d) {
-            o[d][0] *= alpha0; o[d][1] *= alpha0; o[d][2] *= alpha1; o[d][3] *= alpha1;
-        }
-        for (int n = 0; n < BK / 8; ++n) {
-            s[n][0] = exp2f(s[n][0] - m0); s[n][1] = exp2f(s[n][1] - m0);
-            s[n][2] = exp2f(s[n][2] - m1); s[n][3] = exp2f(s[n][3] - m1);
-            l0 += s[n][0] + s[n][1];
-            l1 += s[n][2] + s[n][3];
-        }
+        #pragma unroll
         for (int c = 0; c < BK / 16; ++c) {
-            u32 pa[4];
-            c_to_a(pa, s, c);
+            u32 pa[MT][4];
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) c_to_a(pa[i], s[i], c);
+            #pragma unroll
             for (int d = 0; d < D_HEAD / 8; ++d) {
                 u32 b0, b1;
                 load_b(b0, b1, v_t, RP, d * 8, c * 16, g, t);
-                mma(o[d], pa, b0, b1);
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) mma(o[i][d], pa[i], b0, b1);
             }
         }
     }
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
     u16* y = out + (long long)b * T * C + h * D_HEAD;
-    for (int d = 0; d < D_HEAD / 8; ++d) {
-        int col = d * 8 + 2 * t;
-        if (r0 < T) *(u32*)(y + (long long)r0 * C + col) = pack2(o[d][0] / l0, o[d][1] / l0);
-        if (r1 < T) *(u32*)(y + (long long)r1 * C + col) = pack2(o[d][2] / l1, o[d][3] / l1);
-    }
-    if (t == 0) {
-        if (r0 < T) lse[(long long)bh * T + r0] = m0 + log2f(l0);
-        if (r1 < T) lse[(long long)bh * T + r1] = m1 + log2f(l1);
+    #pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        const int r0 = w0 + i * 16 + g, r1 = r0 + 8;
+        const float l0 = quad_sum(l[i][0]), l1 = quad_sum(l[i][1]);
+        store_c(y, C, r0, T, o[i], 1.f / l0, 1.f / l1, t);
+        if (t == 0) {
+            if (r0 < T) lse[(long long)bh * T + r0] = m[i][0] + log2f(l0);
+            if (r1 < T) lse[(long long)bh * T + r1] = m[i][1] + log2f(l1);
+        }
     }
 }
 
@@ -221,10 +270,12 @@ extern "C" __global__ void flash_delta(const u16* __restrict__ out, const u16* _
         const uint4* o = (const uint4*)(out + i * D_HEAD);
         const uint4* d = (const uint4*)(dout + i * D_HEAD);
         float sum = 0.f;
+        #pragma unroll
         for (int j = 0; j < D_HEAD / 8; ++j) {
             uint4 a = o[j], b = d[j];
             const u16* ea = (const u16*)&a;
             const u16* eb = (const u16*)&b;
+            #pragma unroll
             for (int e = 0; e < 8; ++e) sum += to_float(ea[e]) * to_float(eb[e]);
         }
         long long bt = i / H;
@@ -239,163 +290,187 @@ extern "C" __global__ void __launch_bounds__(128)
 flash_backward_dq(const u16* __restrict__ qkv, const u16* __restrict__ dout,
                   const float* __restrict__ lse, const float* __restrict__ delta,
                   u16* __restrict__ dqkv, int T, int H, float scale_log2, float scale) {
-    __shared__ __align__(16) u16 k_tile[64 * DP];
-    __shared__ __align__(16) u16 v_tile[64 * DP];
+    __shared__ __align__(16) u16 k_tile[BKQ * DP];
+    __shared__ __align__(16) u16 v_tile[BKQ * DP];
     __shared__ __align__(16) u16 k_t[D_HEAD * RP];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * D_HEAD;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const int w0 = q0 + warp * WARP_ROWS;
     const long long stride = 3LL * C;
     const long long head = (long long)b * T * stride + h * D_HEAD;
     const u16* q = qkv + head;
     const u16* k = q + C;
     const u16* v = q + 2 * C;
     const u16* dy = dout + (long long)b * T * C + h * D_HEAD;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
 
-    u32 qa[D_HEAD / 16][4], da[D_HEAD / 16][4];
-    for (int c = 0; c < D_HEAD / 16; ++c) {
-        load_a(qa[c], q, stride, q0 + warp * 16, T, c * 16, g, t);
-        load_a(da[c], dy, C, q0 + warp * 16, T, c * 16, g, t);
+    u32 qa[MT][D_HEAD / 16][4], da[MT][D_HEAD / 16][4];
+    float lse_r[MT][2], delta_r[MT][2], dq[MT][D_HEAD / 8][4];
+    #pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        #pragma unroll
+        for (int c = 0; c < D_HEAD / 16; ++c) {
+            load_a(qa[i][c], q, stride, w0 + i * 16, T, c * 16, g, t);
+            load_a(da[i][c], dy, C, w0 + i * 16, T, c * 16, g, t);
+        }
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            int row = w0 + i * 16 + g + 8 * j;
+            lse_r[i][j] = row < T ? lse[(long long)bh * T + row] : 0.f;
+            delta_r[i][j] = row < T ? delta[(long long)bh * T + row] : 0.f;
+        }
+        zero(dq[i], D_HEAD / 8);
     }
-    const float lse0 = r0 < T ? lse[(long long)bh * T + r0] : 0.f;
-    const float lse1 = r1 < T ? lse[(long long)bh * T + r1] : 0.f;
-    const float delta0 = r0 < T ? delta[(long long)bh * T + r0] : 0.f;
-    const float delta1 = r1 < T ? delta[(long long)bh * T + r1] : 0.f;
-    float dq[D_HEAD / 8][4];
-    for (int d = 0; d < D_HEAD / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
-    const int keys = min(T, q0 + BQ);
-    for (int k0 = 0; k0 < keys; k0 += BK) {
+    const int keys = min(T, q0 + BR);
+    for (int k0 = 0; k0 < keys; k0 += BKQ) {
         __syncthreads();
-        load_tile(k_tile, k_t, k, stride, k0, T);
-        load_tile(v_tile, nullptr, v, stride, k0, T);
+        load_tile(k_tile, k_t, k, stride, k0, T, BKQ);
+        load_tile(v_tile, nullptr, v, stride, k0, T, BKQ);
         __syncthreads();
-        float s[BK / 8][4], dp[BK / 8][4];
-        for (int n = 0; n < BK / 8; ++n) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-            dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+        float s[MT][BKQ / 8][4], dp[MT][BKQ / 8][4];
+        #pragma unroll
+        for (int i = 0; i < MT; ++i) { zero(s[i], BKQ / 8); zero(dp[i], BKQ / 8); }
+        #pragma unroll
+        for (int n = 0; n < BKQ / 8; ++n)
+            #pragma unroll
             for (int c = 0; c < D_HEAD / 16; ++c) {
                 u32 b0, b1;
                 load_b(b0, b1, k_tile, DP, n * 8, c * 16, g, t);
-                mma(s[n], qa[c], b0, b1);
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) mma(s[i][n], qa[i][c], b0, b1);
                 load_b(b0, b1, v_tile, DP, n * 8, c * 16, g, t);
-                mma(dp[n], da[c], b0, b1);
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) mma(dp[i][n], da[i][c], b0, b1);
             }
-        }
-        const bool edge = k0 + BK > q0 || k0 + BK > T;
-        for (int n = 0; n < BK / 8; ++n)
-            for (int j = 0; j < 4; ++j) {
-                int key = k0 + n * 8 + 2 * t + (j & 1), row = j < 2 ? r0 : r1;
-                float p = exp2f(s[n][j] * scale_log2 - (j < 2 ? lse0 : lse1));
-                if (edge && (key > row || key >= T)) p = 0.f;
-                s[n][j] = p * (dp[n][j] - (j < 2 ? delta0 : delta1));  // dS
-            }
-        for (int c = 0; c < BK / 16; ++c) {
-            u32 sa[4];
-            c_to_a(sa, s, c);
+        const bool edge = k0 + BKQ > w0 || k0 + BKQ > T;
+        #pragma unroll
+        for (int i = 0; i < MT; ++i)
+            #pragma unroll
+            for (int n = 0; n < BKQ / 8; ++n)
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    int key = k0 + n * 8 + 2 * t + (j & 1), row = w0 + i * 16 + g + (j < 2 ? 0 : 8);
+                    float p = fast_exp2(s[i][n][j] * scale_log2 - lse_r[i][j / 2]);
+                    if (edge && (key > row || key >= T)) p = 0.f;
+                    s[i][n][j] = p * (dp[i][n][j] - delta_r[i][j / 2]);  // dS
+                }
+        #pragma unroll
+        for (int c = 0; c < BKQ / 16; ++c) {
+            u32 sa[MT][4];
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) c_to_a(sa[i], s[i], c);
+            #pragma unroll
             for (int d = 0; d < D_HEAD / 8; ++d) {
                 u32 b0, b1;
                 load_b(b0, b1, k_t, RP, d * 8, c * 16, g, t);
-                mma(dq[d], sa, b0, b1);
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) mma(dq[i][d], sa[i], b0, b1);
             }
         }
     }
     u16* dq_out = dqkv + head;
-    for (int d = 0; d < D_HEAD / 8; ++d) {
-        int col = d * 8 + 2 * t;
-        if (r0 < T) *(u32*)(dq_out + r0 * stride + col) = pack2(dq[d][0] * scale, dq[d][1] * scale);
-        if (r1 < T) *(u32*)(dq_out + r1 * stride + col) = pack2(dq[d][2] * scale, dq[d][3] * scale);
-    }
+    #pragma unroll
+    for (int i = 0; i < MT; ++i)
+        store_c(dq_out, stride, w0 + i * 16 + g, T, dq[i], scale, scale, t);
 }
 
-// dK, dV: the k and v parts of dqkv. Grid (key blocks, B*H); a block's 64 keys are seen by
-// the queries from its first key on.
+// dK, dV: the k and v parts of dqkv. Grid (key blocks, B*H); a block's keys are seen by
+// the queries from its first key on, taken 64 to a tile and 16 at a time from it.
 extern "C" __global__ void __launch_bounds__(128)
 flash_backward_dkdv(const u16* __restrict__ qkv, const u16* __restrict__ dout,
                     const float* __restrict__ lse, const float* __restrict__ delta,
                     u16* __restrict__ dqkv, int T, int H, float scale_log2, float scale) {
-    __shared__ __align__(16) u16 q_tile[64 * DP];
+    __shared__ __align__(16) u16 q_tile[BK * DP];
     __shared__ __align__(16) u16 q_t[D_HEAD * RP];
-    __shared__ __align__(16) u16 do_tile[64 * DP];
+    __shared__ __align__(16) u16 do_tile[BK * DP];
     __shared__ __align__(16) u16 do_t[D_HEAD * RP];
-    __shared__ float lse_s[BQ], delta_s[BQ];
+    __shared__ float lse_s[BK], delta_s[BK];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * D_HEAD;
-    const int k0 = blockIdx.x * BK;  // the blocks with most queries first
+    const int k0 = blockIdx.x * BR;  // the blocks with most queries first
+    const int w0 = k0 + warp * WARP_ROWS;
     const long long stride = 3LL * C;
     const long long head = (long long)b * T * stride + h * D_HEAD;
     const u16* q = qkv + head;
     const u16* k = q + C;
     const u16* v = q + 2 * C;
     const u16* dy = dout + (long long)b * T * C + h * D_HEAD;
-    const int kr0 = k0 + warp * 16 + g, kr1 = kr0 + 8;
 
-    u32 ka[D_HEAD / 16][4], va[D_HEAD / 16][4];
-    for (int c = 0; c < D_HEAD / 16; ++c) {
-        load_a(ka[c], k, stride, k0 + warp * 16, T, c * 16, g, t);
-        load_a(va[c], v, stride, k0 + warp * 16, T, c * 16, g, t);
+    u32 ka[MT][D_HEAD / 16][4], va[MT][D_HEAD / 16][4];
+    float dk[MT][D_HEAD / 8][4], dv[MT][D_HEAD / 8][4];
+    #pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        #pragma unroll
+        for (int c = 0; c < D_HEAD / 16; ++c) {
+            load_a(ka[i][c], k, stride, w0 + i * 16, T, c * 16, g, t);
+            load_a(va[i][c], v, stride, w0 + i * 16, T, c * 16, g, t);
+        }
+        zero(dk[i], D_HEAD / 8);
+        zero(dv[i], D_HEAD / 8);
     }
-    float dk[D_HEAD / 8][4], dv[D_HEAD / 8][4];
-    for (int d = 0; d < D_HEAD / 8; ++d) {
-        dk[d][0] = dk[d][1] = dk[d][2] = dk[d][3] = 0.f;
-        dv[d][0] = dv[d][1] = dv[d][2] = dv[d][3] = 0.f;
-    }
-    for (int q0 = k0; q0 < T; q0 += BQ) {
+    for (int q0 = k0; q0 < T; q0 += BK) {
         __syncthreads();
-        load_tile(q_tile, q_t, q, stride, q0, T);
-        load_tile(do_tile, do_t, dy, C, q0, T);
-        if (threadIdx.x < BQ) {
+        load_tile(q_tile, q_t, q, stride, q0, T, BK);
+        load_tile(do_tile, do_t, dy, C, q0, T, BK);
+        if (threadIdx.x < BK) {
             int row = q0 + threadIdx.x;
             lse_s[threadIdx.x] = row < T ? lse[(long long)bh * T + row] : 0.f;
             delta_s[threadIdx.x] = row < T ? delta[(long long)bh * T + row] : 0.f;
         }
         __syncthreads();
-        float st[BQ / 8][4], dpt[BQ / 8][4];  // S^T, dP^T: 16 keys x 64 queries
-        for (int n = 0; n < BQ / 8; ++n) {
-            st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
-            dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
-            for (int c = 0; c < D_HEAD / 16; ++c) {
-                u32 b0, b1;
-                load_b(b0, b1, q_tile, DP, n * 8, c * 16, g, t);
-                mma(st[n], ka[c], b0, b1);
-                load_b(b0, b1, do_tile, DP, n * 8, c * 16, g, t);
-                mma(dpt[n], va[c], b0, b1);
+        const bool edge = q0 < w0 + WARP_ROWS || q0 + BK > T;
+        #pragma unroll
+        for (int c = 0; c < BK / 16; ++c) {  // 16 queries at a time: S^T, dP^T 16 x 16 per m-tile
+            float st[MT][2][4], dpt[MT][2][4];
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) { zero(st[i], 2); zero(dpt[i], 2); }
+            #pragma unroll
+            for (int n = 0; n < 2; ++n)
+                #pragma unroll
+                for (int e = 0; e < D_HEAD / 16; ++e) {
+                    u32 b0, b1;
+                    load_b(b0, b1, q_tile, DP, c * 16 + n * 8, e * 16, g, t);
+                    #pragma unroll
+                    for (int i = 0; i < MT; ++i) mma(st[i][n], ka[i][e], b0, b1);
+                    load_b(b0, b1, do_tile, DP, c * 16 + n * 8, e * 16, g, t);
+                    #pragma unroll
+                    for (int i = 0; i < MT; ++i) mma(dpt[i][n], va[i][e], b0, b1);
+                }
+            u32 pa[MT][4], sa[MT][4];
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                #pragma unroll
+                for (int n = 0; n < 2; ++n)
+                    #pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        int col = c * 16 + n * 8 + 2 * t + (j & 1), query = q0 + col;
+                        int key = w0 + i * 16 + g + (j < 2 ? 0 : 8);
+                        float p = fast_exp2(st[i][n][j] * scale_log2 - lse_s[col]);
+                        if (edge && (query < key || query >= T)) p = 0.f;
+                        st[i][n][j] = p;
+                        dpt[i][n][j] = p * (dpt[i][n][j] - delta_s[col]);  // dS^T
+                    }
+                c_to_a(pa[i], st[i], 0);
+                c_to_a(sa[i], dpt[i], 0);
             }
-        }
-        const bool edge = q0 < k0 + BK || q0 + BQ > T;
-        for (int n = 0; n < BQ / 8; ++n)
-            for (int j = 0; j < 4; ++j) {
-                int col = n * 8 + 2 * t + (j & 1), query = q0 + col, key = j < 2 ? kr0 : kr1;
-                float p = exp2f(st[n][j] * scale_log2 - lse_s[col]);
-                if (edge && (query < key || query >= T)) p = 0.f;
-                st[n][j] = p;
-                dpt[n][j] = p * (dpt[n][j] - delta_s[col]);  // dS^T
-            }
-        for (int c = 0; c < BQ / 16; ++c) {
-            u32 pa[4], sa[4];
-            c_to_a(pa, st, c);
-            c_to_a(sa, dpt, c);
+            #pragma unroll
             for (int d = 0; d < D_HEAD / 8; ++d) {
                 u32 b0, b1;
                 load_b(b0, b1, do_t, RP, d * 8, c * 16, g, t);
-                mma(dv[d], pa, b0, b1);
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) mma(dv[i][d], pa[i], b0, b1);
                 load_b(b0, b1, q_t, RP, d * 8, c * 16, g, t);
-                mma(dk[d], sa, b0, b1);
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) mma(dk[i][d], sa[i], b0, b1);
             }
         }
     }
     u16* dk_out = dqkv + head + C;
     u16* dv_out = dqkv + head + 2 * C;
-    for (int d = 0; d < D_HEAD / 8; ++d) {
-        int col = d * 8 + 2 * t;
-        if (kr0 < T) {
-            *(u32*)(dk_out + kr0 * stride + col) = pack2(dk[d][0] * scale, dk[d][1] * scale);
-            *(u32*)(dv_out + kr0 * stride + col) = pack2(dv[d][0], dv[d][1]);
-        }
-        if (kr1 < T) {
-            *(u32*)(dk_out + kr1 * stride + col) = pack2(dk[d][2] * scale, dk[d][3] * scale);
-            *(u32*)(dv_out + kr1 * stride + col) = pack2(dv[d][2], dv[d][3]);
-        }
+    #pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        store_c(dk_out, stride, w0 + i * 16 + g, T, dk[i], scale, scale, t);
+        store_c(dv_out, stride, w0 + i * 16 + g, T, dv[i], 1.f, 1.f, t);
     }
 }
 """
@@ -410,14 +485,21 @@ except ImportError:
 _MODULES = {}
 
 
-def _kernel(name, dtype, head_dim):
-    key = (_TYPES[np.dtype(dtype)], head_dim)
+def _module(dtype, head_dim, warp_rows):
+    key = (_TYPES[np.dtype(dtype)], head_dim, warp_rows)
     module = _MODULES.get(key)
     if module is None:
         module = _MODULES[key] = cupy.RawModule(
-            code=f"#define {key[0]}\n#define D_HEAD {head_dim}\n" + _SOURCE,
-            options=("--std=c++14",))
-    return module.get_function(name)
+            code=f"#define {key[0]}\n#define D_HEAD {head_dim}\n#define WARP_ROWS {warp_rows}\n"
+            + _SOURCE, options=("--std=c++14",))
+    return module
+
+
+def _launch(name, dtype, head_dim, T, BH, args):
+    """Runs kernel `name` over (row blocks of T, BH heads), compiled for its WARP_ROWS."""
+    rows = WARP_ROWS[name]
+    grid = ((T + 4 * rows - 1) // (4 * rows), BH)
+    _module(dtype, head_dim, rows).get_function(name)(grid, (128,), args)
 
 
 def _aligned(x):
@@ -440,9 +522,8 @@ def forward(qkv, n_head):
     y = cupy.empty((B, T, H * D), qkv.dtype)
     lse = cupy.empty((B * H, T), np.float32)
     scale_log2 = np.float32(math.log2(math.e) / math.sqrt(D))
-    _kernel("flash_forward", qkv.dtype, D)(
-        ((T + BLOCK - 1) // BLOCK, B * H), (128,),
-        (qkv, y, lse, np.int32(T), np.int32(H), scale_log2))
+    _launch("flash_forward", qkv.dtype, D, T, B * H,
+            (qkv, y, lse, np.int32(T), np.int32(H), scale_log2))
     return y, lse
 
 
@@ -454,14 +535,13 @@ def backward(qkv, y, lse, dout, n_head):
         dout = cupy.array(dout, order="C")  # a fresh allocation is aligned
     rows = B * T * H
     delta = cupy.empty((B * H, T), np.float32)
-    _kernel("flash_delta", qkv.dtype, D)(
-        (max(1, min((rows + 255) // 256, 65535)),), (256,),
+    _module(qkv.dtype, D, WARP_ROWS["flash_forward"]).get_function("flash_delta")(
+        (max(1, min((rows + 255) // 256, 65535)),), (256,),  # a thread a row, grid-stride
         (y, dout, delta, np.int32(T), np.int32(H), np.int64(rows)))
     dqkv = cupy.empty_like(qkv)
     scale = 1.0 / math.sqrt(D)
     args = (qkv, dout, lse, delta, dqkv, np.int32(T), np.int32(H),
             np.float32(scale * math.log2(math.e)), np.float32(scale))
-    blocks = ((T + BLOCK - 1) // BLOCK, B * H)
-    _kernel("flash_backward_dq", qkv.dtype, D)(blocks, (128,), args)
-    _kernel("flash_backward_dkdv", qkv.dtype, D)(blocks, (128,), args)
+    _launch("flash_backward_dq", qkv.dtype, D, T, B * H, args)
+    _launch("flash_backward_dkdv", qkv.dtype, D, T, B * H, args)
     return dqkv

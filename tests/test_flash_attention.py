@@ -23,17 +23,22 @@ def sixteen_bit(name):
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def close(gpu, ref, rtol):
+def close(gpu, ref, rtol, scale):
+    """Elementwise within rtol, with an absolute floor of rtol x `scale` (the largest
+    magnitude of the output it is part of: with one token dQ is exactly zero)."""
     got = np.asarray(to_host(gpu), dtype=np.float64)
-    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_flash_attention_equals_numpy(dtype, shape):
+@pytest.mark.parametrize("warp_rows", [16, 32], ids=lambda r: f"rows{r}")
+def test_flash_attention_equals_numpy(warp_rows, dtype, shape, monkeypatch):
     import cupy
 
     from models import flash_attention, layers
+    monkeypatch.setattr(flash_attention, "WARP_ROWS",
+                        dict.fromkeys(flash_attention.WARP_ROWS, warp_rows))
     low = sixteen_bit(dtype)
     B, T, H, D = shape
     rng = np.random.default_rng(12)
@@ -50,12 +55,12 @@ def test_flash_attention_equals_numpy(dtype, shape):
     dqkv = layers.attention_backward(cache, dy_dev)[0]
     assert y.dtype == dqkv.dtype == low and dqkv.shape == qkv.shape
     rtol = 3e-2 if dtype == "bfloat16" else 1e-2
-    close(y.astype(np.float32), y_ref, rtol)
+    close(y.astype(np.float32), y_ref, rtol, np.abs(y_ref).max())
     C = H * D
     for i, part in enumerate(("dq", "dk", "dv")):  # one by one, to name the one that fails
         got = dqkv[:, :, i * C:(i + 1) * C].astype(np.float32)
         try:
-            close(got, dqkv_ref[:, :, i * C:(i + 1) * C], rtol)
+            close(got, dqkv_ref[:, :, i * C:(i + 1) * C], rtol, np.abs(dqkv_ref).max())
         except AssertionError as err:
             raise AssertionError(f"{part}: {err}") from None
 
