@@ -39,7 +39,7 @@ HEAD_DIMS = (16, 32, 64)  # 128 would need more shared memory than a static arra
 # Rows (queries, or keys for dK/dV) a warp owns, per kernel, 16 or 32: each fragment read
 # from shared memory feeds rows / 16 products, at the price of registers (occupancy). A
 # block is 4 warps.
-WARP_ROWS = {"flash_forward": 32, "flash_backward_dq": 32, "flash_backward_dkdv": 32}
+WARP_ROWS = {"flash_forward": 16, "flash_backward_dq": 16, "flash_backward_dkdv": 16}
 ENABLED = (cupy is not None and os.environ.get("GPT_MPI_KERNELS", "auto") != "numpy"
            and os.environ.get("GPT_MPI_ATTENTION", "flash") == "flash")
 
@@ -51,8 +51,7 @@ typedef unsigned int u32;
 #define BR (4 * WARP_ROWS)   // rows a block owns: queries (forward, dQ) or keys (dK, dV)
 #define BK 64                // keys a forward tile holds; queries a dK/dV tile holds
 #define BKQ (64 / MT)        // keys a dQ tile holds (its registers hold S and dP)
-#define DP (D_HEAD + 8)
-#define RP (64 + 8)
+#define DP (D_HEAD + 8)      // a tile's row pitch: 16 bytes of padding
 #define NEG_INF __int_as_float(0xff800000)
 
 #if defined(BF16)
@@ -79,6 +78,33 @@ __device__ __forceinline__ void mma(float* d, const u32* a, u32 b0, u32 b1) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared without a trip through registers; zeros where !valid
+__device__ __forceinline__ void copy16_async(u16* dst, const u16* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;"); }
+// every group of copies but the newest has landed (this thread's)
+__device__ __forceinline__ void wait_older_copies() {
+    asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Rows row0..row0+n-1 of a (rows, D) row-major matrix into a shared (n, DP) tile, zero past
+// `rows` (so that masked products stay finite). Asynchronous: see commit/wait above.
+__device__ __forceinline__ void load_tile(u16* tile, const u16* m, long long stride,
+                                          int row0, int rows, int n) {
+    for (int i = threadIdx.x; i < n * D_HEAD / 8; i += blockDim.x) {
+        int r = i / (D_HEAD / 8), c = (i % (D_HEAD / 8)) * 8;
+        bool valid = row0 + r < rows;
+        copy16_async(tile + r * DP + c, valid ? m + (long long)(row0 + r) * stride + c : m, valid);
+    }
+}
+
 // The A fragment of rows row0..row0+15, columns col0..col0+15 of a row-major matrix in
 // global memory (zero for rows past `rows`).
 __device__ __forceinline__ void load_a(u32* a, const u16* m, long long stride, int row0,
@@ -92,32 +118,21 @@ __device__ __forceinline__ void load_a(u32* a, const u16* m, long long stride, i
     a[3] = in1 ? *(const u32*)(p1 + 8) : 0u;
 }
 
-// The B fragment (k0..k0+15) x (n0..n0+7) of a shared tile stored n-major: (k, n) at
-// tile[n * pitch + k].
-__device__ __forceinline__ void load_b(u32& b0, u32& b1, const u16* tile, int pitch, int n0,
-                                       int k0, int g, int t) {
-    const u16* p = tile + (n0 + g) * pitch + k0 + 2 * t;
-    b0 = *(const u32*)p;
-    b1 = *(const u32*)(p + 8);
+// B fragments of two n-tiles (n0..n0+7 in b[0..1], n0+8..n0+15 in b[2..3]) at k0..k0+15,
+// in one ldmatrix: lanes 8j..8j+7 give the row addresses of 8 x 8 matrix j. `load_b_nk`
+// reads a tile stored n-major ((n, k) at tile[n][k]: K for Q K^T); `load_b_kn` one stored
+// k-major ((k, n) at tile[k][n]: V for P V), transposed on the way.
+__device__ __forceinline__ void load_b_nk(u32* b, const u16* tile, int n0, int k0, int lane) {
+    const int row = n0 + (lane & 7) + ((lane >> 4) << 3), col = k0 + (((lane >> 3) & 1) << 3);
+    const u16* p = tile + row * DP + col;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(shared_address(p)));
 }
-
-// Rows row0..row0+n-1 of a (rows, D) row-major matrix into shared memory: `tile` as is
-// (n, DP), `tile_t` transposed (D, RP); either may be null. Zero past `rows`, so that
-// masked products stay finite. A warp takes 32 consecutive rows of one 8-column piece:
-// its 16-byte stores and its transposed 2-byte stores are free of bank conflicts.
-__device__ __forceinline__ void load_tile(u16* tile, u16* tile_t, const u16* m,
-                                          long long stride, int row0, int rows, int n) {
-    for (int i = threadIdx.x; i < n * D_HEAD / 8; i += blockDim.x) {
-        int r = i % n, c = (i / n) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < rows) v = *(const uint4*)(m + (long long)(row0 + r) * stride + c);
-        if (tile) *(uint4*)(tile + r * DP + c) = v;
-        if (tile_t) {
-            const u16* e = (const u16*)&v;
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) tile_t[(c + j) * RP + r] = e[j];
-        }
-    }
+__device__ __forceinline__ void load_b_kn(u32* b, const u16* tile, int n0, int k0, int lane) {
+    const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3), col = n0 + ((lane >> 4) << 3);
+    const u16* p = tile + row * DP + col;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(shared_address(p)));
 }
 
 __device__ __forceinline__ float quad_max(float v) {
@@ -155,11 +170,12 @@ __device__ __forceinline__ void zero(float (*x)[4], int n) {
 }
 
 // qkv (B,T,3,H,D) -> out (B,T,H,D), lse (B*H,T) in log2 units. Grid (query blocks, B*H).
+// Tiles of K and V are double-buffered: the copy of tile j+1 runs while tile j is used.
 extern "C" __global__ void __launch_bounds__(128)
 flash_forward(const u16* __restrict__ qkv, u16* __restrict__ out, float* __restrict__ lse,
               int T, int H, float scale_log2) {
-    __shared__ __align__(16) u16 k_tile[BK * DP];
-    __shared__ __align__(16) u16 v_t[D_HEAD * RP];
+    __shared__ __align__(16) u16 k_tile[2][BK * DP];
+    __shared__ __align__(16) u16 v_tile[2][BK * DP];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * D_HEAD;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // the blocks with most keys first
@@ -168,6 +184,10 @@ flash_forward(const u16* __restrict__ qkv, u16* __restrict__ out, float* __restr
     const u16* q = qkv + (long long)b * T * stride + h * D_HEAD;
     const u16* k = q + C;
     const u16* v = q + 2 * C;
+    const int keys = min(T, q0 + BR);
+    load_tile(k_tile[0], k, stride, 0, T, BK);
+    load_tile(v_tile[0], v, stride, 0, T, BK);
+    commit_copies();
 
     u32 qa[MT][D_HEAD / 16][4];
     float o[MT][D_HEAD / 8][4], m[MT][2], l[MT][2];
@@ -180,23 +200,28 @@ flash_forward(const u16* __restrict__ qkv, u16* __restrict__ out, float* __restr
         m[i][0] = m[i][1] = NEG_INF;
         l[i][0] = l[i][1] = 0.f;
     }
-    const int keys = min(T, q0 + BR);
-    for (int k0 = 0; k0 < keys; k0 += BK) {
-        __syncthreads();  // every warp is done with the previous tile
-        load_tile(k_tile, nullptr, k, stride, k0, T, BK);
-        load_tile(nullptr, v_t, v, stride, k0, T, BK);
-        __syncthreads();
+    for (int k0 = 0, j = 0; k0 < keys; k0 += BK, j ^= 1) {
+        if (k0 + BK < keys) {
+            load_tile(k_tile[j ^ 1], k, stride, k0 + BK, T, BK);
+            load_tile(v_tile[j ^ 1], v, stride, k0 + BK, T, BK);
+        }
+        commit_copies();
+        wait_older_copies();
+        __syncthreads();  // tile j has landed, every thread's part of it
         float s[MT][BK / 8][4];
         #pragma unroll
         for (int i = 0; i < MT; ++i) zero(s[i], BK / 8);
         #pragma unroll
-        for (int n = 0; n < BK / 8; ++n)
+        for (int n = 0; n < BK / 8; n += 2)
             #pragma unroll
             for (int c = 0; c < D_HEAD / 16; ++c) {
-                u32 b0, b1;
-                load_b(b0, b1, k_tile, DP, n * 8, c * 16, g, t);
+                u32 kb[4];
+                load_b_nk(kb, k_tile[j], n * 8, c * 16, lane);
                 #pragma unroll
-                for (int i = 0; i < MT; ++i) mma(s[i][n], qa[i][c], b0, b1);
+                for (int i = 0; i < MT; ++i) {
+                    mma(s[i][n], qa[i][c], kb[0], kb[1]);
+                    mma(s[i][n + 1], qa[i][c], kb[2], kb[3]);
+                }
             }
         // tile 0 holds key 0 <= every row, so each row's running maximum is finite
         const bool edge = k0 + BK > w0 || k0 + BK > T;
@@ -207,12 +232,12 @@ flash_forward(const u16* __restrict__ qkv, u16* __restrict__ out, float* __restr
             #pragma unroll
             for (int n = 0; n < BK / 8; ++n)
                 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    int key = k0 + n * 8 + 2 * t + (j & 1), row = r0 + (j < 2 ? 0 : 8);
-                    float x = s[i][n][j] * scale_log2;
+                for (int e = 0; e < 4; ++e) {
+                    int key = k0 + n * 8 + 2 * t + (e & 1), row = r0 + (e < 2 ? 0 : 8);
+                    float x = s[i][n][e] * scale_log2;
                     if (edge && (key > row || key >= T)) x = NEG_INF;
-                    s[i][n][j] = x;
-                    if (j < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+                    s[i][n][e] = x;
+                    if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
                 }
             mx0 = quad_max(mx0);
             mx1 = quad_max(mx1);
@@ -241,13 +266,17 @@ flash_forward(const u16* __restrict__ qkv, u16* __restrict__ out, float* __restr
             #pragma unroll
             for (int i = 0; i < MT; ++i) c_to_a(pa[i], s[i], c);
             #pragma unroll
-            for (int d = 0; d < D_HEAD / 8; ++d) {
-                u32 b0, b1;
-                load_b(b0, b1, v_t, RP, d * 8, c * 16, g, t);
+            for (int d = 0; d < D_HEAD / 8; d += 2) {
+                u32 vb[4];
+                load_b_kn(vb, v_tile[j], d * 8, c * 16, lane);
                 #pragma unroll
-                for (int i = 0; i < MT; ++i) mma(o[i][d], pa[i], b0, b1);
+                for (int i = 0; i < MT; ++i) {
+                    mma(o[i][d], pa[i], vb[0], vb[1]);
+                    mma(o[i][d + 1], pa[i], vb[2], vb[3]);
+                }
             }
         }
+        __syncthreads();  // every warp is done with tile j before it is refilled
     }
     u16* y = out + (long long)b * T * C + h * D_HEAD;
     #pragma unroll
@@ -270,7 +299,6 @@ extern "C" __global__ void flash_delta(const u16* __restrict__ out, const u16* _
         const uint4* o = (const uint4*)(out + i * D_HEAD);
         const uint4* d = (const uint4*)(dout + i * D_HEAD);
         float sum = 0.f;
-        #pragma unroll
         for (int j = 0; j < D_HEAD / 8; ++j) {
             uint4 a = o[j], b = d[j];
             const u16* ea = (const u16*)&a;
@@ -290,9 +318,8 @@ extern "C" __global__ void __launch_bounds__(128)
 flash_backward_dq(const u16* __restrict__ qkv, const u16* __restrict__ dout,
                   const float* __restrict__ lse, const float* __restrict__ delta,
                   u16* __restrict__ dqkv, int T, int H, float scale_log2, float scale) {
-    __shared__ __align__(16) u16 k_tile[BKQ * DP];
-    __shared__ __align__(16) u16 v_tile[BKQ * DP];
-    __shared__ __align__(16) u16 k_t[D_HEAD * RP];
+    __shared__ __align__(16) u16 k_tile[2][BKQ * DP];
+    __shared__ __align__(16) u16 v_tile[2][BKQ * DP];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * D_HEAD;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
@@ -303,6 +330,10 @@ flash_backward_dq(const u16* __restrict__ qkv, const u16* __restrict__ dout,
     const u16* k = q + C;
     const u16* v = q + 2 * C;
     const u16* dy = dout + (long long)b * T * C + h * D_HEAD;
+    const int keys = min(T, q0 + BR);
+    load_tile(k_tile[0], k, stride, 0, T, BKQ);
+    load_tile(v_tile[0], v, stride, 0, T, BKQ);
+    commit_copies();
 
     u32 qa[MT][D_HEAD / 16][4], da[MT][D_HEAD / 16][4];
     float lse_r[MT][2], delta_r[MT][2], dq[MT][D_HEAD / 8][4];
@@ -314,33 +345,38 @@ flash_backward_dq(const u16* __restrict__ qkv, const u16* __restrict__ dout,
             load_a(da[i][c], dy, C, w0 + i * 16, T, c * 16, g, t);
         }
         #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            int row = w0 + i * 16 + g + 8 * j;
-            lse_r[i][j] = row < T ? lse[(long long)bh * T + row] : 0.f;
-            delta_r[i][j] = row < T ? delta[(long long)bh * T + row] : 0.f;
+        for (int e = 0; e < 2; ++e) {
+            int row = w0 + i * 16 + g + 8 * e;
+            lse_r[i][e] = row < T ? lse[(long long)bh * T + row] : 0.f;
+            delta_r[i][e] = row < T ? delta[(long long)bh * T + row] : 0.f;
         }
         zero(dq[i], D_HEAD / 8);
     }
-    const int keys = min(T, q0 + BR);
-    for (int k0 = 0; k0 < keys; k0 += BKQ) {
-        __syncthreads();
-        load_tile(k_tile, k_t, k, stride, k0, T, BKQ);
-        load_tile(v_tile, nullptr, v, stride, k0, T, BKQ);
+    for (int k0 = 0, j = 0; k0 < keys; k0 += BKQ, j ^= 1) {
+        if (k0 + BKQ < keys) {
+            load_tile(k_tile[j ^ 1], k, stride, k0 + BKQ, T, BKQ);
+            load_tile(v_tile[j ^ 1], v, stride, k0 + BKQ, T, BKQ);
+        }
+        commit_copies();
+        wait_older_copies();
         __syncthreads();
         float s[MT][BKQ / 8][4], dp[MT][BKQ / 8][4];
         #pragma unroll
         for (int i = 0; i < MT; ++i) { zero(s[i], BKQ / 8); zero(dp[i], BKQ / 8); }
         #pragma unroll
-        for (int n = 0; n < BKQ / 8; ++n)
+        for (int n = 0; n < BKQ / 8; n += 2)
             #pragma unroll
             for (int c = 0; c < D_HEAD / 16; ++c) {
-                u32 b0, b1;
-                load_b(b0, b1, k_tile, DP, n * 8, c * 16, g, t);
+                u32 kb[4], vb[4];
+                load_b_nk(kb, k_tile[j], n * 8, c * 16, lane);
+                load_b_nk(vb, v_tile[j], n * 8, c * 16, lane);
                 #pragma unroll
-                for (int i = 0; i < MT; ++i) mma(s[i][n], qa[i][c], b0, b1);
-                load_b(b0, b1, v_tile, DP, n * 8, c * 16, g, t);
-                #pragma unroll
-                for (int i = 0; i < MT; ++i) mma(dp[i][n], da[i][c], b0, b1);
+                for (int i = 0; i < MT; ++i) {
+                    mma(s[i][n], qa[i][c], kb[0], kb[1]);
+                    mma(s[i][n + 1], qa[i][c], kb[2], kb[3]);
+                    mma(dp[i][n], da[i][c], vb[0], vb[1]);
+                    mma(dp[i][n + 1], da[i][c], vb[2], vb[3]);
+                }
             }
         const bool edge = k0 + BKQ > w0 || k0 + BKQ > T;
         #pragma unroll
@@ -348,11 +384,11 @@ flash_backward_dq(const u16* __restrict__ qkv, const u16* __restrict__ dout,
             #pragma unroll
             for (int n = 0; n < BKQ / 8; ++n)
                 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    int key = k0 + n * 8 + 2 * t + (j & 1), row = w0 + i * 16 + g + (j < 2 ? 0 : 8);
-                    float p = fast_exp2(s[i][n][j] * scale_log2 - lse_r[i][j / 2]);
+                for (int e = 0; e < 4; ++e) {
+                    int key = k0 + n * 8 + 2 * t + (e & 1), row = w0 + i * 16 + g + (e < 2 ? 0 : 8);
+                    float p = fast_exp2(s[i][n][e] * scale_log2 - lse_r[i][e / 2]);
                     if (edge && (key > row || key >= T)) p = 0.f;
-                    s[i][n][j] = p * (dp[i][n][j] - delta_r[i][j / 2]);  // dS
+                    s[i][n][e] = p * (dp[i][n][e] - delta_r[i][e / 2]);  // dS
                 }
         #pragma unroll
         for (int c = 0; c < BKQ / 16; ++c) {
@@ -360,13 +396,17 @@ flash_backward_dq(const u16* __restrict__ qkv, const u16* __restrict__ dout,
             #pragma unroll
             for (int i = 0; i < MT; ++i) c_to_a(sa[i], s[i], c);
             #pragma unroll
-            for (int d = 0; d < D_HEAD / 8; ++d) {
-                u32 b0, b1;
-                load_b(b0, b1, k_t, RP, d * 8, c * 16, g, t);
+            for (int d = 0; d < D_HEAD / 8; d += 2) {
+                u32 kb[4];
+                load_b_kn(kb, k_tile[j], d * 8, c * 16, lane);
                 #pragma unroll
-                for (int i = 0; i < MT; ++i) mma(dq[i][d], sa[i], b0, b1);
+                for (int i = 0; i < MT; ++i) {
+                    mma(dq[i][d], sa[i], kb[0], kb[1]);
+                    mma(dq[i][d + 1], sa[i], kb[2], kb[3]);
+                }
             }
         }
+        __syncthreads();
     }
     u16* dq_out = dqkv + head;
     #pragma unroll
@@ -380,11 +420,9 @@ extern "C" __global__ void __launch_bounds__(128)
 flash_backward_dkdv(const u16* __restrict__ qkv, const u16* __restrict__ dout,
                     const float* __restrict__ lse, const float* __restrict__ delta,
                     u16* __restrict__ dqkv, int T, int H, float scale_log2, float scale) {
-    __shared__ __align__(16) u16 q_tile[BK * DP];
-    __shared__ __align__(16) u16 q_t[D_HEAD * RP];
-    __shared__ __align__(16) u16 do_tile[BK * DP];
-    __shared__ __align__(16) u16 do_t[D_HEAD * RP];
-    __shared__ float lse_s[BK], delta_s[BK];
+    __shared__ __align__(16) u16 q_tile[2][BK * DP];
+    __shared__ __align__(16) u16 do_tile[2][BK * DP];
+    __shared__ float lse_s[2][BK], delta_s[2][BK];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * D_HEAD;
     const int k0 = blockIdx.x * BR;  // the blocks with most queries first
@@ -395,6 +433,17 @@ flash_backward_dkdv(const u16* __restrict__ qkv, const u16* __restrict__ dout,
     const u16* k = q + C;
     const u16* v = q + 2 * C;
     const u16* dy = dout + (long long)b * T * C + h * D_HEAD;
+    const float* lse_h = lse + (long long)bh * T;
+    const float* delta_h = delta + (long long)bh * T;
+    // q0 = k0 here and below: the rows of Q and dO are tiled from this block's first key
+    load_tile(q_tile[0], q, stride, k0, T, BK);
+    load_tile(do_tile[0], dy, C, k0, T, BK);
+    commit_copies();
+    if (threadIdx.x < BK) {
+        int row = k0 + threadIdx.x;
+        lse_s[0][threadIdx.x] = row < T ? lse_h[row] : 0.f;
+        delta_s[0][threadIdx.x] = row < T ? delta_h[row] : 0.f;
+    }
 
     u32 ka[MT][D_HEAD / 16][4], va[MT][D_HEAD / 16][4];
     float dk[MT][D_HEAD / 8][4], dv[MT][D_HEAD / 8][4];
@@ -408,15 +457,18 @@ flash_backward_dkdv(const u16* __restrict__ qkv, const u16* __restrict__ dout,
         zero(dk[i], D_HEAD / 8);
         zero(dv[i], D_HEAD / 8);
     }
-    for (int q0 = k0; q0 < T; q0 += BK) {
-        __syncthreads();
-        load_tile(q_tile, q_t, q, stride, q0, T, BK);
-        load_tile(do_tile, do_t, dy, C, q0, T, BK);
-        if (threadIdx.x < BK) {
-            int row = q0 + threadIdx.x;
-            lse_s[threadIdx.x] = row < T ? lse[(long long)bh * T + row] : 0.f;
-            delta_s[threadIdx.x] = row < T ? delta[(long long)bh * T + row] : 0.f;
+    for (int q0 = k0, j = 0; q0 < T; q0 += BK, j ^= 1) {
+        if (q0 + BK < T) {
+            load_tile(q_tile[j ^ 1], q, stride, q0 + BK, T, BK);
+            load_tile(do_tile[j ^ 1], dy, C, q0 + BK, T, BK);
+            if (threadIdx.x < BK) {
+                int row = q0 + BK + threadIdx.x;
+                lse_s[j ^ 1][threadIdx.x] = row < T ? lse_h[row] : 0.f;
+                delta_s[j ^ 1][threadIdx.x] = row < T ? delta_h[row] : 0.f;
+            }
         }
+        commit_copies();
+        wait_older_copies();
         __syncthreads();
         const bool edge = q0 < w0 + WARP_ROWS || q0 + BK > T;
         #pragma unroll
@@ -425,45 +477,50 @@ flash_backward_dkdv(const u16* __restrict__ qkv, const u16* __restrict__ dout,
             #pragma unroll
             for (int i = 0; i < MT; ++i) { zero(st[i], 2); zero(dpt[i], 2); }
             #pragma unroll
-            for (int n = 0; n < 2; ++n)
+            for (int e = 0; e < D_HEAD / 16; ++e) {
+                u32 qb[4], ob[4];
+                load_b_nk(qb, q_tile[j], c * 16, e * 16, lane);
+                load_b_nk(ob, do_tile[j], c * 16, e * 16, lane);
                 #pragma unroll
-                for (int e = 0; e < D_HEAD / 16; ++e) {
-                    u32 b0, b1;
-                    load_b(b0, b1, q_tile, DP, c * 16 + n * 8, e * 16, g, t);
-                    #pragma unroll
-                    for (int i = 0; i < MT; ++i) mma(st[i][n], ka[i][e], b0, b1);
-                    load_b(b0, b1, do_tile, DP, c * 16 + n * 8, e * 16, g, t);
-                    #pragma unroll
-                    for (int i = 0; i < MT; ++i) mma(dpt[i][n], va[i][e], b0, b1);
+                for (int i = 0; i < MT; ++i) {
+                    mma(st[i][0], ka[i][e], qb[0], qb[1]);
+                    mma(st[i][1], ka[i][e], qb[2], qb[3]);
+                    mma(dpt[i][0], va[i][e], ob[0], ob[1]);
+                    mma(dpt[i][1], va[i][e], ob[2], ob[3]);
                 }
+            }
             u32 pa[MT][4], sa[MT][4];
             #pragma unroll
             for (int i = 0; i < MT; ++i) {
                 #pragma unroll
                 for (int n = 0; n < 2; ++n)
                     #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        int col = c * 16 + n * 8 + 2 * t + (j & 1), query = q0 + col;
-                        int key = w0 + i * 16 + g + (j < 2 ? 0 : 8);
-                        float p = fast_exp2(st[i][n][j] * scale_log2 - lse_s[col]);
+                    for (int e = 0; e < 4; ++e) {
+                        int col = c * 16 + n * 8 + 2 * t + (e & 1), query = q0 + col;
+                        int key = w0 + i * 16 + g + (e < 2 ? 0 : 8);
+                        float p = fast_exp2(st[i][n][e] * scale_log2 - lse_s[j][col]);
                         if (edge && (query < key || query >= T)) p = 0.f;
-                        st[i][n][j] = p;
-                        dpt[i][n][j] = p * (dpt[i][n][j] - delta_s[col]);  // dS^T
+                        st[i][n][e] = p;
+                        dpt[i][n][e] = p * (dpt[i][n][e] - delta_s[j][col]);  // dS^T
                     }
                 c_to_a(pa[i], st[i], 0);
                 c_to_a(sa[i], dpt[i], 0);
             }
             #pragma unroll
-            for (int d = 0; d < D_HEAD / 8; ++d) {
-                u32 b0, b1;
-                load_b(b0, b1, do_t, RP, d * 8, c * 16, g, t);
+            for (int d = 0; d < D_HEAD / 8; d += 2) {
+                u32 ob[4], qb[4];
+                load_b_kn(ob, do_tile[j], d * 8, c * 16, lane);
+                load_b_kn(qb, q_tile[j], d * 8, c * 16, lane);
                 #pragma unroll
-                for (int i = 0; i < MT; ++i) mma(dv[i][d], pa[i], b0, b1);
-                load_b(b0, b1, q_t, RP, d * 8, c * 16, g, t);
-                #pragma unroll
-                for (int i = 0; i < MT; ++i) mma(dk[i][d], sa[i], b0, b1);
+                for (int i = 0; i < MT; ++i) {
+                    mma(dv[i][d], pa[i], ob[0], ob[1]);
+                    mma(dv[i][d + 1], pa[i], ob[2], ob[3]);
+                    mma(dk[i][d], sa[i], qb[0], qb[1]);
+                    mma(dk[i][d + 1], sa[i], qb[2], qb[3]);
+                }
             }
         }
+        __syncthreads();
     }
     u16* dk_out = dqkv + head + C;
     u16* dv_out = dqkv + head + 2 * C;
