@@ -39,7 +39,7 @@ HEAD_DIMS = (16, 32, 64)  # 128 would need more shared memory than a static arra
 # Rows (queries, or keys for dK/dV) a warp owns, per kernel, 16 or 32: each fragment read
 # from shared memory feeds rows / 16 products, at the price of registers (occupancy). A
 # block is 4 warps.
-WARP_ROWS = {"flash_forward": 16, "flash_backward_dq": 16, "flash_backward_dkdv": 16}
+WARP_ROWS = {"flash_forward": 32, "flash_backward_dq": 16, "flash_backward_dkdv": 16}
 ENABLED = (cupy is not None and os.environ.get("GPT_MPI_KERNELS", "auto") != "numpy"
            and os.environ.get("GPT_MPI_ATTENTION", "flash") == "flash")
 
