@@ -1,11 +1,11 @@
 """Causal flash attention on tensor cores, for 16-bit CuPy arrays (FlashAttention-2's
-algorithm, hand-written in CUDA C with `mma.sync` PTX; no CUDA header, so it compiles
-wherever CuPy's NVRTC does).
+algorithm, hand-written in CUDA C with `mma.sync`, `ldmatrix` and `cp.async` PTX; no CUDA
+header, so it compiles wherever CuPy's NVRTC does).
 
 The blocked cuBLAS path of `gpu_kernels.attention_forward` writes each block's scores and
 probabilities to memory and reads them back four times; here they live in registers:
 
-| kernel | grid | each warp (16 rows), per tile of 64 keys or queries |
+| kernel | grid | each warp (16 or 32 rows), per tile of keys or queries |
 |---|---|---|
 | `flash_forward` | query blocks x heads | S = Q K^T, online softmax, O += P V; O, lse |
 | `flash_delta` | rows | delta = rowsum(dO * O) |
@@ -16,14 +16,28 @@ dQ and dK/dV come from two kernels that each recompute P, not from one with atom
 every gradient is written once, in the model's 16 bits, straight into d_qkv's layout.
 
 Layouts: Q, K and V are read in place from the packed (B,T,3,H,D) activations and O is
-written as (B,T,H,D), so no head transposes run. Tiles of 64 rows go to shared memory with
-rows padded by 8 elements (16 bytes), which puts the 8 rows a fragment load touches on
-different banks; operands a GEMM needs as its transpose get a transposed copy in shared
-memory. Scores are in the log2 domain (`exp2`); the saved log-sum-exp is too.
+written as (B,T,H,D), so no head transposes run. A warp holds its own rows of Q (or K and
+V) as A fragments for the whole kernel; tiles of the other operand are copied to shared
+memory by `cp.async`, double-buffered (tile j+1 is in flight while tile j is used), with
+rows padded by 16 bytes so that the 8 rows an `ldmatrix` reads fall on different banks.
+`ldmatrix.trans` gives the B fragments of an operand that a product needs transposed (V in
+P V, K in dS K, Q and dO in the dK/dV products), so no tile is ever transposed in memory.
+Scores are in the log2 domain (one `ex2` instruction each); the saved log-sum-exp is too.
 
 Fragment layouts (PTX ISA, `mma.m16n8k16`, g = lane / 4, t = lane % 4): A rows g and g+8,
 columns 2t, 2t+1 and 2t+8, 2t+9; B (k x n) columns g, rows 2t, 2t+1 and 2t+8, 2t+9; C rows
 g and g+8, columns 2t, 2t+1. So a C tile pair converted to 16 bits is the next GEMM's A.
+
+Measured on an H100 at GPT-2 124M's shape (batch 16, 12 heads of 64, T = 1024; bf16):
+| kernel, rows a warp | 16 | 32 |
+|---|---|---|
+| forward | 0.216 ms | **0.198** |
+| dQ | **0.225** | 0.231 |
+| dK, dV | **0.293** | 0.339 (255 registers, spills) |
+Forward and backward 0.76 ms, against 1.83 for the blocked cuBLAS path and 0.46 for
+torch's `scaled_dot_product_attention`. The first version (synchronous tile loads,
+transposed copies in shared memory, 2-byte stores) took 1.25 ms with the same arithmetic:
+its outputs and these are bit for bit the same.
 """
 import math
 import os
