@@ -54,8 +54,12 @@ HEAD_DIMS = (16, 32, 64)  # 128 would need more shared memory than a static arra
 # from shared memory feeds rows / 16 products, at the price of registers (occupancy). A
 # block is 4 warps.
 WARP_ROWS = {"flash_forward": 32, "flash_backward_dq": 16, "flash_backward_dkdv": 16}
+# GPT_MPI_ATTENTION=blocked keeps 16-bit attention on the cuBLAS path (to compare the two)
+_CHOICE = os.environ.get("GPT_MPI_ATTENTION", "flash")
+if _CHOICE not in ("flash", "blocked"):
+    raise ValueError(f"GPT_MPI_ATTENTION={_CHOICE!r}: expected flash or blocked")
 ENABLED = (cupy is not None and os.environ.get("GPT_MPI_KERNELS", "auto") != "numpy"
-           and os.environ.get("GPT_MPI_ATTENTION", "flash") == "flash")
+           and _CHOICE == "flash")
 
 _SOURCE = r"""
 typedef unsigned short u16;

@@ -2,15 +2,26 @@
 and gradients, in bfloat16 and float16, at every head size they take, at lengths that end
 inside a block, and with one token.
 
-Skipped, with the reason, where there is no cupy or no CUDA device.
+The GPU tests skip, with the reason, where there is no cupy or no CUDA device.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from comm.backend import gpu_available, to_host
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not gpu_available(), reason="no cupy or no CUDA device here")]
+needs_gpu = [pytest.mark.gpu,
+             pytest.mark.skipif(not gpu_available(), reason="no cupy or no CUDA device here")]
+
+
+def on_gpu(test):
+    for mark in needs_gpu:
+        test = mark(test)
+    return test
+
 
 # (B, T, heads, head size): 150 and 97 tokens end inside a 64-row block
 SHAPES = [(2, 150, 2, 64), (1, 64, 2, 32), (3, 97, 4, 16), (1, 1, 1, 64), (1, 300, 3, 64)]
@@ -30,6 +41,7 @@ def close(gpu, ref, rtol, scale):
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
 
 
+@on_gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("warp_rows", [16, 32], ids=lambda r: f"rows{r}")
@@ -65,6 +77,7 @@ def test_flash_attention_equals_numpy(warp_rows, dtype, shape, monkeypatch):
             raise AssertionError(f"{part}: {err}") from None
 
 
+@on_gpu
 def test_flash_attention_refuses_what_it_cannot_take():
     import cupy
 
@@ -77,3 +90,12 @@ def test_flash_attention_refuses_what_it_cannot_take():
     unaligned = cupy.zeros(3 * 64 * 8 + 1, low)[1:].reshape(1, 8, 3 * 64)
     assert not flash_attention.applies(unaligned, 1)
     assert flash_attention.applies(cupy.zeros((1, 8, 3 * 64), low), 1)
+
+
+def test_a_bad_attention_choice_is_refused_at_import():
+    env = {"GPT_MPI_ATTENTION": "fast", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-c", "import models.flash_attention"], env=env,
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0
+    assert "GPT_MPI_ATTENTION='fast': expected flash or blocked" in run.stderr
