@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from comm.backend import array_module
+from models import kernels
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -59,6 +60,11 @@ def _load_mkl():
             batch.argtypes = ([c_int] * 6 + [scalar, P, c_int, c_int, P, c_int, c_int, scalar,
                                              P, c_int, c_int, c_int])
             batch.restype = None
+        if hasattr(lib, "cblas_gemm_bf16bf16f32"):  # MKL 2019 and later
+            bf16 = lib.cblas_gemm_bf16bf16f32
+            bf16.argtypes = ([c_int] * 6 + [ctypes.c_float, P, c_int, P, c_int, ctypes.c_float,
+                                            P, c_int])
+            bf16.restype = None
         return lib
     return None
 
@@ -108,6 +114,60 @@ def use_mkl(on: bool):
 
 
 use_mkl(_MKL is not None and (_MODE == "mkl" or _intel_cpu()))
+
+# bfloat16 products (`use_bf16`): float32 operands rounded to bfloat16, products accumulated
+# and returned in float32, by MKL on CPUs with AVX-512-BF16 or AMX.
+BF16 = False
+
+
+def bf16_unavailable():
+    """Why bfloat16 products cannot run here (a sentence), or None when they can."""
+    if _MKL is None or not ENABLED:
+        return "bf16 products need MKL on (pip install mkl; GPT_MPI_GEMM=auto or mkl)"
+    if not hasattr(_MKL, "cblas_gemm_bf16bf16f32"):
+        return "this MKL has no cblas_gemm_bf16bf16f32 (MKL 2019 or later has)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return "this CPU has neither avx512_bf16 nor amx_bf16 (Intel Cooper Lake or later)"
+    return None
+
+
+def use_bf16(on: bool):
+    """Round float32 operands of 2-D products to bfloat16 (float32 accumulation and
+    result), or not. Raises ValueError, saying why, where it cannot run."""
+    global BF16
+    why = bf16_unavailable() if on else None
+    if why:
+        raise ValueError(why)
+    BF16 = bool(on)
+    _PLANS.clear()
+
+
+def bfloat16_bits(x):
+    """(m,n) float32 -> C-contiguous (m,n) uint16: bfloat16 bits rounded to nearest even."""
+    out = np.empty(x.shape, np.uint16)
+    if kernels.enabled_for(x):
+        kernels.to_bfloat16(x, out)
+        return out
+    u = x.view(np.uint32)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    out[...] = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded)
+    return out
+
+
+def _gemm_bf16(head, a, b, out, accumulate, ldc):
+    ta, tb, m, n, k = head
+    # each operand rounded as BLAS reads it: a transposed view converts its stored matrix
+    a16 = bfloat16_bits(a.T if ta == _TRANS else a)
+    b16 = bfloat16_bits(b.T if tb == _TRANS else b)
+    _MKL.cblas_gemm_bf16bf16f32(_ROW_MAJOR, ta, tb, m, n, k, 1.0, a16.ctypes.data,
+                                a16.shape[1], b16.ctypes.data, b16.shape[1],
+                                1.0 if accumulate else 0.0, out.ctypes.data, ldc)
+
 _GEMM = {np.dtype(np.float32): ("cblas_sgemm", "cblas_sgemm_batch_strided"),
          np.dtype(np.float64): ("cblas_dgemm", "cblas_dgemm_batch_strided")}
 # Operand shapes, strides and dtypes -> the BLAS call's fixed arguments, or None (NumPy's).
@@ -139,6 +199,9 @@ def matmul(a, b, out=None, accumulate=False):
     call, head, a_tail, b_tail, c_tail, out_shape = plan
     if out is None:
         out = np.empty(out_shape, a.dtype)
+    if call is _gemm_bf16:
+        _gemm_bf16(head, a, b, out, accumulate, *c_tail)
+        return out
     call(*head, a.ctypes.data, *a_tail, b.ctypes.data, *b_tail, 1.0 if accumulate else 0.0,
          out.ctypes.data, *c_tail)
     return out
@@ -151,6 +214,8 @@ def _plan(a, b, out):
     if args is None:
         return None
     out, (batch, m, n, k, ta, lda, sa, tb, ldb, sb, ldc, sc) = args
+    if BF16 and batch == 1 and a.dtype == np.float32:
+        return _gemm_bf16, (ta, tb, m, n, k), (), (), (ldc,), out.shape
     single, batched = _GEMM[a.dtype]
     head = (_ROW_MAJOR, ta, tb, m, n, k, 1.0)
     if batch == 1:

@@ -278,6 +278,29 @@ def softmax_backward(datt, att):
     _softmax_backward(datt, att)
 
 
+
+# --------------------------------------------------------------------------- bfloat16
+
+
+@_jit
+def _to_bfloat16(x, out):
+    for i in range(x.shape[0]):
+        row, dst = x[i], out[i]
+        for j in range(row.shape[0]):
+            u = row[j]
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a (quiet) NaN
+                dst[j] = np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+            else:  # round to nearest, ties to even
+                dst[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                                   >> np.uint32(16))
+
+
+def to_bfloat16(x, out):
+    """(m,n) float32 -> out (m,n) uint16: the bfloat16 bits of each element, rounded to
+    nearest even (the upper half of its float32 bits), NaN kept NaN."""
+    _to_bfloat16(x.view(np.uint32), out)
+
+
 if numba is not None:  # float32 takes the vectorisable forms, float64 the exact libm calls
     @overload(_tanh)
     def _tanh_typed(u):

@@ -159,3 +159,64 @@ def test_a_remembered_plan_serves_new_arrays_of_the_same_layout(monkeypatch):
         d = rand(rng, (5, 3), np.float32)  # a third layout: the full cache is cleared
         np.testing.assert_allclose(gemm.matmul(a, d), a @ d, **TOL[np.float32])
     assert 1 <= len(gemm._PLANS) <= 2
+
+
+# ----------------------------------------------------------------- bfloat16 products
+
+def as_float32(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("numba_kernel", [True, False], ids=["numba", "numpy"])
+def test_bfloat16_bits_round_to_nearest_even(monkeypatch, numba_kernel):
+    from models import kernels
+    if numba_kernel and not kernels.ENABLED:
+        pytest.skip("numba not installed or GPT_MPI_KERNELS=numpy")
+    monkeypatch.setattr(kernels, "ENABLED", numba_kernel)
+    cases = {0x3F808000: 0x3F80,  # a tie, the even neighbour below
+             0x3F818000: 0x3F82,  # a tie, the even neighbour above
+             0x3F808001: 0x3F81, 0x3F807FFF: 0x3F80, 0xBF808001: 0xBF81,
+             0x7F7FFFFF: 0x7F80,  # the largest float32 rounds to infinity
+             0x7F800000: 0x7F80, 0xFF800000: 0xFF80, 0x00000001: 0x0000}
+    x = np.array(list(cases), np.uint32).view(np.float32).reshape(3, 3)
+    got = gemm.bfloat16_bits(x)
+    assert got.tolist() == np.array(list(cases.values()), np.uint16).reshape(3, 3).tolist()
+    nan = gemm.bfloat16_bits(np.array([[np.nan, -np.nan]], np.float32))
+    assert np.isnan(as_float32(nan)).all()
+    y = np.random.default_rng(1).standard_normal((40, 30)).astype(np.float32)[:, 3:20]
+    rounded = as_float32(gemm.bfloat16_bits(y))
+    assert np.all(np.abs(rounded - y) <= np.abs(y) * 2.0 ** -8)  # half an ulp: 8-bit significand
+
+
+needs_bf16 = pytest.mark.skipif(gemm.bf16_unavailable() is not None,
+                                reason=f"no bf16 products here: {gemm.bf16_unavailable()}")
+
+
+@needs_bf16
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_bf16_products_are_exact_products_of_rounded_operands(monkeypatch, accumulate):
+    """With use_bf16 a 2-D product equals the float64 product of its bfloat16-rounded
+    operands to float32 accumulation; stacked (attention) products stay float32."""
+    monkeypatch.setattr(gemm, "ENABLED", True)
+    monkeypatch.setattr(gemm, "_PLANS", {})
+    monkeypatch.setattr(gemm, "BF16", True)
+    rng = np.random.default_rng(2)
+    for a, b in operand_pairs(rng, np.float32, m=40, k=33, n=24):
+        start = rand(rng, (40, 24), np.float32)
+        out = gemm.matmul(a, b, out=start.copy() if accumulate else None,
+                          accumulate=accumulate)
+        ref = as_float32(gemm.bfloat16_bits(np.ascontiguousarray(a))).astype(np.float64) @ \
+            as_float32(gemm.bfloat16_bits(np.ascontiguousarray(b))).astype(np.float64)
+        ref += start if accumulate else 0.0
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+        assert np.abs(out - (a @ b + (start if accumulate else 0))).max() > 1e-4  # rounded
+    a, b = rand(rng, (3, 8, 6), np.float32), rand(rng, (3, 6, 5), np.float32)
+    np.testing.assert_allclose(gemm.matmul(a, b), a @ b, **TOL[np.float32])
+
+
+def test_use_bf16_refuses_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(gemm, "ENABLED", False)
+    with pytest.raises(ValueError, match="bf16 products need MKL"):
+        gemm.use_bf16(True)
+    assert not gemm.BF16
+    gemm.use_bf16(False)  # always allowed
