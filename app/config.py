@@ -39,6 +39,7 @@ class TrainConfig:
     # run
     seed: int = 1337
     dtype: str = "float32"
+    matmul: str = "float32"
     device: str = "cpu"
     cuda_aware_mpi: str = "auto"
     data: str = "data/embedded.h5"
@@ -109,6 +110,9 @@ HELP = {
     "dtype": "float32, float64, or on a GPU bf16 or fp16 (mixed precision: float32 master "
              "weights and optimizer, 16-bit activations and GEMMs; fp16 with a dynamic loss "
              "scale)",
+    "matmul": "cpu: precision of the float32 matrix products: float32, or bf16 (operands "
+              "rounded to bfloat16, float32 accumulation, on AVX-512-BF16/AMX CPUs through "
+              "MKL; weights, activations and optimizer stay float32)",
     "device": "cpu (NumPy) or gpu (CuPy; one GPU per rank, by local rank)",
     "cuda_aware_mpi": "gpu: whether MPI reads device memory: auto (ask the library), yes, or "
                       "no (stage every transfer through pinned host buffers)",
@@ -161,6 +165,7 @@ NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens", "seed", "dp", "check_inter
                      "save_interval", "keep", "max_skips", "staleness", "compress_warmup",
                      "n_classes")
 CHOICES = {"dtype": ("float32", "float64", "bf16", "fp16"), "device": ("cpu", "gpu"),
+           "matmul": ("float32", "bf16"),
            "zero": (0, 1),
            "cuda_aware_mpi": ("auto", "yes", "no"),
            "schedule": ("1f1b", "gpipe", "interleaved"), "partition": ("balanced", "uniform"),
@@ -307,6 +312,10 @@ def validate(cfg: TrainConfig):
             raise UserError(f"config dtype = {cfg.dtype!r} does not run with a parameter "
                             f"server (mode = {cfg.mode!r}): expected mode 'ring', or dtype "
                             "float32")
+    if cfg.matmul == "bf16" and (cfg.device != "cpu" or cfg.dtype != "float32"):
+        raise UserError(f"config matmul = 'bf16' rounds float32 products on the CPU, not with "
+                        f"device = {cfg.device!r}, dtype = {cfg.dtype!r}: expected device "
+                        "'cpu' and dtype 'float32' (on a GPU, dtype bf16)")
     check_config(cfg)  # the layout rules that need no world size
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head}: "

@@ -39,7 +39,7 @@ from comm.compress import make_compressor
 from comm.backend import (BackendUnavailable, configure_mpi_buffers, get_xp,
                           keep_freed_host_memory, to_host, use_local_device)
 from comm.grid import ProcessGrid
-from models import gpt, sharding
+from models import gemm, gpt, sharding
 from models.optim import lr_at
 
 
@@ -150,6 +150,16 @@ def array_backend(cfg, local_rank=0):
         raise UserError(str(err)) from None
 
 
+def use_matmul_precision(name):
+    """config matmul -> the products' precision for this process (models/gemm.py); bf16
+    where the CPU or MKL cannot is the user's error, with the reason."""
+    try:
+        gemm.use_bf16(name == "bf16")
+    except ValueError as err:
+        raise UserError(f"config matmul = {name!r} cannot run here: {err}: expected matmul "
+                        "= 'float32'") from None
+
+
 def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt="\n",
           comm=None, overwrite=False, resume=None):
     """Trains on the ranks of `comm` (default MPI.COMM_WORLD), from scratch or, with
@@ -165,10 +175,12 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
         local_rank, on_node = place_on_node(comm)
+        cleanup.callback(gemm.use_bf16, False)  # a run's product precision ends with it
         with together(comm):
             xp = array_backend(cfg, local_rank)
             layout = layouts.plan(cfg, comm.Get_size())
             mpi_buffers = configure_mpi_buffers(cfg.cuda_aware_mpi, xp)
+            use_matmul_precision(cfg.matmul)
         is_logger = comm.Get_rank() == layout.logger
         if not is_logger:
             log = _silent
@@ -193,7 +205,8 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         resume_from = claim_run(comm, cfg, run_dir, overwrite, resume, cleanup)
         keep_freed_host_memory()
         log("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-        log(f"device: {cfg.device}; {mpi_buffers}")
+        log(f"device: {cfg.device}; {mpi_buffers}" + ("; matrix products in bf16 (float32 "
+            "accumulation)" if cfg.matmul == "bf16" else ""))
         if is_server:
             return parameter_server.serve(cfg, layout, comm, role, run_dir, data.tokenizer,
                                           resume_from)

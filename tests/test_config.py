@@ -172,6 +172,7 @@ def test_to_toml_round_trips_every_field_changed():
         "batch_size": 5, "steps": 7, "lr": 3.5e-4, "min_lr": 1e-5, "warmup_steps": 0,
         "weight_decay": 0.0, "beta1": 0.8, "beta2": 0.999, "grad_clip": 0.0, "seed": 0,
         "dtype": "float64", "device": "gpu", "cuda_aware_mpi": "no",
+        "matmul": "float32",  # its other value, bf16, needs the cpu and float32 changed above
         "data": 'dir with "quotes"\\and\\backslash.h5',
         "log_interval": 1, "eval_interval": 3, "eval_windows": 1, "sample_tokens": 0,
         "dp": 2, "micro_batches": 3, "bucket_mb": 0.25, "zero": 1, "overlap": False,
@@ -323,3 +324,12 @@ def test_16_bit_training_does_not_run_with_a_parameter_server():
                                         r"\(mode = 'ps'\): expected mode 'ring'"):
         make_config({"dtype": "bf16", "device": "gpu", "mode": "ps"})
     make_config({"dtype": "bf16", "device": "gpu", "pp": 2, "tp": 2})  # any ring layout
+
+
+@pytest.mark.parametrize("values", [{"device": "gpu"}, {"dtype": "float64"}],
+                         ids=["gpu", "float64"])
+def test_bf16_products_only_round_float32_on_the_cpu(values):
+    with pytest.raises(UserError, match=r"matmul = 'bf16' rounds float32 products on the CPU.*"
+                                        r"expected device 'cpu' and dtype 'float32'"):
+        make_config({"matmul": "bf16", **values})
+    assert make_config({"matmul": "bf16"}).matmul == "bf16"

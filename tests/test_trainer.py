@@ -139,6 +139,28 @@ def test_float32_run(tiny_h5, tmp_path):
     assert params["wte"].dtype == np.float32
 
 
+def test_bf16_products_track_float32_or_are_refused_saying_why(tiny_h5, tmp_path,
+                                                                 monkeypatch):
+    from models import gemm
+    cfg = tiny_config(tiny_h5, steps=20, dtype="float32", log_interval=20, eval_interval=20)
+    reference, _ = run_train(cfg, tmp_path / "float32")
+    bf16 = tiny_config(tiny_h5, steps=20, dtype="float32", log_interval=20, eval_interval=20,
+                       matmul="bf16")
+    if gemm.bf16_unavailable() is None:
+        history, lines = run_train(bf16, tmp_path / "bf16")
+        assert any("matrix products in bf16" in line for line in lines)
+        assert not gemm.BF16  # the run's setting ends with the run
+        np.testing.assert_allclose(history["loss"], reference["loss"], rtol=5e-2)
+        late = slice(10, None)  # one step's loss is noisy at lr 1e-2: the mean of ten is not
+        np.testing.assert_allclose(np.mean(history["loss"][late]),
+                                   np.mean(reference["loss"][late]), rtol=2e-2)
+        assert abs(history["loss"][-1] - reference["loss"][-1]) > 0  # rounded, not float32
+    monkeypatch.setattr(gemm, "ENABLED", False)  # as on a machine without MKL
+    with pytest.raises(UserError, match=r"matmul = 'bf16' cannot run here: bf16 products need "
+                                        r"MKL.*expected matmul = 'float32'"):
+        run_train(bf16, tmp_path / "refused")
+
+
 def test_vocab_mismatch_is_user_error_and_writes_nothing(tiny_h5, tmp_path):
     with pytest.raises(UserError) as err:
         run_train(tiny_config(tiny_h5, vocab_size=300), tmp_path / "run")
