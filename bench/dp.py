@@ -70,6 +70,9 @@ def worker_ours(args):
                                     "overlap": args.overlap == "on", "zero": int(args.zero)})
     mcfg = cfg.model_config()
     params = gpt.init_params(mcfg, cfg.seed, np, np.float32)
+    if args.bf16:
+        from models import gemm
+        gemm.use_bf16(True)
     dp_comm = None if args.no_comm or size == 1 else comm
     step = TrainStep(mcfg, params, cfg, dp_comm)
     if args.no_test and step.reducer is not None:
@@ -194,14 +197,14 @@ def worker_torch(args):
     barrier()
     first_loss = None
     for i in range(args.warmup):
-        loss = train_step(module, opt, *batches[i % N_BATCHES], cfg.grad_clip)
+        loss = train_step(module, opt, *batches[i % N_BATCHES], cfg.grad_clip, args.bf16)
         first_loss = loss if first_loss is None else first_loss
     barrier()
     times = np.empty(args.steps)
     wall = time.perf_counter()
     for i in range(args.steps):
         t0 = time.perf_counter()
-        train_step(module, opt, *batches[i % N_BATCHES], cfg.grad_clip)
+        train_step(module, opt, *batches[i % N_BATCHES], cfg.grad_clip, args.bf16)
         times[i] = time.perf_counter() - t0
     wall = time.perf_counter() - wall
     row = {"times": times.tolist(), "waits": [0.0] * args.steps, "wall": wall,
@@ -274,13 +277,14 @@ class Cell:
 
     def __init__(self, key, impl, ranks, overlap="-", bucket_mb=None, no_comm=False,
                  no_test=False, async_progress=False, yield_vars=True, torch=False,
-                 paired=False, config=CONFIG, batch=PER_RANK_BATCH, threads=1, zero=False):
+                 paired=False, config=CONFIG, batch=PER_RANK_BATCH, threads=1, zero=False,
+                 bf16=False):
         self.key, self.impl, self.ranks, self.overlap = key, impl, ranks, overlap
         self.bucket_mb, self.no_comm, self.no_test = bucket_mb, no_comm, no_test
         self.async_progress, self.yield_vars, self.torch = async_progress, yield_vars, torch
         self.paired = paired
         self.config, self.batch, self.threads = config, batch, threads
-        self.zero = zero
+        self.zero, self.bf16 = zero, bf16
         self.results = []  # one worker JSON per round
         self.other_load = []  # cores used by other processes during each result
         self.max_load = 0.15
@@ -326,6 +330,8 @@ class Cell:
             steps, warmup = 8, 3
         common = ["--steps", str(steps), "--warmup", str(warmup), "--config", self.config,
                   "--batch", str(self.batch), "--threads", str(self.threads)]
+        if self.bf16:
+            common.append("--bf16")
         if self.torch:
             return self._run_torch(common, timeout)
         mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -534,6 +540,7 @@ def main(argv=None):
     parser.add_argument("--no-comm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-test", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--zero", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=int, default=6, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

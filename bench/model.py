@@ -10,7 +10,10 @@ Six rounds of 5 steps, not three of 10: this VM's speed wanders by +-25% over se
 The NumPy-only column is our same step with the numba kernels (models/kernels.py) switched
 off, timed in the same rounds: its ratio is what the kernels buy. Where MKL serves the
 products (models/gemm.py, Intel CPUs), the OpenBLAS column is the same step with NumPy's
-OpenBLAS instead, timed in the same rounds: its ratio is what MKL buys.
+OpenBLAS instead, timed in the same rounds: its ratio is what MKL buys. On CPUs with
+AVX-512-BF16 or AMX a third table times the same step with bf16 products (`--matmul bf16`,
+models/gemm.py `use_bf16`), again in the same rounds, beside PyTorch under its CPU autocast
+to bfloat16, and the 2-core table adds each system's bf16 cells.
 
 The second table uses the machine's 2 cores the way each system uses them best, at one
 global batch (twice the first table's): ours as 2 MPI ranks x 1 thread (data parallel over
@@ -75,6 +78,14 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
             finally:
                 gemm.use_mkl(True)
         runners["openblas"] = openblas_only
+    if device == "cpu" and gemm.bf16_unavailable() is None:  # bf16 products (AMX)
+        def bf16_products(i):
+            gemm.use_bf16(True)
+            try:
+                return ours(i)
+            finally:
+                gemm.use_bf16(False)
+        runners["ours_bf16"] = bf16_products
     if use_torch:
         import torch
 
@@ -87,6 +98,9 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
         tb = [(torch.from_numpy(b[0]), torch.from_numpy(b[1])) for b in batches]
         runners["torch"] = lambda i: torch_gpt.train_step(model, topt, *tb[i], cfg.grad_clip)
         first_loss["torch"] = runners["torch"](0)
+        if "ours_bf16" in runners:  # torch's own bf16 mixed precision: CPU autocast
+            runners["torch_bf16"] = lambda i: torch_gpt.train_step(model, topt, *tb[i],
+                                                                   cfg.grad_clip, bf16=True)
 
     times = {name: [] for name in runners}
     for r in range(rounds):  # alternate so both see the same machine state
@@ -163,6 +177,33 @@ def print_table(rows, out=sys.stdout):
         diffs = [abs(r["first_loss"]["ours"] - r["first_loss"]["torch"]) for r in rows]
         print(f"(same init and batch: first-step loss differs by at most {max(diffs):.1e})",
               file=out)
+    bf16_rows = [r for r in rows if "ours_bf16" in r]
+    if bf16_rows:
+        print_bf16_table(bf16_rows, out)
+
+
+def print_bf16_table(rows, out=sys.stdout):
+    """Ours with bf16 products (models/gemm.py use_bf16), timed in the same rounds as the
+    float32 rows, against our float32 step, PyTorch float32, and PyTorch's CPU autocast."""
+    print("\nbf16 products (operands rounded to bfloat16, float32 accumulation; "
+          "torch: autocast to bf16):", file=out)
+    head = (f"{'config':<7}{'thr':>4} | {'ours bf16 ms':>12}{'tok/s':>9}{'vs fp32':>8}")
+    has_torch = any("torch_bf16" in r for r in rows)
+    if has_torch:
+        head += (f" | {'torch bf16 ms':>13}{'tok/s':>9} | {'/torch fp32':>11}"
+                 f"{'/torch bf16':>12}")
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        o = r["ours_bf16"]
+        line = (f"{r['config']:<7}{r['threads']:>4} | {o['ms']:>12.1f}{o['tokens_per_s']:>9.0f}"
+                f"{r['ours']['ms'] / o['ms']:>7.2f}x")
+        if "torch_bf16" in r:
+            t = r["torch_bf16"]
+            line += (f" | {t['ms']:>13.1f}{t['tokens_per_s']:>9.0f} | "
+                     f"{o['tokens_per_s'] / r['torch']['tokens_per_s']:>10.2f}x"
+                     f"{o['tokens_per_s'] / t['tokens_per_s']:>11.2f}x")
+        print(line, file=out)
 
 
 def two_core_cells(config_name, use_torch):
@@ -177,6 +218,14 @@ def two_core_cells(config_name, use_torch):
         cells += [Cell("torch DDP 2x1", "torch", 2, torch=True, batch=batch, **common),
                   Cell("torch 1x2", "torch", 1, torch=True, batch=2 * batch, threads=2,
                        **common)]
+    from models import gemm
+    if gemm.bf16_unavailable() is None:  # each system's bf16 in its best float32 layouts
+        cells.append(Cell("ours 2x1 bf16", "ours", 2, "on", batch=batch, bf16=True, **common))
+        if use_torch:
+            cells += [Cell("torch DDP 2x1 bf16", "torch", 2, torch=True, batch=batch,
+                           bf16=True, **common),
+                      Cell("torch 1x2 bf16", "torch", 1, torch=True, batch=2 * batch,
+                           threads=2, bf16=True, **common)]
     return cells
 
 
@@ -189,7 +238,10 @@ TWO_CORE_LAYOUT = {"ours 2x1": "2 ranks x 1 thread (ring DP)",
                    "ours 2x1 ZeRO-1": "2 x 1 thread, ZeRO-1",
                    "ours 1x2": "1 rank x 2 threads",
                    "torch DDP 2x1": "DDP-gloo 2 x 1 thread",
-                   "torch 1x2": "1 process x 2 threads"}
+                   "torch 1x2": "1 process x 2 threads",
+                   "ours 2x1 bf16": "2 x 1 thread, bf16 products",
+                   "torch DDP 2x1 bf16": "DDP-gloo 2 x 1 thread, autocast bf16",
+                   "torch 1x2 bf16": "1 process x 2 threads, autocast bf16"}
 
 
 def measure_two_cores(config_name, use_torch, rounds, steps, warmup, timeout=600):
@@ -205,18 +257,23 @@ def measure_two_cores(config_name, use_torch, rounds, steps, warmup, timeout=600
 def print_two_core_table(config_name, cells, out=sys.stdout):
     tokens = cells[0].ranks * cells[0].results[0]["tokens_per_rank_step"]
     print(f"\n2 cores, {config_name}, global batch {tokens} tokens a step:", file=out)
-    head = f"{'system':<7}{'layout':<31}{'ms/step':>9}{'global tok/s':>14}"
+    head = f"{'system':<7}{'layout':<37}{'ms/step':>9}{'global tok/s':>14}"
     print(head, file=out)
     print("-" * len(head), file=out)
-    best = {}
+    best = {}  # (system, precision) -> the most global tokens/s
     for c in cells:
         system = c.key.split()[0]
         tok_s = c.tok_s()
-        best[system] = max(best.get(system, 0.0), tok_s)
-        print(f"{system:<7}{TWO_CORE_LAYOUT[c.key]:<31}{c.ms():>9.1f}{tok_s:>14.0f}", file=out)
-    if "torch" in best:
-        print(f"best ours / best torch, global tok/s: {best['ours'] / best['torch']:.2f}x",
-              file=out)
+        key = (system, "bf16" if c.bf16 else "float32")
+        best[key] = max(best.get(key, 0.0), tok_s)
+        print(f"{system:<7}{TWO_CORE_LAYOUT[c.key]:<37}{c.ms():>9.1f}{tok_s:>14.0f}", file=out)
+    if ("torch", "float32") in best:
+        print(f"best ours / best torch, global tok/s: "
+              f"{best['ours', 'float32'] / best['torch', 'float32']:.2f}x", file=out)
+    if ("torch", "bf16") in best:
+        print(f"with bf16 products: best ours / best torch float32 "
+              f"{best['ours', 'bf16'] / best['torch', 'float32']:.2f}x, / best torch bf16 "
+              f"{best['ours', 'bf16'] / best['torch', 'bf16']:.2f}x", file=out)
 
 
 def main(argv=None):

@@ -51,9 +51,11 @@ def make_optimizer(model, is_decayed, lr, betas, weight_decay):
                               {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas)
 
 
-def train_step(model, optimizer, idx, targets, grad_clip):
-    """One full step, as our trainer does it: forward, backward, clip, AdamW."""
-    loss = model(idx, targets)
+def train_step(model, optimizer, idx, targets, grad_clip, bf16=False):
+    """One full step, as our trainer does it: forward, backward, clip, AdamW; `bf16`:
+    the forward under torch's CPU autocast to bfloat16 (its mixed precision)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(idx, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:

@@ -33,14 +33,21 @@ def torch_importable():
 def test_model_speed_table():  # make bench
     out = run("bench.model", "--configs", "tiny", "--threads", "1", "--steps", "2",
               "--rounds", "1", "--two-core-rounds", "1", "--two-core-steps", "1", "0")
+    from models import gemm
+    bf16 = gemm.bf16_unavailable() is None  # then a bf16 table and bf16 2-core cells
+    torch = torch_importable()
     row = [line for line in out.splitlines() if line.startswith("tiny")]
-    assert len(row) == 1 and "%" in row[0], out
+    assert len(row) == 1 + bf16 and "%" in row[0], out
     two_core = [line.split()[0] for line in out.splitlines() if "thread" in line]
     assert "2 cores, tiny" in out and two_core[:3] == ["ours"] * 3, out
-    if torch_importable():  # the PyTorch half: the same model and batch, a ratio
+    if torch:  # the PyTorch half: the same model and batch, a ratio
         assert "ours/torch" in out and row[0].rstrip().endswith("x"), out
         assert "first-step loss differs by at most" in out, out
-        assert two_core[3:] == ["torch", "torch"] and "best ours / best torch" in out, out
+        assert two_core[3:5] == ["torch", "torch"] and "best ours / best torch" in out, out
+    if bf16:
+        assert "bf16 products" in out and row[1].rstrip().endswith("x"), out
+        assert two_core[3 + 2 * torch:] == ["ours"] + ["torch", "torch"] * torch, out
+        assert torch == ("with bf16 products: best ours / best torch float32" in out), out
 
 
 def test_data_parallel_scaling_table():  # make bench-dp
