@@ -1,5 +1,6 @@
 """Does 16-bit training track float32? `python -m bench.precision` trains the same config
-(same seed, same batches) once per dtype with `app train --device gpu`, then prints both
+(same seed, same batches) once per dtype with `app train --device gpu` (or `--device cpu`,
+where bf16 means float32 training with bf16 products, `--matmul bf16`), then prints both
 loss curves side by side and the relative gap at the last step.
 
 The gap is read on two numbers: the mean training loss over the last `--window` logged
@@ -13,9 +14,12 @@ import sys
 from pathlib import Path
 
 
-def train(config, dtype, steps, out, log_interval):
-    subprocess.run([sys.executable, "-m", "app", "train", "--config", config, "--device", "gpu",
-                    "--dtype", dtype, "--steps", str(steps), "--out", str(out), "--overwrite",
+def train(config, dtype, steps, out, log_interval, device="gpu"):
+    # on the CPU, bf16 is float32 training with bf16 products (AMX): `--matmul bf16`
+    precision = (["--dtype", "float32", "--matmul", "bf16"] if (device, dtype) == ("cpu", "bf16")
+                 else ["--dtype", dtype])
+    subprocess.run([sys.executable, "-m", "app", "train", "--config", config, "--device", device,
+                    *precision, "--steps", str(steps), "--out", str(out), "--overwrite",
                     "--log-interval", str(log_interval), "--eval-interval", str(steps),
                     "--save-interval", str(steps)], check=True, stdout=subprocess.DEVNULL)
     losses, val, times = {}, None, []
@@ -38,10 +42,12 @@ def main(argv=None):
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--window", type=int, default=10, help="logged steps averaged")
     parser.add_argument("--out", default="runs/bench-precision")
+    parser.add_argument("--device", default="gpu", choices=("gpu", "cpu"),
+                        help="cpu: bf16 means float32 training with bf16 products (--matmul)")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
-    runs = {d: train(args.config, d, args.steps, Path(args.out) / d, args.log_interval)
-            for d in dtypes}
+    runs = {d: train(args.config, d, args.steps, Path(args.out) / d, args.log_interval,
+                     args.device) for d in dtypes}
     base = dtypes[0]
     steps = sorted(runs[base][0])
     shown = [s for s in steps if s in (0, steps[-1]) or s % (args.steps // 10 or 1) == 0]
