@@ -60,32 +60,24 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
         loss, _ = train_step(xp.asarray(batches[i][0]), xp.asarray(batches[i][1]), cfg.lr)
         return loss
 
+    def variant(switch, during, after):
+        """Our step with a setting switched for its duration."""
+        def step(i):
+            switch(during)
+            try:
+                return ours(i)
+            finally:
+                switch(after)
+        return step
+
     runners = {"ours": ours}
     first_loss = {"ours": ours(0)}
     if kernels.ENABLED and device == "cpu":  # the same step with the NumPy forms only
-        def numpy_only(i):
-            kernels.ENABLED = False
-            try:
-                return ours(i)
-            finally:
-                kernels.ENABLED = True
-        runners["numpy"] = numpy_only
+        runners["numpy"] = variant(lambda on: setattr(kernels, "ENABLED", on), False, True)
     if gemm.ENABLED:  # the same step with NumPy's OpenBLAS for every product
-        def openblas_only(i):
-            gemm.use_mkl(False)
-            try:
-                return ours(i)
-            finally:
-                gemm.use_mkl(True)
-        runners["openblas"] = openblas_only
+        runners["openblas"] = variant(gemm.use_mkl, False, True)
     if device == "cpu" and gemm.bf16_unavailable() is None:  # bf16 products (AMX)
-        def bf16_products(i):
-            gemm.use_bf16(True)
-            try:
-                return ours(i)
-            finally:
-                gemm.use_bf16(False)
-        runners["ours_bf16"] = bf16_products
+        runners["ours_bf16"] = variant(gemm.use_bf16, True, False)
     if use_torch:
         import torch
 

@@ -187,6 +187,30 @@ __device__ __forceinline__ void zero(float (*x)[4], int n) {
     for (int i = 0; i < n; ++i) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.f;
 }
 
+// acc[i] += s[i] @ tile for each m-tile i: s[i] holds N C tiles (16 rows x 8N columns of
+// a product, taken as 16-bit A fragments), the tile is 8N rows of D stored k-major
+template <int N>
+__device__ __forceinline__ void add_product_with_tile(float (*acc)[D_HEAD / 8][4],
+                                                      float (*s)[N][4], const u16* tile,
+                                                      int lane) {
+    #pragma unroll
+    for (int c = 0; c < N / 2; ++c) {
+        u32 a[MT][4];
+        #pragma unroll
+        for (int i = 0; i < MT; ++i) c_to_a(a[i], s[i], c);
+        #pragma unroll
+        for (int d = 0; d < D_HEAD / 8; d += 2) {
+            u32 b[4];
+            load_b_kn(b, tile, d * 8, c * 16, lane);
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                mma(acc[i][d], a[i], b[0], b[1]);
+                mma(acc[i][d + 1], a[i], b[2], b[3]);
+            }
+        }
+    }
+}
+
 // qkv (B,T,3,H,D) -> out (B,T,H,D), lse (B*H,T) in log2 units. Grid (query blocks, B*H).
 // Tiles of K and V are double-buffered: the copy of tile j+1 runs while tile j is used.
 extern "C" __global__ void __launch_bounds__(128)
@@ -278,22 +302,7 @@ flash_forward(const u16* __restrict__ qkv, u16* __restrict__ out, float* __restr
                 o[i][d][2] *= alpha1; o[i][d][3] *= alpha1;
             }
         }
-        #pragma unroll
-        for (int c = 0; c < BK / 16; ++c) {
-            u32 pa[MT][4];
-            #pragma unroll
-            for (int i = 0; i < MT; ++i) c_to_a(pa[i], s[i], c);
-            #pragma unroll
-            for (int d = 0; d < D_HEAD / 8; d += 2) {
-                u32 vb[4];
-                load_b_kn(vb, v_tile[j], d * 8, c * 16, lane);
-                #pragma unroll
-                for (int i = 0; i < MT; ++i) {
-                    mma(o[i][d], pa[i], vb[0], vb[1]);
-                    mma(o[i][d + 1], pa[i], vb[2], vb[3]);
-                }
-            }
-        }
+        add_product_with_tile<BK / 8>(o, s, v_tile[j], lane);  // O += P V
         __syncthreads();  // every warp is done with tile j before it is refilled
     }
     u16* y = out + (long long)b * T * C + h * D_HEAD;
@@ -408,22 +417,7 @@ flash_backward_dq(const u16* __restrict__ qkv, const u16* __restrict__ dout,
                     if (edge && (key > row || key >= T)) p = 0.f;
                     s[i][n][e] = p * (dp[i][n][e] - delta_r[i][e / 2]);  // dS
                 }
-        #pragma unroll
-        for (int c = 0; c < BKQ / 16; ++c) {
-            u32 sa[MT][4];
-            #pragma unroll
-            for (int i = 0; i < MT; ++i) c_to_a(sa[i], s[i], c);
-            #pragma unroll
-            for (int d = 0; d < D_HEAD / 8; d += 2) {
-                u32 kb[4];
-                load_b_kn(kb, k_tile[j], d * 8, c * 16, lane);
-                #pragma unroll
-                for (int i = 0; i < MT; ++i) {
-                    mma(dq[i][d], sa[i], kb[0], kb[1]);
-                    mma(dq[i][d + 1], sa[i], kb[2], kb[3]);
-                }
-            }
-        }
+        add_product_with_tile<BKQ / 8>(dq, s, k_tile[j], lane);  // dQ += dS K
         __syncthreads();
     }
     u16* dq_out = dqkv + head;
