@@ -16,6 +16,11 @@ On AMD EPYC (Zen 3) MKL was no faster than OpenBLAS at these shapes, so `auto` (
 default of `GPT_MPI_GEMM`: auto | mkl | numpy) uses MKL only on Intel CPUs. MKL comes from
 PyPI's `mkl` package; without it everything runs on NumPy. MKL reads its thread count from
 `MKL_NUM_THREADS` / `OMP_NUM_THREADS` like OpenBLAS does.
+
+`use_bf16(True)` (config `matmul = "bf16"`) rounds both float32 operands of every 2-D
+product to bfloat16 and runs MKL's `cblas_gemm_bf16bf16f32`, which accumulates and returns
+float32: on AVX-512-BF16/AMX CPUs 1.2-5.3x faster than float32 at `small`'s shapes (the
+README's bf16 section). Stacked products stay float32 (MKL has no batched bf16 call).
 """
 import ctypes
 import ctypes.util
