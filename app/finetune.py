@@ -36,11 +36,11 @@ from app.parallel import layout as layouts
 from app.parallel.state import gather_full_params, placement
 from app.pretrained import check_trunk, initial_params, read_pretrained
 from app.trainer import (array_backend, check_resume_flags, claim_run, make_engine, out_dir,
-                         use_matmul_precision, place_on_node, stop_here)
+                         place_on_node, stop_here, use_matmul_precision)
 from comm import watchdog
 from comm.backend import configure_mpi_buffers, to_host
 from comm.grid import ProcessGrid
-from models import gemm, gpt, sharding
+from models import gpt, sharding
 from models.classifier import ClassTargets
 from models.optim import lr_at
 
@@ -113,11 +113,10 @@ def finetune(cfg, run_dir, init=None, log=print, comm=None, overwrite=False, res
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
         local_rank, on_node = place_on_node(comm)
-        cleanup.callback(gemm.use_bf16, False)
         with together(comm):
             xp = array_backend(cfg, local_rank)
             configure_mpi_buffers(cfg.cuda_aware_mpi, xp)
-            use_matmul_precision(cfg.matmul)
+            use_matmul_precision(cfg.matmul, cleanup)
             data = ClassifyData(cfg.data)
             cfg = classifier_config(cfg, data)
             layout = layouts.plan(cfg, comm.Get_size())

@@ -150,9 +150,11 @@ def array_backend(cfg, local_rank=0):
         raise UserError(str(err)) from None
 
 
-def use_matmul_precision(name):
-    """config matmul -> the products' precision for this process (models/gemm.py); bf16
-    where the CPU or MKL cannot is the user's error, with the reason."""
+def use_matmul_precision(name, cleanup):
+    """config matmul -> the products' precision for this process (models/gemm.py), until
+    `cleanup` (the run's ExitStack) closes; bf16 where the CPU or MKL cannot is the user's
+    error, with the reason."""
+    cleanup.callback(gemm.use_bf16, False)  # first: a run's product precision ends with it
     try:
         gemm.use_bf16(name == "bf16")
     except ValueError as err:
@@ -175,12 +177,11 @@ def train(cfg: TrainConfig, run_dir, peak_gflops=None, log=print, sample_prompt=
         watchdog.arm(cfg.timeout)
         cleanup.callback(watchdog.arm, None)
         local_rank, on_node = place_on_node(comm)
-        cleanup.callback(gemm.use_bf16, False)  # a run's product precision ends with it
         with together(comm):
             xp = array_backend(cfg, local_rank)
             layout = layouts.plan(cfg, comm.Get_size())
             mpi_buffers = configure_mpi_buffers(cfg.cuda_aware_mpi, xp)
-            use_matmul_precision(cfg.matmul)
+            use_matmul_precision(cfg.matmul, cleanup)
         is_logger = comm.Get_rank() == layout.logger
         if not is_logger:
             log = _silent

@@ -37,12 +37,18 @@ from models import kernels
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
-def _intel_cpu() -> bool:
+def _cpuinfo(field) -> list:
+    """The words of /proc/cpuinfo's first `field` line (vendor_id, flags), or [] (no Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+            line = next((line for line in f if line.startswith(field)), "")
     except OSError:
-        return False
+        return []
+    return line.partition(":")[2].split()
+
+
+def _intel_cpu() -> bool:
+    return "GenuineIntel" in _cpuinfo("vendor_id")
 
 
 def _load_mkl():
@@ -131,11 +137,7 @@ def bf16_unavailable():
         return "bf16 products need MKL on (pip install mkl; GPT_MPI_GEMM=auto or mkl)"
     if not hasattr(_MKL, "cblas_gemm_bf16bf16f32"):
         return "this MKL has no cblas_gemm_bf16bf16f32 (MKL 2019 or later has)"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = _cpuinfo("flags")
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
         return "this CPU has neither avx512_bf16 nor amx_bf16 (Intel Cooper Lake or later)"
     return None
