@@ -164,6 +164,23 @@ def _linear_backward(kind, tp, cache, dy, grads):
     return backward(cache, dy, grads)[0]
 
 
+def _linear_gelu_forward(weight, bias, x, tp):
+    """The MLP's first half, gelu(x W + b): fused when unsplit, column-parallel otherwise."""
+    if tp.size == 1:
+        return layers.linear_gelu_forward(weight, bias, x)
+    h, c_linear = _linear_forward("column", weight, bias, x, tp)
+    h, c_gelu = layers.gelu_forward(h)
+    return h, (c_linear, c_gelu)
+
+
+def _linear_gelu_backward(tp, cache, dy, grads):
+    if tp.size == 1:
+        return layers.linear_gelu_backward(cache, dy, grads)[0]
+    c_linear, c_gelu = cache
+    dh, _ = layers.gelu_backward(c_gelu, dy)
+    return _linear_backward("column", tp, c_linear, dh, grads)
+
+
 # Replicated parameters whose gradient each rank computes from its slice of the sequence only
 # (sequence parallelism): summed over the tensor-parallel group before anyone reads them.
 SEQUENCE_PARTIAL = ("ln_1.weight", "ln_1.bias", "attn.c_proj.bias", "ln_2.weight",
@@ -200,13 +217,12 @@ def block_forward(params, prefix, x, n_head, mask, tp=UNSPLIT, recompute="none")
     a, c_proj = _linear_forward("row", p("attn.c_proj.weight"), p("attn.c_proj.bias"), a, tp)
     layers.add_into(a, x)  # residual, in place in the fresh projection output
     h, c_ln2 = layers.layernorm_forward(p("ln_2.weight"), p("ln_2.bias"), a)
-    h, c_fc = _linear_forward("column", p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), h, tp)
-    h, c_gelu = layers.gelu_forward(h)
+    h, c_fc = _linear_gelu_forward(p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), h, tp)
     out, c_mlp = _linear_forward("row", p("mlp.c_proj.weight"), p("mlp.c_proj.bias"), h, tp)
     layers.add_into(out, a)
     if recompute == "full":
         return out, ("recompute", params, prefix, x, n_head, mask, tp)
-    return out, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp, tp)
+    return out, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_mlp, tp)
 
 
 def block_backward(grads, prefix, cache, dout):
@@ -214,7 +230,7 @@ def block_backward(grads, prefix, cache, dout):
     if isinstance(cache[0], str):  # full recomputation: the forward again, now with caches
         _, params, prefix, x, n_head, mask, tp = cache
         cache = block_forward(params, prefix, x, n_head, mask, tp)[1]
-    c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp, tp = cache
+    c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_mlp, tp = cache
     if isinstance(c_att[0], str) and c_att[0] == "recompute":  # selective: the core again
         _, qkv, heads, mask = c_att
         c_att = layers.attention_forward(qkv, heads, mask)[1]
@@ -223,8 +239,7 @@ def block_backward(grads, prefix, cache, dout):
         return {key: grads[prefix + name] for key, name in zip(("weight", "bias"), names)}
 
     dh = _linear_backward("row", tp, c_mlp, dout, g("mlp.c_proj.weight", "mlp.c_proj.bias"))
-    dh, _ = layers.gelu_backward(c_gelu, dh)
-    dh = _linear_backward("column", tp, c_fc, dh, g("mlp.c_fc.weight", "mlp.c_fc.bias"))
+    dh = _linear_gelu_backward(tp, c_fc, dh, g("mlp.c_fc.weight", "mlp.c_fc.bias"))
     da, _ = layers.layernorm_backward(c_ln2, dh, g("ln_2.weight", "ln_2.bias"))
     layers.add_into(da, dout)  # residual
     dh = _linear_backward("row", tp, c_proj, da, g("attn.c_proj.weight", "attn.c_proj.bias"))

@@ -84,39 +84,65 @@ def _tanh(u):
 
 
 @_jit
-def _gelu(x, out, slope, k, a):
-    one = k / k  # constants in x's dtype (k's): float32 math stays float32
-    half, three = one / 2, one * 3
-    for i in range(x.size):
-        xi = x[i]
-        t = _tanh(k * (xi + a * xi * xi * xi))
-        out[i] = half * xi * (one + t)
-        slope[i] = half * (one + t) + half * xi * (one - t * t) * k * (one + three * a * xi * xi)
+def _gelu(x, bias, out, slope, k, a):
+    one = k / k  # constants in x's dtype (k's): float32 math stays float32. Never mix in
+    half, three = one / (one + one), one + one + one  # an int: float32 op int is float64.
+    for n in range(x.shape[0]):
+        row, out_row, slope_row = x[n], out[n], slope[n]
+        for f in range(row.shape[0]):
+            xi = row[f] + bias[f]
+            t = _tanh(k * (xi + a * xi * xi * xi))
+            out_row[f] = half * xi * (one + t)
+            slope_row[f] = half * (one + t) + half * xi * (one - t * t) * k * (
+                one + three * a * xi * xi)
 
 
-def gelu(x, out, slope):
-    """Flat (n,) x -> out = gelu(x), slope = gelu'(x), both written in place."""
+def gelu(x, out, slope, bias=None):
+    """(N,F) x, optional (F,) bias -> out = gelu(x + bias), slope = gelu'(x + bias), both
+    written in place. The bias rides in this pass over the linear's product: a separate add
+    is another pass over a (tokens, 4C) array. `out` must not be x: written in place, the
+    loop ran unvectorised, 7x slower (LLVM's runtime check for overlap sends it scalar)."""
     s = x.dtype.type
-    _gelu(x, out, slope, s(_GELU_K), s(_GELU_A))
+    bias = np.zeros(x.shape[1], x.dtype) if bias is None else bias
+    _gelu(x, bias, out, slope, s(_GELU_K), s(_GELU_A))
+
+
+@_jit
+def _gelu_backward(dout, slope, dx, dbias):
+    N, F = dout.shape
+    dbias[:] = 0
+    for n in range(N):
+        for f in range(F):
+            d = dout[n, f] * slope[n, f]
+            dx[n, f] = d
+            dbias[f] += d
+
+
+def gelu_backward(dout, slope, dx, dbias):
+    """(N,F) dout, slope -> dx = dout * slope (N,F) and dbias = dx summed over rows (F,),
+    both written in place: the bias gradient of the linear before GELU, taken in the same
+    pass instead of one more over the (tokens, 4C) gradient."""
+    _gelu_backward(dout, slope, dx, dbias)
 
 
 # --------------------------------------------------------------------------- layer norm
 
 
 @_jit
-def _layernorm_forward(x, weight, bias, eps, out, xhat, rstd):
+def _layernorm_forward(x, weight, bias, eps, inv_c, out, xhat, rstd):
     N, C = x.shape
+    zero, one = inv_c - inv_c, inv_c / inv_c  # in x's dtype, as eps and inv_c: see _gelu
     for n in range(N):
-        total = 0.0
+        total = zero
         for c in range(C):
             total += x[n, c]
-        mean = total / C
-        squares = 0.0
+        mean = total * inv_c
+        squares = zero
         for c in range(C):
             d = x[n, c] - mean
             xhat[n, c] = d
             squares += d * d
-        r = 1.0 / math.sqrt(squares / C + eps)
+        r = one / math.sqrt(squares * inv_c + eps)
         rstd[n] = r
         for c in range(C):
             h = xhat[n, c] * r
@@ -126,17 +152,19 @@ def _layernorm_forward(x, weight, bias, eps, out, xhat, rstd):
 
 def layernorm_forward(x, weight, bias, eps, out, xhat, rstd):
     """(N,C) x -> out, xhat (N,C) and rstd (N,) written in place, one pass per row."""
-    _layernorm_forward(x, weight, bias, eps, out, xhat, rstd)
+    s = x.dtype.type
+    _layernorm_forward(x, weight, bias, s(eps), s(1 / x.shape[1]), out, xhat, rstd)
 
 
 @_jit
-def _layernorm_backward(dout, xhat, rstd, weight, dx, dweight, dbias):
+def _layernorm_backward(dout, xhat, rstd, weight, inv_c, dx, dweight, dbias):
     N, C = dout.shape
+    zero = inv_c - inv_c  # in dout's dtype: see _gelu
     dweight[:] = 0
     dbias[:] = 0
     for n in range(N):
-        g_sum = 0.0
-        gx_sum = 0.0
+        g_sum = zero
+        gx_sum = zero
         for c in range(C):
             d = dout[n, c]
             dweight[c] += d * xhat[n, c]
@@ -144,8 +172,8 @@ def _layernorm_backward(dout, xhat, rstd, weight, dx, dweight, dbias):
             g = d * weight[c]
             g_sum += g
             gx_sum += g * xhat[n, c]
-        g_mean = g_sum / C
-        gx_mean = gx_sum / C
+        g_mean = g_sum * inv_c
+        gx_mean = gx_sum * inv_c
         r = rstd[n]
         for c in range(C):
             dx[n, c] = r * (dout[n, c] * weight[c] - g_mean - xhat[n, c] * gx_mean)
@@ -153,7 +181,8 @@ def _layernorm_backward(dout, xhat, rstd, weight, dx, dweight, dbias):
 
 def layernorm_backward(dout, xhat, rstd, weight, dx, dweight, dbias):
     """(N,C) dout -> dx (N,C), dweight and dbias (C,) overwritten in place."""
-    _layernorm_backward(dout, xhat, rstd, weight, dx, dweight, dbias)
+    _layernorm_backward(dout, xhat, rstd, weight, dout.dtype.type(1 / dout.shape[1]), dx,
+                        dweight, dbias)
 
 
 # --------------------------------------------------------------------------- AdamW
@@ -161,7 +190,7 @@ def layernorm_backward(dout, xhat, rstd, weight, dx, dweight, dbias):
 
 @_jit
 def _adam(p, g, m, v, beta1, beta2, step_size, inv_sqrt_bias2, eps):
-    one = beta1 - beta1 + 1  # 1 in the parameters' dtype: float32 math stays float32
+    one = beta1 / beta1  # 1 in the parameters' dtype: float32 math stays float32 (see _gelu)
     for i in range(p.size):
         gi = g[i]
         mi = beta1 * m[i] + (one - beta1) * gi

@@ -173,10 +173,46 @@ def linear_backward(cache, dout, grads=None):
     x2 = x.reshape(-1, cin)
     if grads is None:
         grads = {"weight": xp.empty_like(weight), "bias": xp.empty(cout, dout.dtype)}
-    gemm.matmul(x2.T, d2, out=grads["weight"])
     xp.matmul(_filled(xp, d2.shape[0], 1.0, d2.dtype), d2, out=grads["bias"])
-    dx = gemm.matmul(d2, weight.T).reshape(*dout.shape[:-1], cin)
-    return dx, grads
+    return _linear_backward_products(x2, weight, d2, grads, dout.shape[:-1])
+
+
+def _linear_backward_products(x2, weight, d2, grads, lead_shape):
+    """The weight gradient x2^T d2 into grads, and dx = d2 W^T (*lead_shape, Cin)."""
+    gemm.matmul(x2.T, d2, out=grads["weight"])
+    return gemm.matmul(d2, weight.T).reshape(*lead_shape, weight.shape[0]), grads
+
+
+def linear_gelu_forward(weight, bias, x):
+    """(Cin,Cout), (Cout,), (...,Cin) -> (...,Cout): gelu(x W + b), the MLP's first half."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not kernels.enabled_for(x2, weight, bias):
+        h, c_linear = linear_forward(weight, bias, x)
+        y, c_gelu = gelu_forward(h)
+        return y, (c_linear, c_gelu)
+    # The bias is added inside GELU's pass: one pass over the (tokens, 4C) product, not two.
+    h = gemm.matmul(x2, weight)
+    y, slope = np.empty_like(h), np.empty_like(h)
+    kernels.gelu(h, y, slope, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[1]), ((x, weight), slope)
+
+
+def linear_gelu_backward(cache, dout, grads=None):
+    """dout (...,Cout) -> dx (...,Cin), {weight: (Cin,Cout), bias: (Cout,)}."""
+    c_linear, c_gelu = cache
+    d2 = dout.reshape(-1, dout.shape[-1])
+    if not (isinstance(c_gelu, np.ndarray) and kernels.enabled_for(d2, c_gelu)
+            and d2.flags.c_contiguous):
+        dh, _ = gelu_backward(c_gelu, dout)
+        return linear_backward(c_linear, dh, grads)
+    x, weight = c_linear
+    if grads is None:
+        grads = {"weight": np.empty_like(weight), "bias": np.empty(weight.shape[1], d2.dtype)}
+    # GELU's slope and the bias gradient (its column sums) in one pass over dout.
+    dh = np.empty_like(d2)
+    kernels.gelu_backward(d2, c_gelu.reshape(d2.shape), dh, grads["bias"])
+    return _linear_backward_products(x.reshape(-1, x.shape[-1]), weight, dh, grads,
+                                     dout.shape[:-1])
 
 
 # --------------------------------------------------------------------------- GELU (tanh form)
@@ -198,7 +234,8 @@ def gelu_forward(x):
     out = xp.empty_like(x)
     slope = xp.empty_like(x)
     if kernels.enabled_for(x) and x.flags.c_contiguous:
-        kernels.gelu(x.reshape(-1), out.reshape(-1), slope.reshape(-1))
+        rows = (-1, x.shape[-1])
+        kernels.gelu(x.reshape(rows), out.reshape(rows), slope.reshape(rows))
         return out, slope
     for xs, os, ss in _chunks(xp, x, out, slope):
         # x*x*x, never x**3: NumPy's generic power loop is ~250x slower.
@@ -275,8 +312,9 @@ def attention_forward(qkv, n_head, mask=None, query_block=QUERY_BLOCK):
     fused = kernels.enabled_for(qkv)
     q, k, v = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # each (B,H,T,D)
     # Contiguous heads: the batched GEMMs below ran 9% faster on `small` than on strided
-    # views of qkv, which cost three copies a step. Scaling q costs D/T of scaling scores.
-    q = q * (1.0 / math.sqrt(D))
+    # views of qkv, which cost three copies a step. Scaling q costs D/T of scaling scores;
+    # its `out` makes q contiguous too (a ufunc keeps its input's strided layout).
+    q = xp.multiply(q, 1.0 / math.sqrt(D), out=xp.empty((B, n_head, T, D), qkv.dtype))
     k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
     y_heads = xp.empty((B, n_head, T, D), qkv.dtype)
     blocks = []
@@ -305,12 +343,13 @@ def attention_backward(cache, dout):
     xp = array_module(dout)
     B, H, T, D = q.shape
     dy = xp.ascontiguousarray(dout.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B,H,T,D)
-    dq = xp.empty((B, H, T, D), dout.dtype)
-    dk = xp.zeros_like(dq)  # keys and values collect gradient from every block that sees them
-    dv = xp.zeros_like(dq)
-    for start, stop, att in blocks:
+    dq, dk, dv = (xp.empty((B, H, T, D), dout.dtype) for _ in range(3))
+    # Keys and values collect gradient from every block that sees them. The last block sees
+    # them all, so it goes first and writes dk and dv: no zero-fill, and the rest add.
+    for i, (start, stop, att) in enumerate(reversed(blocks)):
+        accumulate = i > 0
         dy_block = dy[:, :, start:stop]
-        gemm.matmul(att, dy_block, out=dv[:, :, :stop], accumulate=True)
+        gemm.matmul(att, dy_block, out=dv[:, :, :stop], accumulate=accumulate)
         datt = gemm.matmul(v[:, :, :stop], dy_block.transpose(0, 1, 3, 2))  # (B,H,stop,nq)
         # softmax backward: ds = att * (datt - sum_k(datt * att)); masked entries stay 0
         if kernels.enabled_for(datt, att):
@@ -322,7 +361,7 @@ def attention_backward(cache, dout):
         dq_block = dq[:, :, start:stop]
         gemm.matmul(datt.transpose(0, 1, 3, 2), k[:, :, :stop], out=dq_block)
         dq_block *= 1.0 / math.sqrt(D)
-        gemm.matmul(datt, q[:, :, start:stop], out=dk[:, :, :stop], accumulate=True)
+        gemm.matmul(datt, q[:, :, start:stop], out=dk[:, :, :stop], accumulate=accumulate)
     dqkv = xp.empty((B, T, 3, H, D), dout.dtype)
     for i, d in enumerate((dq, dk, dv)):
         dqkv[:, :, i] = d.transpose(0, 2, 1, 3)

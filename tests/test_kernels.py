@@ -50,6 +50,29 @@ def test_gelu_matches_numpy(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_gelu_matches_numpy(monkeypatch, dtype):
+    """The bias inside GELU's pass, and GELU's slope with the bias gradient in backward."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 7, 16)).astype(dtype)
+    w = (rng.standard_normal((16, 40)) * 0.4).astype(dtype)
+    b = rng.standard_normal(40).astype(dtype)
+    dout = rng.standard_normal((3, 7, 40)).astype(dtype)
+
+    def run():
+        y, cache = layers.linear_gelu_forward(w, b, x)
+        grads = {"weight": np.full_like(w, 7.0), "bias": np.full(40, 7.0, dtype)}  # overwritten
+        dx, _ = layers.linear_gelu_backward(cache, dout, grads)
+        return y, dx, grads["weight"], grads["bias"]
+
+    fused, reference = both_ways(monkeypatch, run)
+    assert [a.shape for a in fused] == [(3, 7, 40), x.shape, w.shape, b.shape]
+    # float32: the slope's error (up to 5e-6, test_gelu_matches_numpy) adds up over 21 rows
+    tol = TOL[dtype] if dtype is np.float64 else dict(rtol=2e-5, atol=2e-5)
+    for a, r in zip(fused, reference):
+        np.testing.assert_allclose(a, r, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_layernorm_matches_numpy(monkeypatch, dtype):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((3, 5, 48)) * 3 + 2).astype(dtype)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from models import layers
+from models import kernels, layers
 from tests.gradcheck import check_gradients
 
 TOL = 1e-6
@@ -51,6 +51,21 @@ def test_gelu(rng):
     y, _ = layers.gelu_forward(np.array([0.0, 1.0, -1.0]))
     exact = [0.0, 0.8411919906082768, -0.15880800939172324]  # tanh form, from the formula
     np.testing.assert_allclose(y, exact, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_linear_gelu(rng, monkeypatch, fused):
+    """gelu(x W + b) as one layer, with the numba kernels and with NumPy's forms."""
+    monkeypatch.setattr(kernels, "ENABLED", fused and kernels.ENABLED)
+    x, w, b = rng.normal(size=(B, T, C)), rng.normal(size=(C, 4 * C)), rng.normal(size=4 * C)
+
+    def backward(cache, d):
+        dx, g = layers.linear_gelu_backward(cache, d)
+        return {"x": dx, "w": g["weight"], "b": g["bias"]}
+
+    check(lambda: layers.linear_gelu_forward(w, b, x), backward, {"x": x, "w": w, "b": b}, rng)
+    y, _ = layers.linear_gelu_forward(w, b, x)
+    np.testing.assert_allclose(y, layers.gelu_forward(x @ w + b)[0], rtol=1e-12, atol=1e-15)
 
 
 def test_gelu_in_cache_sized_chunks_matches_formula(rng):
