@@ -14,7 +14,7 @@ In round 1 every configuration is its own job, `mpiexec -n R python -m app train
 --data D --steps S ...`: one BLAS thread per rank, MPICH ranks that yield, validation only
 at the first and last step, no sample, no checkpoints, a log line every step,
 --peak-gflops 100 (no GEMM probe). With --rounds R (defaults: `baby` 4, `small` 2) and 2
-cores, rounds 2..R each visit every 1-2 rank row --visits V times (`baby` 3, `small` 2)
+cores, rounds 2..R each visit every 1-2 rank row --visits V times (`baby` 3, `small` 1)
 inside one `mpiexec -n 2` job (bench/visits.py: the same `app.trainer.train` with the
 same settings, called in turn, without a process start each time); on 1 core, the later
 rounds are jobs again. Every round (and every visit round) takes the rows in turn, each
@@ -98,16 +98,14 @@ OTHER_STEPS = 10
 # visit of a baby row costs 1.3 s against a job's 3.5. ROUNDS also counts the calibrations
 # and probes, one before each round. baby: 1 + 3 x 3 = 10 samples a row (4 visits a round,
 # 13 samples, took the report to 19.6 of its 20 minutes); small's jobs are long and its
-# steps span seconds: 3 samples (one job can still sit in a slow spell: a weak dp=2 row's
-# 4 steps all read 1.54-1.59 s in its job, 1.06-1.30 s in its visit; with 2 samples two
-# reports on the Intel VM put small's weak 1-rank row, which calibrates that table's
-# predictions, 10% slow and 7% fast; a visit round costs ~115 s there). Oversubscribed rows
+# steps span seconds: 2 samples (one job can still sit in a slow spell: a weak dp=2 row's
+# 4 steps all read 1.54-1.59 s in its job, 1.06-1.30 s in its visit). Oversubscribed rows
 # run once, at half the steps: they are not scaling results, and at 5 steps small's took
 # 168 s of a report that ended 0.7 s past its 20 minutes on a slow spell of the VM. The
-# 1-rank rows are visited twice a round (`visit_order`): baby 19 samples, small 5.
+# 1-rank rows are visited twice a round (`visit_order`): baby 19 samples, small 3.
 ROUNDS = {"baby": 4, "small": 2}
 OTHER_ROUNDS = 1
-VISITS = {"baby": 3, "small": 2}
+VISITS = {"baby": 3, "small": 1}
 OTHER_VISITS = 1
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
