@@ -5,8 +5,11 @@ Each (config, threads) cell runs in its own process, because BLAS fixes its thre
 when it loads. Inside a cell both models train on the same random token batches from the
 same initial parameters, timed in alternating rounds so that drift of the machine hits both
 alike; the table reports medians and the ours/torch ratio measured in that one process.
-Six rounds of 5 steps, not three of 10: this VM's speed wanders by +-25% over seconds, and
+Rounds of 5 steps, not fewer of 10: this VM's speed wanders by +-25% over seconds, and
 `baby`'s three rounds of 0.8 s each read ours/torch 1.00x in one run, 1.29x in another.
+`small` takes 6 rounds (its 5 steps span 6-7 s a system); `baby` 24, 2 s a system, since
+with 6 (0.3 s) its 1-thread ratio read 1.17x-1.27x in runs minutes apart and with 24 read
+1.26x-1.31x.
 The NumPy-only column is our same step with the numba kernels (models/kernels.py) switched
 off, timed in the same rounds: its ratio is what the kernels buy. Where MKL serves the
 products (models/gemm.py, Intel CPUs), the OpenBLAS column is the same step with NumPy's
@@ -35,6 +38,8 @@ SHAPES = {  # config name -> batch size used by the benchmark (the issue's shape
     "baby": 12,
     "small": 8,
 }
+ROUNDS = {"baby": 24, "small": 6}  # alternating rounds of a cell (see the docstring)
+OTHER_ROUNDS = 6
 
 
 def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
@@ -280,12 +285,16 @@ def add_arguments(parser):
     parser.add_argument("--configs", nargs="+", default=["baby", "small"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per model")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="alternating rounds per model (default: "
+                             + ", ".join(f"{k} {v}" for k, v in ROUNDS.items())
+                             + f", else {OTHER_ROUNDS})")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    # 3, not 2: one round of a `small` cell reads up to a third off the next on this VM,
-    # and each system's best layout is a maximum over its cells' noisy medians.
-    parser.add_argument("--two-core-rounds", type=int, default=3,
+    # 4, not 2 or 3: one round of a `small` cell reads up to a third off the next on this
+    # VM (ours 2x1: 1351, 1668 and 1303 ms in one run's three rounds), and each system's best
+    # layout is a maximum over its cells' noisy medians.
+    parser.add_argument("--two-core-rounds", type=int, default=4,
                         help="interleaved rounds of the 2-core table (0: skip it)")
     parser.add_argument("--two-core-steps", type=int, nargs=2, default=None,
                         metavar=("STEPS", "WARMUP"),
@@ -303,7 +312,8 @@ def run(args):
     rows = []
     for name in args.configs:
         for threads in args.threads:
-            rows.append(run_cell(name, threads, args.steps, args.rounds, use_torch, args.device))
+            rounds = args.rounds or ROUNDS.get(name, OTHER_ROUNDS)
+            rows.append(run_cell(name, threads, args.steps, rounds, use_torch, args.device))
             print(f"  measured {name} at {threads} thread(s)", file=sys.stderr)
     print_table(rows)
     if args.device == "cpu" and args.two_core_rounds > 0:

@@ -107,6 +107,8 @@ def test_a_rows_rate_is_the_median_of_every_rounds_logged_steps():
     (["--visits", "two"], "error: --visits: 'two' is not an integer >= 1"),
     (["--batch", "12,24"], "error: --batch: expected one integer"),
     (["--configs", "huge"], "error: --configs: config 'huge' not found"),
+    (["--budget", "0"], "error: --budget: '0' is not a number of minutes > 0"),
+    (["--budget", "soon"], "error: --budget: 'soon' is not a number of minutes > 0"),
 ])
 def test_bad_values_are_one_line_errors(argv, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
@@ -154,6 +156,22 @@ def test_failed_visits_are_one_line_errors_not_a_hang(tiny_h5, tmp_path):
     with pytest.raises(SystemExit, match=r"the visits of tiny's rows \(rounds from 2\) "
                                          r"failed \(exit 2\): error: data file .*missing.h5"):
         visit_rows([case], args, str(tmp_path), 1, 2)
+
+
+def test_later_rounds_that_would_end_past_the_budget_are_skipped(tiny_h5, tmp_path):
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.report", "--configs", "tiny", "--ranks", "1",
+         "--steps", "2", "--rounds", "3", "--budget", "0.001", "--data", str(tiny_h5),
+         "--out", str(out), "--timeout", "40", "--quiet-s", "0"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tiny: rounds 2-3 skipped: another" in result.stderr, result.stderr
+    measured = json.loads((out / "measurements.json").read_text())
+    assert [len(entry["rounds_steps_ms"]) for entry in measured] == [1, 1]  # the jobs only
+    assert "`tiny` 2 (step ms" in (out / "report.md").read_text()  # not "in 3 rounds"
 
 
 def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
