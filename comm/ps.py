@@ -71,9 +71,13 @@ def shard_of(n: int, servers: int, s: int):
 
 
 MAX_POLL_PAUSE = 1e-3  # s: a waiting rank's sleeps double up to this
+# s: the longest sleep while a transfer already under way finishes (a parameter shard
+# behind its header): MPICH moves a large message in pieces, each when both ends poll, and
+# a worker that slept up to 1 ms between polls took 2.3-2.7 ms to receive `baby`'s 3.4 MB.
+TRANSFER_POLL_PAUSE = 2e-5
 
 
-def _poll(test, what, timeout):
+def _poll(test, what, timeout, max_pause=MAX_POLL_PAUSE):
     """Waits until test() is true, yielding the core between polls (MPICH's blocking calls
     spin, and servers share cores with workers)."""
     if test():
@@ -85,7 +89,7 @@ def _poll(test, what, timeout):
                 time.sleep(pause)
             else:
                 os.sched_yield()
-            pause = min(max(pause * 2, 1e-5), MAX_POLL_PAUSE)
+            pause = min(max(pause * 2, 1e-5), max_pause)
 
 
 class Server:
@@ -254,9 +258,10 @@ class Client:
         requests += [self.comm.Irecv(h, s, TAG_PARAMS) for s, h in enumerate(headers)]
         received = [(shard, receive_buffer(shard))
                     for shard in (self.flat[lo:hi] for lo, hi in self.bounds)]
-        requests += [self.comm.Irecv(used, s, TAG_PARAMS_DATA)
-                     for s, (_, used) in enumerate(received)]
-        self._wait(requests, f"the servers' parameters for clock {clock}")
+        data = [self.comm.Irecv(used, s, TAG_PARAMS_DATA) for s, (_, used) in enumerate(received)]
+        self._wait(requests, f"the servers' answers for clock {clock}")
+        # each server sends its shard right behind its header
+        self._wait(data, f"the servers' parameters for clock {clock}", TRANSFER_POLL_PAUSE)
         after_transfer(received=received)
         self.bytes_sent += wanted.nbytes * self.servers
         self.version = int(min(h[0] for h in headers))
@@ -275,7 +280,8 @@ class Client:
             requests.append(self.comm.Isend(header, s, TAG_PUSH))
             requests.append(self.comm.Isend(staged[-1][1], s, TAG_PUSH_DATA))
             sent += header.nbytes + payload.nbytes
-        self._wait(requests, f"the servers to take the gradient of clock {clock}")
+        self._wait(requests, f"the servers to take the gradient of clock {clock}",
+                   TRANSFER_POLL_PAUSE)
         after_transfer(sent=staged)
         self.bytes_sent += sent
 
@@ -303,5 +309,5 @@ class Client:
         sent, self.bytes_sent = self.bytes_sent, 0
         return sent
 
-    def _wait(self, requests, what):
-        _poll(lambda: MPI.Request.Testall(requests), what, self.timeout)
+    def _wait(self, requests, what, max_pause=MAX_POLL_PAUSE):
+        _poll(lambda: MPI.Request.Testall(requests), what, self.timeout, max_pause)
