@@ -165,20 +165,16 @@ def _linear_backward(kind, tp, cache, dy, grads):
 
 
 def _linear_gelu_forward(weight, bias, x, tp):
-    """The MLP's first half, gelu(x W + b): fused when unsplit, column-parallel otherwise."""
+    """The MLP's first half, gelu(x W + b): one layer pair, column-parallel when split."""
     if tp.size == 1:
         return layers.linear_gelu_forward(weight, bias, x)
-    h, c_linear = _linear_forward("column", weight, bias, x, tp)
-    h, c_gelu = layers.gelu_forward(h)
-    return h, (c_linear, c_gelu)
+    return parallel.column_linear_gelu_forward(weight, bias, x, tp.group, tp.sequence_parallel)
 
 
 def _linear_gelu_backward(tp, cache, dy, grads):
-    if tp.size == 1:
-        return layers.linear_gelu_backward(cache, dy, grads)[0]
-    c_linear, c_gelu = cache
-    dh, _ = layers.gelu_backward(c_gelu, dy)
-    return _linear_backward("column", tp, c_linear, dh, grads)
+    backward = layers.linear_gelu_backward if tp.size == 1 else \
+        parallel.column_linear_gelu_backward
+    return backward(cache, dy, grads)[0]
 
 
 # Replicated parameters whose gradient each rank computes from its slice of the sequence only

@@ -126,19 +126,39 @@ def _contiguous(x):
 
 def column_linear_forward(weight, bias, x, group, sequence_parallel=False):
     """(Cin,Cout/tp), (Cout/tp,), (B,T,Cin) [(B,T/tp,Cin) under SP] -> (B,T,Cout/tp)."""
-    enter = gather_sequence_forward if sequence_parallel else copy_forward
-    # Under SP the cache keeps the gathered (B,T,Cin) input: Megatron gathers it again in
-    # backward to save that memory, at the price of one more all-gather per layer.
-    x_full, enter_cache = enter(x, group)
-    y, linear_cache = layers.linear_forward(weight, bias, x_full)
-    return y, (linear_cache, enter_cache, sequence_parallel)
+    return _column_forward(layers.linear_forward, weight, bias, x, group, sequence_parallel)
 
 
 def column_linear_backward(cache, dy, grads=None):
     """dy (B,T,Cout/tp) -> dx (x's shape: summed over the group, or reduce-scattered under
     SP), {weight: (Cin,Cout/tp), bias: (Cout/tp,)} this rank's shards."""
-    linear_cache, enter_cache, sequence_parallel = cache
-    dx_partial, grads = layers.linear_backward(linear_cache, dy, grads)
+    return _column_backward(layers.linear_backward, cache, dy, grads)
+
+
+def column_linear_gelu_forward(weight, bias, x, group, sequence_parallel=False):
+    """As column_linear_forward, -> gelu(x W + b) (B,T,Cout/tp): the MLP's first half, with
+    GELU in the fused layer pair (layers.linear_gelu_forward), split as unsplit."""
+    return _column_forward(layers.linear_gelu_forward, weight, bias, x, group,
+                           sequence_parallel)
+
+
+def column_linear_gelu_backward(cache, dy, grads=None):
+    """As column_linear_backward, through GELU first."""
+    return _column_backward(layers.linear_gelu_backward, cache, dy, grads)
+
+
+def _column_forward(layer_forward, weight, bias, x, group, sequence_parallel):
+    enter = gather_sequence_forward if sequence_parallel else copy_forward
+    # Under SP the cache keeps the gathered (B,T,Cin) input: Megatron gathers it again in
+    # backward to save that memory, at the price of one more all-gather per layer.
+    x_full, enter_cache = enter(x, group)
+    y, layer_cache = layer_forward(weight, bias, x_full)
+    return y, (layer_cache, enter_cache, sequence_parallel)
+
+
+def _column_backward(layer_backward, cache, dy, grads):
+    layer_cache, enter_cache, sequence_parallel = cache
+    dx_partial, grads = layer_backward(layer_cache, dy, grads)
     enter_backward = gather_sequence_backward if sequence_parallel else copy_backward
     dx, _ = enter_backward(enter_cache, dx_partial)
     return dx, grads

@@ -61,6 +61,27 @@ def test_column_linear_on_solo_is_linear(rng, sp):
 
 
 @pytest.mark.parametrize("sp", [False, True])
+def test_column_linear_gelu_on_solo_is_the_fused_layer_pair(rng, sp):
+    x, w, b = rng.normal(size=(B, T, C)), rng.normal(size=(C, 4 * C)), rng.normal(size=4 * C)
+    y, cache = parallel.column_linear_gelu_forward(w, b, x, SOLO, sp)
+    y_ref, cache_ref = layers.linear_gelu_forward(w, b, x)
+    np.testing.assert_array_equal(y, y_ref)
+    dy = rng.normal(size=y.shape)
+    dx, got = parallel.column_linear_gelu_backward(cache, dy)
+    dx_ref, ref = layers.linear_gelu_backward(cache_ref, dy)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(got["weight"], ref["weight"])
+    np.testing.assert_array_equal(got["bias"], ref["bias"])
+
+    def backward(cache, d):
+        dx, g = parallel.column_linear_gelu_backward(cache, d)
+        return {"x": dx, "w": g["weight"], "b": g["bias"]}
+
+    check(lambda: parallel.column_linear_gelu_forward(w, b, x, SOLO, sp), backward,
+          {"x": x, "w": w, "b": b}, rng)
+
+
+@pytest.mark.parametrize("sp", [False, True])
 def test_row_linear_on_solo_is_linear(rng, sp):
     x, w, b = rng.normal(size=(B, T, 4 * C)), rng.normal(size=(4 * C, C)), rng.normal(size=C)
     y, cache = parallel.row_linear_forward(w, b, x, SOLO, sp)
@@ -363,9 +384,11 @@ def test_qkv_columns_give_each_rank_its_heads(tp_group):
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("fused", [False, True], ids=["column-gelu", "column_linear_gelu"])
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "sp"])
-def test_mlp_of_column_gelu_row_matches_unsplit(tp_group, sp):
-    """The layers composed as in a block: one sum forward, one backward (two under SP)."""
+def test_mlp_of_column_gelu_row_matches_unsplit(tp_group, sp, fused):
+    """The layers composed as in a block: one sum forward, one backward (two under SP);
+    GELU after the column-parallel linear, or inside it (the block's fused pair)."""
     world, verdict, group = tp_group
     if group is not None:
         rng = np.random.default_rng(6)
@@ -383,14 +406,20 @@ def test_mlp_of_column_gelu_row_matches_unsplit(tp_group, sp):
         x_in, dy_in = (x[:, seq].copy(), dy[:, seq].copy()) if sp else (x, dy)
         with verdict.guard("run"):
             group.reset_bytes()
-            h, c1 = parallel.column_linear_forward(w1[:, hidden].copy(), b1[hidden].copy(),
-                                                   x_in, group, sp)
-            a, c2 = layers.gelu_forward(h)
+            w1_local, b1_local = w1[:, hidden].copy(), b1[hidden].copy()
+            if fused:
+                a, c1 = parallel.column_linear_gelu_forward(w1_local, b1_local, x_in, group, sp)
+            else:
+                h, c1 = parallel.column_linear_forward(w1_local, b1_local, x_in, group, sp)
+                a, c2 = layers.gelu_forward(h)
             y, c3 = parallel.row_linear_forward(w2[hidden].copy(), b2, a, group, sp)
             forward_bytes = group.reset_bytes()
             da, h2 = parallel.row_linear_backward(c3, dy_in)
-            dh, _ = layers.gelu_backward(c2, da)
-            dx, h1 = parallel.column_linear_backward(c1, dh)
+            if fused:
+                dx, h1 = parallel.column_linear_gelu_backward(c1, da)
+            else:
+                dh, _ = layers.gelu_backward(c2, da)
+                dx, h1 = parallel.column_linear_backward(c1, dh)
             backward_bytes = group.reset_bytes()
         verdict.close("y", y, y_ref[:, seq] if sp else y_ref, RTOL, ATOL)
         verdict.close("dx", dx, dx_ref[:, seq] if sp else dx_ref, RTOL, ATOL)
