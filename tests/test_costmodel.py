@@ -255,6 +255,11 @@ def test_costcheck_recovers_the_fixed_cost_and_efficiency_of_two_one_rank_rows()
     rows[0]["step_ms"] /= 2
     fit = calibrated_on_rows(rows, replace(truth, efficiency=1.0, step_overhead=0.0))["tiny"]
     assert fit.step_overhead == 0.0 and fit.efficiencies[0][1] > 0.4 > fit.efficiencies[1][1]
+    # rows faster than the probed GEMM rate: an efficiency above 1, and still an exact fit
+    fast = replace(truth, efficiency=1.25)
+    rows = [{**r, "step_ms": 1e3 * predict(*model_and_layout(r), fast).step_s} for r in rows]
+    fit = calibrated_on_rows(rows, replace(truth, efficiency=1.0, step_overhead=0.0))["tiny"]
+    assert [e for _, e in fit.efficiencies] == pytest.approx([1.25, 1.25])
 
 
 def test_the_busy_link_is_the_line_through_two_measured_all_reduce_costs():
