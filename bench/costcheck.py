@@ -60,6 +60,10 @@ from app.costmodel import (OURS, Link, TrainingLayout, calibrate_laptop, laptop_
 from comm.ps import MAX_POLL_PAUSE
 
 TOLERANCE = 0.15
+# s: how late a rank waiting in comm/ps.py `_poll` notices a message, measured: its sleeps
+# double up to MAX_POLL_PAUSE (0.2 ms), and waking from one costs this VM ~0.25 ms more
+# (a message sent after 20 ms of compute was seen 0.39-0.46 ms later, median of 40).
+NOTICE_S = 2 * MAX_POLL_PAUSE
 # what make report measures beside the rows and adds to each of them
 PROBED = ("colocated_slowdown", "busy_link", "message_link", "laptop_calibration",
           "one_sequence_slowdown")
@@ -468,9 +472,9 @@ def predict_row(row, cluster):
         shard_bytes = gradient_bytes * row["dp"] / row["servers"]
         step += 2 * p2p_time(shard_bytes, cluster.intra)
         # Beside AdamW a server reads and writes its shard 5 times (the gradient's norm, its
-        # copy into place, the clip), and each end notices the other's message on average
-        # half a polling pause late (comm/ps.py `_poll`: its sleeps double up to 1 ms).
-        step += 5 * shard_bytes / cluster.memory_bandwidth + MAX_POLL_PAUSE
+        # copy into place, the clip), and the server notices the push, the worker the
+        # answer, each NOTICE_S late.
+        step += 5 * shard_bytes / cluster.memory_bandwidth + 2 * NOTICE_S
     memory = sum(prediction.memory.values()) - prediction.memory["whole_model"]
     if row["mode"] == "ps":
         memory -= prediction.memory["optimizer"]  # the servers hold it

@@ -286,8 +286,7 @@ def test_the_busy_link_is_the_line_through_two_measured_all_reduce_costs():
 
 
 def test_a_parameter_server_step_adds_the_exchange_the_servers_passes_and_polling():
-    from bench.costcheck import model_and_layout, predict_row
-    from comm.ps import MAX_POLL_PAUSE
+    from bench.costcheck import NOTICE_S, model_and_layout, predict_row
     cluster = replace(flat_cluster(), intra=LINK, memory_bandwidth=1e10)
     row = {"model": "tiny", "mode": "ring", "dp": 1, "tp": 1, "pp": 1, "schedule": "1f1b",
            "chunks": 1, "micro_batches": 1, "zero": 0, "servers": 0, "staleness": 0,
@@ -297,8 +296,9 @@ def test_a_parameter_server_step_adds_the_exchange_the_servers_passes_and_pollin
         ps = {**row, "mode": "ps", "servers": 1, "staleness": staleness}
         step, _ = predict_row(ps, cluster)
         grads = 4 * num_params(model_and_layout(row)[0])
+        # the server notices the push, the worker the answer
         assert step == pytest.approx(alone + 2 * p2p_time(grads, LINK) + 5 * grads / 1e10
-                                     + MAX_POLL_PAUSE)
+                                     + 2 * NOTICE_S)
 
 
 def test_costcheck_judges_with_the_calibration_stored_beside_the_rows():
