@@ -76,8 +76,10 @@ def shard_of(n: int, servers: int, s: int):
 # 0.6-2.5 ms less, with 3 workers on 2 cores no more.
 MAX_POLL_PAUSE = 2e-4
 # s: the longest sleep while a transfer already under way finishes (a parameter shard
-# behind its header): MPICH moves a large message in pieces, each when both ends poll, and
-# a worker that slept up to 1 ms between polls took 2.3-2.7 ms to receive `baby`'s 3.4 MB.
+# behind its header, a worker's own push, which a server takes as soon as it notices it):
+# MPICH moves a large message in pieces, each when both ends poll, and a worker that slept
+# up to 1 ms between polls took 2.3-2.7 ms to receive `baby`'s 3.4 MB (1.1 ms now; with 3
+# workers on 2 cores, where a push may wait behind others, steps were no slower).
 TRANSFER_POLL_PAUSE = 2e-5
 
 

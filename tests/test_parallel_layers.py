@@ -37,48 +37,31 @@ def test_conjugate_operators_on_solo_are_identities(rng):
         assert dx is x and grads == {}, name
 
 
+@pytest.mark.parametrize("layer, width", [("linear", 3), ("linear_gelu", 4)])
 @pytest.mark.parametrize("sp", [False, True])
-def test_column_linear_on_solo_is_linear(rng, sp):
-    x, w, b = rng.normal(size=(B, T, C)), rng.normal(size=(C, 3 * C)), rng.normal(size=3 * C)
-    y, cache = parallel.column_linear_forward(w, b, x, SOLO, sp)
-    y_ref, cache_ref = layers.linear_forward(w, b, x)
+def test_column_layers_on_solo_are_the_unsplit_pair(rng, sp, layer, width):
+    """column_linear_* is layers.linear_*, column_linear_gelu_* the fused linear_gelu_*."""
+    forward = getattr(parallel, f"column_{layer}_forward")
+    backward = getattr(parallel, f"column_{layer}_backward")
+    x, w = rng.normal(size=(B, T, C)), rng.normal(size=(C, width * C))
+    b = rng.normal(size=width * C)
+    y, cache = forward(w, b, x, SOLO, sp)
+    y_ref, cache_ref = getattr(layers, f"{layer}_forward")(w, b, x)
     np.testing.assert_array_equal(y, y_ref)
     dy = rng.normal(size=y.shape)
     grads = {"weight": np.full_like(w, np.nan), "bias": np.full_like(b, np.nan)}
-    dx, got = parallel.column_linear_backward(cache, dy, grads)
-    dx_ref, ref = layers.linear_backward(cache_ref, dy)
+    dx, got = backward(cache, dy, grads)
+    dx_ref, ref = getattr(layers, f"{layer}_backward")(cache_ref, dy)
     assert got is grads  # overwritten in place
     np.testing.assert_array_equal(dx, dx_ref)
     np.testing.assert_array_equal(got["weight"], ref["weight"])
     np.testing.assert_array_equal(got["bias"], ref["bias"])
 
-    def backward(cache, d):
-        dx, g = parallel.column_linear_backward(cache, d)
+    def gradients(cache, d):
+        dx, g = backward(cache, d)
         return {"x": dx, "w": g["weight"], "b": g["bias"]}
 
-    check(lambda: parallel.column_linear_forward(w, b, x, SOLO, sp), backward,
-          {"x": x, "w": w, "b": b}, rng)
-
-
-@pytest.mark.parametrize("sp", [False, True])
-def test_column_linear_gelu_on_solo_is_the_fused_layer_pair(rng, sp):
-    x, w, b = rng.normal(size=(B, T, C)), rng.normal(size=(C, 4 * C)), rng.normal(size=4 * C)
-    y, cache = parallel.column_linear_gelu_forward(w, b, x, SOLO, sp)
-    y_ref, cache_ref = layers.linear_gelu_forward(w, b, x)
-    np.testing.assert_array_equal(y, y_ref)
-    dy = rng.normal(size=y.shape)
-    dx, got = parallel.column_linear_gelu_backward(cache, dy)
-    dx_ref, ref = layers.linear_gelu_backward(cache_ref, dy)
-    np.testing.assert_array_equal(dx, dx_ref)
-    np.testing.assert_array_equal(got["weight"], ref["weight"])
-    np.testing.assert_array_equal(got["bias"], ref["bias"])
-
-    def backward(cache, d):
-        dx, g = parallel.column_linear_gelu_backward(cache, d)
-        return {"x": dx, "w": g["weight"], "b": g["bias"]}
-
-    check(lambda: parallel.column_linear_gelu_forward(w, b, x, SOLO, sp), backward,
-          {"x": x, "w": w, "b": b}, rng)
+    check(lambda: forward(w, b, x, SOLO, sp), gradients, {"x": x, "w": w, "b": b}, rng)
 
 
 @pytest.mark.parametrize("sp", [False, True])

@@ -158,16 +158,21 @@ def test_failed_visits_are_one_line_errors_not_a_hang(tiny_h5, tmp_path):
         visit_rows([case], args, str(tmp_path), 1, 2)
 
 
-def test_later_rounds_that_would_end_past_the_budget_are_skipped(tiny_h5, tmp_path):
+def run_tiny_report(tiny_h5, out, *flags):
+    """`python -m bench.report` on tiny, 2 steps a job, into `out`; its completed process."""
     if not MPIEXEC.exists():
         pytest.skip(f"no mpiexec beside {sys.executable}")
-    out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.report", "--configs", "tiny", "--ranks", "1",
-         "--steps", "2", "--rounds", "3", "--budget", "0.001", "--data", str(tiny_h5),
-         "--out", str(out), "--timeout", "40", "--quiet-s", "0"],
+        [sys.executable, "-m", "bench.report", "--configs", "tiny", "--steps", "2", *flags,
+         "--data", str(tiny_h5), "--out", str(out), "--timeout", "40", "--quiet-s", "0"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_later_rounds_that_would_end_past_the_budget_are_skipped(tiny_h5, tmp_path):
+    out = tmp_path / "report"
+    result = run_tiny_report(tiny_h5, out, "--ranks", "1", "--rounds", "3", "--budget", "0.001")
     assert "tiny: rounds 2-3 skipped: another" in result.stderr, result.stderr
     measured = json.loads((out / "measurements.json").read_text())
     assert [len(entry["rounds_steps_ms"]) for entry in measured] == [1, 1]  # the jobs only
@@ -175,15 +180,8 @@ def test_later_rounds_that_would_end_past_the_budget_are_skipped(tiny_h5, tmp_pa
 
 
 def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
-    if not MPIEXEC.exists():
-        pytest.skip(f"no mpiexec beside {sys.executable}")
     out = tmp_path / "report"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.report", "--configs", "tiny", "--ranks", "1,2",
-         "--steps", "2", "--rounds", "2", "--visits", "1", "--data", str(tiny_h5), "--out",
-         str(out), "--timeout", "40", "--quiet-s", "0"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_tiny_report(tiny_h5, out, "--ranks", "1,2", "--rounds", "2", "--visits", "1")
     report = (out / "report.md").read_text()
     for kind in ("strong", "weak"):
         section = report.split(f"## `tiny`: {kind} scaling")[1].split("##")[0]
