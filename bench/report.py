@@ -675,15 +675,16 @@ def main(argv=None):
             n_rounds, per_round = rounds_of(model, args), visits_of(model, args)
             # round 0: every row its own job; later ones, with 2 cores, visits in one job
             total = 1 + (n_rounds - 1) * per_round if cores >= 2 else n_rounds
-            last_round_s = 0.0
+            round_start = time.perf_counter()
             for r in range(n_rounds):
-                round_start = time.perf_counter()
-                if r and round_start - started + last_round_s > args.budget * 60:
+                now = time.perf_counter()
+                last_round_s = now - round_start  # the round before this one
+                if r and now - started + last_round_s > args.budget * 60:
                     print(f"  {model}: rounds {r + 1}-{n_rounds} skipped: another "
                           f"{last_round_s:.0f} s would end past --budget {args.budget} min",
                           file=sys.stderr)
                     break
-                ran[model] = r + 1
+                round_start, ran[model] = now, r + 1
                 if cores >= 2 and any(n > 1 for n in args.ranks):
                     # for the cost model's check: measured beside the rows, as it drifts
                     probes.append(measure_colocation({model: args.weak_batch})[model])
@@ -696,14 +697,12 @@ def main(argv=None):
                     for key, each in rows.items():
                         visits[key] += each
                     together += pairs
-                    last_round_s = time.perf_counter() - round_start
                     continue
                 # each round from a point further along: a drift weighs on every row alike
                 again = [case for case in todo if r == 0 or case.ranks <= cores]
                 turn = r * len(again) // total
                 for case in again[turn:] + again[:turn]:
                     rounds[case.key].append(measure(case, args, runs, next(index), r))
-                last_round_s = time.perf_counter() - round_start
             jobs.update({case.key: combine_rounds(rounds[case.key],
                                                   case.batch * case.cfg.block_size,
                                                   visits[case.key])
