@@ -28,8 +28,9 @@ judged row: `mpiexec -n 2` runs the model's 1-rank step (no communication) first
 alone, then on both ranks with a barrier after every step, in alternating phases of a
 second or more; the factor is the median over phases of together / alone. The factor
 drifts with the machine's other tenants (0.99-1.36 for `baby` in a day here), so `make
-report` samples it as it samples the rows (the probe's phases before each round, and one
-pass of it per round of visits, bench/visits.py) and stores the median of all in each row;
+report` samples it as it samples the rows: two passes of the probe a round inside the job
+that visits the rows (bench/visits.py), whose median it stores in each row (without visits,
+the median of the probe's phases before each round; bench/report.py `colocation_factor`);
 on a file without it, it is measured here.
 
 A parameter server is not in app/costmodel.py; here its workers are the data-parallel

@@ -58,8 +58,9 @@ time-sharing more than the method and are not scaling results.
 
 Output under --out (runs/report/): report.md (a table per config and kind),
 measurements.json (one dict per measured configuration, for the cost model, each with its
-model's 2-rank co-location factor: the median over the phases of bench.costcheck's probe,
-run before each round of the model's rows, and its passes visited with them) and, with
+model's 2-rank co-location factor: the median over the passes of bench.costcheck's probe
+visited with its rows, two a round, or without visits over the phases of the probe run
+before each round) and, with
 matplotlib (optional, benchmark-only), speedup_C.png and step_time_C.png (report_plots.py).
 """
 import argparse
@@ -259,14 +260,17 @@ def median_links(probes):
 
 def colocation_factor(probes, visited):
     """The co-location factor the cost model reads (colocated_slowdown): the median of
-    together / alone over every sample of it, the phases of the probes run before each
-    round (bench/costcheck.py `measure_colocation`) and the passes visited in turn with the
-    rows (`ColocationProbe`), [alone ms, together ms] each, stored beside it. Each sample is
-    a second or two of a factor that drifts by tens of percent over minutes here, so a
-    single source is too few: `small` has one visited pass, and `baby`'s 9 passes read 1.02
-    in a report whose 4 probes read 1.18-1.42 (and its 2-rank rows agreed with the probes)."""
+    together / alone over the passes visited in turn with the rows (`ColocationProbe`
+    inside the visits' job, [alone ms, together ms] each), or, without visits (1 core, 1
+    round), over the phases of the probes run before each round (bench/costcheck.py
+    `measure_colocation`); both are stored beside it. The visited passes are measured where
+    most of a row's samples are, and they agree with the rows where the probes' own jobs do
+    not: in two stored reports `small`'s visited passes read 0.96-1.01 while its probes'
+    phases read 1.06 and 1.11 (medians of 10 and 15), and its weak dp = 2 rows ran as fast
+    per step as one rank alone. Replayed on those reports, the factor of the visits alone
+    scores 28 and 28 of 28 in the cost model's check, all the samples 28 and 26."""
     phases = [pair for probe in probes for pair in probe.get("colocation_phases") or []]
-    pairs = phases + list(visited)
+    pairs = list(visited) or phases
     if not pairs:
         return {}
     return {"colocated_slowdown": statistics.median(t / a for a, t in pairs),
@@ -345,18 +349,21 @@ def logged_step_ms(path):
 
 def visit_rows(cases, args, runs, first_round, total_rounds):
     """Rounds first_round.. of `cases` (1 and 2 ranks) as visits inside one `mpiexec -n 2`
-    job (bench/visits.py), `visits_of` rounds of them in `visit_order`, each round also one
-    pass of the co-location probe (`ColocationProbe`, at the weak batch): ({case key: [[ms
-    per step] per visit]}, [[alone ms, together ms] per visit]). A failed job is a one-line
-    SystemExit, as a failed probe is."""
+    job (bench/visits.py), `visits_of` rounds of them in `visit_order`, each round also two
+    passes of the co-location probe (`ColocationProbe`, at the weak batch), half a round
+    apart: ({case key: [[ms per step] per visit]}, [[alone ms, together ms] per pass]). A
+    failed job is a one-line SystemExit, as a failed probe is."""
     model, rounds = cases[0].model, visits_of(cases[0].model, args)
     order = visit_order(cases)
+    # two passes of the probe a round, half a round apart, as the 1-rank rows are visited
+    probe = {"config": model, "batch": args.weak_batch, "colocation": True}
+    cases_spec = [{"config": c.model, "overrides": c.overrides, "batch": c.batch,
+                   "ranks": c.ranks} for c in order]
+    half = len(cases_spec) // 2
+    cases_spec = cases_spec[:half] + [probe] + cases_spec[half:] + [probe]
     spec = {"data": args.data, "steps": steps_of(model, args), "rounds": rounds,
             "first_round": first_round, "total_rounds": total_rounds,
-            "run_dir": os.path.join(runs, f"visits{first_round}"),
-            "cases": [{"config": c.model, "overrides": c.overrides, "batch": c.batch,
-                       "ranks": c.ranks} for c in order]
-            + [{"config": model, "batch": args.weak_batch, "colocation": True}]}
+            "run_dir": os.path.join(runs, f"visits{first_round}"), "cases": cases_spec}
     path = os.path.join(runs, f"visits{first_round}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
@@ -378,10 +385,13 @@ def visit_rows(cases, args, runs, first_round, total_rounds):
     times = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"  {model}: rounds {first_round + 1}-{first_round + rounds} of the 1-2 rank rows as "
           f"visits in one job: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    rows = {}
-    for case, each in zip(order, times):
-        rows.setdefault(case.key, []).extend(each)
-    return rows, times[-1]
+    rows, passes, visited = {}, [], iter(order)
+    for spec_case, each in zip(cases_spec, times):
+        if spec_case.get("colocation"):
+            passes += each
+        else:
+            rows.setdefault(next(visited).key, []).extend(each)
+    return rows, passes
 
 
 def visit_order(cases):
@@ -714,11 +724,13 @@ def main(argv=None):
                                   "one_sequence_slowdown": [args.weak_batch,
                                                             statistics.median(slowdowns)]}
                 each = ", ".join(f"{p['colocated_slowdown']:.3f}" for p in probes)
+                source = (f"{len(together)} passes visited with the rows" if together else
+                          f"{len(factors[model]['colocation_phases'])} phases of the probes "
+                          "before each round")
                 print(f"  {model}: 2 ranks side by side compute x"
                       f"{factors[model]['colocated_slowdown']:.3f} as long as 1 alone: the "
-                      f"median of {len(factors[model]['colocation_phases'])} phases of the "
-                      f"probes before each round (theirs {each}) and {len(together)} passes "
-                      "visited with the rows", file=sys.stderr)
+                      f"median of {source} (the probes before each round read {each})",
+                      file=sys.stderr)
         for case in cases:
             if not case.skipped:
                 case.result = jobs[case.key]

@@ -10,8 +10,8 @@ in the same time this samples each row three times as often as separate jobs wou
 
 SPEC: {"data": path, "steps": S, "rounds": R, "first_round": r0, "total_rounds": n,
 "run_dir": dir, "cases": [{"config": name, "overrides": {...}, "batch": B, "ranks": 1|2},
-..., {"config": name, "batch": B, "colocation": true}]}; the last kind is one pass of the
-co-location probe (bench/costcheck.py `ColocationProbe`), whose visits give [alone ms,
+..., {"config": name, "batch": B, "colocation": true}, ...]}; the last kind is one pass of
+the co-location probe (bench/costcheck.py `ColocationProbe`), whose visits give [alone ms,
 together ms] instead: sampled in turn with the rows, it measures the factor at the moments
 the rows are measured (the separate probe, run before each round, read 1.03-1.26 for
 `baby` within one report).
@@ -66,9 +66,10 @@ def main(argv):
         for i in rotation(len(cases), spec["first_round"] + r, spec["total_rounds"]):
             case, run_dir = cases[i], os.path.join(spec["run_dir"], f"case{i}")
             if case.get("colocation"):
-                if i not in probes:
-                    probes[i] = ColocationProbe(case["config"], case["batch"], comm, 3)
-                times[i].append(probes[i]())
+                key = (case["config"], case["batch"])  # one probe for its several passes
+                if key not in probes:
+                    probes[key] = ColocationProbe(case["config"], case["batch"], comm, 3)
+                times[i].append(probes[key]())
                 continue
             if case["ranks"] == 1:
                 if rank == 0:

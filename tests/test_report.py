@@ -61,13 +61,15 @@ def test_the_links_of_the_rounds_probes_are_combined_by_medians():
     assert median_links(probes) == {"busy_link": [2e-4, 2e9], "message_link": [5e-5, 4e9]}
 
 
-def test_the_colocation_factor_pools_the_probes_phases_and_the_visited_passes():
+def test_the_colocation_factor_is_the_visited_passes_else_the_probes_phases():
     probes = [{"colocation_phases": [[10, 13], [10, 12]]}, {"colocation_phases": None}]
     visited = [[20, 20], [20, 22], [10, 10.5]]
     factor = colocation_factor(probes, visited)
-    assert factor["colocated_slowdown"] == pytest.approx(1.1)  # 1.3 1.2 1.0 1.1 1.05
+    assert factor["colocated_slowdown"] == pytest.approx(1.05)  # 1.0 1.1 1.05
     assert factor["colocation_phases"] == [[10, 13], [10, 12]]
     assert factor["colocation_visits"] == visited
+    alone = colocation_factor(probes, [])  # no visits (1 core, 1 round): the probes' phases
+    assert alone["colocated_slowdown"] == pytest.approx(1.25)
     assert colocation_factor([{}], []) == {}
 
 
@@ -205,13 +207,12 @@ def test_driver_writes_report_measurements_and_plots(tiny_h5, tmp_path):
         assert entry["step_ms"] == pytest.approx(statistics.median(steps)), entry
         if os.cpu_count() >= 2:  # the 2-rank co-location probe ran beside the rows
             assert 0.5 < entry["colocated_slowdown"] < 3, entry
-            # the factor pools the 5 phases of each round's probe and round 2's pass of
-            # it, visited with the rows
-            assert len(entry["colocation_visits"]) == 1, entry
+            # the factor is round 2's two passes of the probe, visited with the rows; the
+            # 5 phases of each round's probe are stored beside it
+            assert len(entry["colocation_visits"]) == 2, entry
             assert len(entry["colocation_phases"]) == 2 * 5, entry
-            pairs = entry["colocation_phases"] + entry["colocation_visits"]
-            assert entry["colocated_slowdown"] == pytest.approx(
-                statistics.median(t / a for a, t in pairs)), entry
+            assert entry["colocated_slowdown"] == pytest.approx(statistics.median(
+                t / a for a, t in entry["colocation_visits"])), entry
             for link in ("busy_link", "message_link"):
                 assert entry[link] is None or (entry[link][0] >= 0 and entry[link][1] > 0), \
                     entry
