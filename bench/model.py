@@ -99,7 +99,7 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
             runners["torch_bf16"] = lambda i: torch_gpt.train_step(model, topt, *tb[i],
                                                                    cfg.grad_clip, bf16=True)
 
-    times = {name: [] for name in runners}
+    times, peaks = {name: [] for name in runners}, []
     for r in range(rounds):  # alternate so both see the same machine state
         for name, fn in runners.items():
             for s in range(steps):
@@ -107,8 +107,12 @@ def time_cell(config_name, steps, rounds, use_torch, device="cpu"):
                 fn(s % len(batches))
                 synchronize(xp)
                 times[name].append(time.perf_counter() - start)
+        # MFU's denominator sampled in every round, as the steps are: one probe after the
+        # rounds read 129.8 GFLOP/s in a slow spell whose `small` steps ran 1.5x slower than
+        # an hour before (MFU 59.9%), and the same probe 91 GFLOP/s minutes later.
+        peaks.append(metrics.measure_gemm_gflops(xp, seconds=0.25))
 
-    peak = metrics.measure_gemm_gflops(xp, seconds=0.5)
+    peak = float(np.median(peaks))
     flops = metrics.flops_per_token(params.size, cfg.n_layer, T, cfg.n_embd) * B * T
     row = {"config": config_name, "threads": int(os.environ.get("OPENBLAS_NUM_THREADS", 0)),
            "tokens_per_step": B * T, "peak_gflops": peak, "params": params.size,
