@@ -60,8 +60,8 @@ Output under --out (runs/report/): report.md (a table per config and kind),
 measurements.json (one dict per measured configuration, for the cost model, each with its
 model's 2-rank co-location factor: the median over the passes of bench.costcheck's probe
 visited with its rows, two a round, or without visits over the phases of the probe run
-before each round) and, with
-matplotlib (optional, benchmark-only), speedup_C.png and step_time_C.png (report_plots.py).
+before each round) and, with matplotlib (optional, benchmark-only), speedup_C.png and
+step_time_C.png (report_plots.py).
 """
 import argparse
 import itertools
